@@ -1,0 +1,218 @@
+"""Plain dataclasses: the Qwen2-VL model config (read from a Hugging Face config.json) and options."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+SUPPORTED_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The Qwen2-VL vision tower (a ViT with 2-D rotary and a 2x2 patch merger)."""
+
+    depth: int = 32
+    embed_dim: int = 1280
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    out_hidden_size: int = 3584  # the merger's output width = the LLM's hidden size
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one `pixel_values` row: C * T * P * P."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The whole Qwen2-VL: decoder-only LLM with M-RoPE plus the vision tower."""
+
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    mrope_section: tuple[int, int, int] = (16, 24, 24)
+    tie_word_embeddings: bool = False
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    eos_token_id: tuple[int, ...] = (151645,)
+    pad_token_id: int | None = None
+    latent_token_id: int | None = None
+    start_latent_token_id: int | None = None
+    end_latent_token_id: int | None = None
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be divisible by num_attention_heads="
+                f"{self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if len(self.mrope_section) != 3 or sum(self.mrope_section) != self.head_dim // 2:
+            raise ValueError(
+                f"mrope_section={list(self.mrope_section)} must have 3 entries summing to "
+                f"head_dim/2 = {self.head_dim // 2} (head_dim = hidden_size / num_attention_heads)"
+            )
+        if self.vision.out_hidden_size != self.hidden_size:
+            raise ValueError(
+                f"vision_config.hidden_size={self.vision.out_hidden_size} must equal the LLM "
+                f"hidden_size={self.hidden_size}"
+            )
+
+    # ------------------------------------------------------------------ io
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        vision = VisionConfig(**d.pop("vision", {}))
+        for key in ("mrope_section", "eos_token_id"):
+            if key in d and d[key] is not None:
+                d[key] = tuple(d[key])
+        return cls(vision=vision, **d)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def load(cls, path: str) -> "ModelConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Read an HF Qwen2-VL config: the flat old hub layout or the nested transformers-5 layout."""
+        text = dict(hf.get("text_config") or {})
+        flat = {k: v for k, v in hf.items() if k not in ("text_config", "vision_config")}
+        # Text keys may live at the top (old layout) or under text_config (new layout).
+        merged = {**flat, **text}
+
+        def get(key, default=None):
+            return merged.get(key, default)
+
+        rope = get("rope_parameters") or get("rope_scaling") or {}
+        mrope = rope.get("mrope_section")
+        if mrope is None:
+            raise ValueError(
+                "config.json: no mrope_section found in rope_parameters or rope_scaling; "
+                "a Qwen2-VL config needs e.g. rope_scaling={'type': 'mrope', 'mrope_section': [16, 24, 24]}"
+            )
+        rope_theta = rope.get("rope_theta", get("rope_theta", 1000000.0))
+        hidden = get("hidden_size")
+        heads = get("num_attention_heads")
+        if hidden is None or heads is None:
+            raise ValueError("config.json: hidden_size and num_attention_heads are required")
+        vis = dict(hf.get("vision_config") or {})
+        vrope = vis.get("rope_parameters") or {}
+        vision = VisionConfig(
+            depth=vis.get("depth", 32),
+            embed_dim=vis.get("embed_dim", 1280),
+            num_heads=vis.get("num_heads", 16),
+            mlp_ratio=vis.get("mlp_ratio", 4),
+            in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
+            patch_size=vis.get("patch_size", vis.get("spatial_patch_size", 14)),
+            temporal_patch_size=vis.get("temporal_patch_size", 2),
+            spatial_merge_size=vis.get("spatial_merge_size", 2),
+            out_hidden_size=vis.get("hidden_size", hidden),
+            rope_theta=vrope.get("rope_theta", 10000.0),
+        )
+        eos = get("eos_token_id", 151645)
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        tie = bool(hf.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False))
+        return cls(
+            vocab_size=get("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=get("intermediate_size"),
+            num_hidden_layers=get("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=get("num_key_value_heads") or heads,
+            rms_norm_eps=get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            mrope_section=tuple(mrope),
+            tie_word_embeddings=tie,
+            image_token_id=hf.get("image_token_id", 151655),
+            video_token_id=hf.get("video_token_id", 151656),
+            vision_start_token_id=hf.get("vision_start_token_id", 151652),
+            vision_end_token_id=hf.get("vision_end_token_id", 151653),
+            eos_token_id=eos,
+            pad_token_id=get("pad_token_id"),
+            vision=vision,
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: str) -> "ModelConfig":
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_path):
+            raise ValueError(f"--src {path!r}: no config.json there; point it at a Hugging Face model folder")
+        with open(cfg_path) as f:
+            return cls.from_hf_dict(json.load(f))
+
+
+def check_dtype(dtype: str) -> str:
+    """Validate a dtype name given by a user."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {list(SUPPORTED_DTYPES)}")
+    return dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentConfig:
+    """IVT-LR latent-step options; the defaults are the release's behaviour (reference mode)."""
+
+    k: int = 32  # image embeddings selected per step; 0 = "without latent vision" (Coconut)
+    latent_text: bool = True  # False = "without latent text": the chunk is V_t alone
+    position_mode: str = "sequential"  # or "mrope": native 3-D positions for the prompt
+    selection_order: str = "position"  # or "score": order of V_t inside the chunk
+    latent_grad: str = "stop"  # or "full": back-propagate through every latent step
+
+    def __post_init__(self):
+        if not isinstance(self.k, int) or self.k < 0:
+            raise ValueError(f"k={self.k!r} must be an integer >= 0 (image embeddings per latent step)")
+        choices = {
+            "position_mode": ("sequential", "mrope"),
+            "selection_order": ("position", "score"),
+            "latent_grad": ("stop", "full"),
+        }
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; use one of {list(valid)}")
+        if self.chunk_len == 0:
+            raise ValueError("k=0 with latent_text=False leaves nothing to feed back; use n=0 latent tokens instead")
+
+    @property
+    def chunk_len(self) -> int:
+        """Vectors per latent step: K image embeddings plus the hidden state when latent_text."""
+        return self.k + int(self.latent_text)
