@@ -1,0 +1,83 @@
+"""A slow, obviously correct IVT-LR reference on the transformers PyTorch model.
+
+For every latent step it re-runs the whole growing sequence from position 0 with eager attention,
+averages the attention maps over layers and heads, takes the top-k image tokens not used yet, and
+puts V_t and h in before the latent slot; positions are renumbered over the final sequence.
+"""
+
+import numpy as np
+import torch
+
+
+def _positions(hf, ids_prefix, mask_prefix, grid, valid, mode):
+    """(3, B, L) positions for the sequence built so far (prefix + whatever follows it)."""
+    if mode == "sequential":
+        pos = (np.cumsum(valid, 1) - 1).clip(0)
+        return torch.tensor(np.broadcast_to(pos[None], (3,) + pos.shape).copy()).long()
+    mm = torch.tensor((ids_prefix == hf.config.image_token_id).astype(np.int64))
+    pre, _ = hf.model.get_rope_index(torch.tensor(ids_prefix), mm, image_grid_thw=torch.tensor(grid),
+                                     attention_mask=torch.tensor(mask_prefix))
+    pre = pre.numpy()
+    p = ids_prefix.shape[1]
+    out = np.zeros((3,) + valid.shape, np.int64)
+    out[:, :, :p] = pre
+    for b in range(valid.shape[0]):
+        start = pre[:, b][:, mask_prefix[b].astype(bool)].max() + 1
+        out[:, b, p:] = (np.cumsum(valid[b, p:]) - 1).clip(0) + start
+    return torch.tensor(out)
+
+
+def oracle_latent_forward(hf, latent_id, ids, mask, labels, pv, grid, k, latent_text=True,
+                          position_mode="sequential", selection_order="position"):
+    """Returns (loss, logits (B, L_final, V), selected (n, B, k), valid (B, L_final))."""
+    lm = hf.model.language_model
+    ids_t = torch.tensor(ids)
+    with torch.no_grad():
+        emb = hf.model.get_input_embeddings()(ids_t)
+        feats = torch.cat(hf.model.get_image_features(torch.tensor(pv), torch.tensor(grid)).pooler_output)
+        img_mask = (ids_t == hf.config.image_token_id).unsqueeze(-1).expand_as(emb)
+        emb = emb.masked_scatter(img_mask, feats)
+    lat = ids == latent_id
+    n = int(lat[0].sum())
+    p = int(lat[0].argmax()) if n else ids.shape[1]
+    bsz = ids.shape[0]
+    image_lists = [np.nonzero((ids[b, :p] == hf.config.image_token_id) & (mask[b, :p] > 0))[0] for b in range(bsz)]
+    used = [set() for _ in range(bsz)]
+    seq, valid = emb[:, :p], mask[:, :p].copy()
+    selected = []
+    for _ in range(n):
+        pos = _positions(hf, ids[:, :p], mask[:, :p], grid, valid, position_mode)
+        with torch.no_grad():
+            out = lm(inputs_embeds=seq, attention_mask=torch.tensor(valid), position_ids=pos,
+                     output_attentions=True)
+        h = out.last_hidden_state[:, -1:]
+        attn = torch.stack(out.attentions).mean((0, 2))[:, -1, :].numpy()  # (B, len)
+        chunks, step_sel = [], []
+        for b in range(bsz):
+            cand = [(j, attn[b, pos_j]) for j, pos_j in enumerate(image_lists[b]) if j not in used[b]]
+            cand.sort(key=lambda c: (-c[1], c[0]))  # highest score first, ties: lower position
+            pick = [j for j, _ in cand[:k]]
+            used[b].update(pick)
+            if selection_order == "position":
+                pick = sorted(pick)
+            step_sel.append(pick)
+            parts = [emb[b : b + 1, image_lists[b][pick]]] if k else []
+            if latent_text:
+                parts.append(h[b : b + 1])
+            chunks.append(torch.cat(parts, 1))
+        selected.append(step_sel)
+        seq = torch.cat([seq, torch.cat(chunks, 0)], 1)
+        valid = np.concatenate([valid, np.ones((bsz, chunks[0].shape[1]), valid.dtype)], 1)
+    seq = torch.cat([seq, emb[:, p + n :]], 1)
+    valid = np.concatenate([valid, mask[:, p + n :]], 1)
+    pos = _positions(hf, ids[:, :p], mask[:, :p], grid, valid, position_mode)
+    with torch.no_grad():
+        out = lm(inputs_embeds=seq, attention_mask=torch.tensor(valid), position_ids=pos)
+        logits = hf.lm_head(out.last_hidden_state).float()
+    c = seq.shape[1] - ids.shape[1] + n
+    lab = np.concatenate([labels[:, :p], np.full((bsz, c), -100), labels[:, p + n :]], 1)
+    lab = np.where(valid > 0, lab, -100)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             torch.tensor(lab[:, 1:]).reshape(-1).long(), ignore_index=-100)
+    sel = np.array(selected, dtype=np.int64).reshape(n, bsz, k)
+    return float(loss), logits.numpy(), sel, valid.astype(bool)

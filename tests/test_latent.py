@@ -1,0 +1,185 @@
+"""The IVT-LR latent loop against the slow PyTorch oracle, plus unit tests of the scan loop."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from oracle import oracle_latent_forward
+from tiny import image_batch, image_run
+
+from ivtlr_jax import IVTLRModel
+from ivtlr_jax.config import LatentConfig
+from ivtlr_jax.latent import latent_forward, latent_forward_jit, prepare
+from ivtlr_jax.models import qwen2_vl as q
+
+LATENT, EOS = 296, 299
+GRID = [[1, 20, 20], [1, 20, 24]]  # 100 and 120 image tokens: rows select over their own images
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_pair):
+    hf, m = tiny_pair
+    cfg = dataclasses.replace(m.config, latent_token_id=LATENT, start_latent_token_id=294, end_latent_token_id=295)
+    return hf, IVTLRModel(cfg, m.params)
+
+
+def latent_batch(n, grid=GRID, seed=0):
+    """Two rows: prompt with an image, n latent tokens, steps + answer; first latent aligned by left padding."""
+    pv, grid = image_batch(grid, seed=seed)
+    prompts = [[5, 6, 7] + image_run(grid[0]) + [8, 9], [12] + image_run(grid[1]) + [13, 14, 15, 16]]
+    tails = [list(range(30, 41)) + [50, 51, EOS], [41, 42, 43, 44, 52, EOS]]
+    p = max(map(len, prompts))
+    t = max(map(len, tails))
+    ids = np.zeros((2, p + n + t), np.int64)
+    mask = np.zeros_like(ids)
+    labels = np.full_like(ids, -100)
+    for r, (pr, tl) in enumerate(zip(prompts, tails)):
+        row = pr + [LATENT] * n + tl
+        start = p - len(pr)
+        ids[r, start : start + len(row)] = row
+        mask[r, start : start + len(row)] = 1
+        labels[r, p + n : p + n + len(tl)] = tl
+    return ids, mask, labels, pv, grid
+
+
+ORACLE_CASES = [
+    # n, k, latent_text, position_mode, selection_order
+    (0, 4, True, "sequential", "position"),
+    (0, 4, True, "mrope", "position"),
+    (1, 4, True, "sequential", "position"),
+    (3, 4, True, "sequential", "position"),
+    (3, 32, True, "sequential", "position"),
+    (3, 32, True, "mrope", "position"),
+    (1, 32, False, "sequential", "position"),
+    (3, 4, False, "mrope", "position"),
+    (3, 0, True, "sequential", "position"),
+    (1, 0, True, "mrope", "position"),
+    (3, 4, True, "sequential", "score"),
+]
+
+
+@pytest.mark.parametrize("n,k,latent_text,mode,order", ORACLE_CASES)
+def test_matches_oracle(lm, n, k, latent_text, mode, order):
+    hf, m = lm
+    ids, mask, labels, pv, grid = latent_batch(n)
+    out = m.latent_forward(ids, mask, labels, pv, grid, k=k, latent_text=latent_text, position_mode=mode,
+                           selection_order=order)
+    loss, logits, sel, valid = oracle_latent_forward(hf, LATENT, ids, mask, labels, pv, grid, k, latent_text,
+                                                     mode, order)
+    assert out.logits.shape == logits.shape
+    assert out.selected.shape == (n, 2, k)
+    np.testing.assert_array_equal(out.selected, sel)
+    assert np.abs(out.logits - logits)[valid].max() <= 1e-4
+    assert abs(out.loss - loss) <= 1e-5 * abs(loss)
+
+
+def test_shapes_dtypes_and_selection_invariants(lm):
+    _, m = lm
+    n, k = 3, 32
+    ids, mask, labels, pv, grid = latent_batch(n)
+    out = m.latent_forward(ids, mask, labels, pv, grid, k=k)
+    s = ids.shape[1]
+    assert out.logits.shape == (2, s - n + n * (k + 1), m.config.vocab_size)
+    assert out.logits.dtype == np.float32 and np.issubdtype(out.selected.dtype, np.integer)
+    assert isinstance(out.loss, float) and np.isfinite(out.loss)
+    n_img = [100, 120]
+    for b in range(2):
+        picks = out.selected[:, b].reshape(-1)
+        assert len(set(picks.tolist())) == n * k  # no image position selected twice
+        assert picks.min() >= 0 and picks.max() < n_img[b]  # inside the row's own image span
+    assert out.selected[:, 0].max() < 100
+
+
+def test_n0_equals_plain_forward(lm):
+    _, m = lm
+    ids, mask, labels, pv, grid = latent_batch(0)
+    out = m.latent_forward(ids, mask, labels, pv, grid, k=4)
+    logits = m.logits(ids, mask, pv, grid, position_mode="sequential")
+    np.testing.assert_allclose(out.logits[mask > 0], logits[mask > 0], atol=1e-5)
+    lp = jax.nn.log_softmax(jnp.asarray(logits[:, :-1]), -1)
+    tgt = labels[:, 1:]
+    keep = tgt != -100
+    nll = -np.take_along_axis(np.asarray(lp), np.where(keep, tgt, 0)[..., None], -1)[..., 0]
+    assert abs(out.loss - nll[keep].mean()) <= 1e-5 * out.loss
+
+
+def test_k0_is_coconut_chunk_of_one(lm):
+    _, m = lm
+    ids, mask, labels, pv, grid = latent_batch(2)
+    out = m.latent_forward(ids, mask, labels, pv, grid, k=0)
+    assert out.logits.shape[1] == ids.shape[1]  # each latent slot holds exactly h
+    assert out.selected.shape == (2, 2, 0)
+
+
+def _grad_setup(lm, latent_grad):
+    _, m = lm
+    lcfg = LatentConfig(k=4, latent_grad=latent_grad)
+    ids, mask, labels, pv, grid = latent_batch(2)
+    n, layout, g = prepare(m.config, lcfg, ids, mask, labels, pv, grid)
+    feats = q.encode_images(m.params, m.config, pv, g)
+
+    def loss_of(offset):
+        return latent_forward_jit(m.params, m.config, lcfg, n, layout, feats, offset)[0]
+
+    return loss_of, jnp.zeros((2, m.config.hidden_size))
+
+
+def test_stop_gradient_through_latent_state(lm):
+    loss_of, zero = _grad_setup(lm, "stop")
+    g = jax.grad(loss_of)(zero)
+    assert float(jnp.abs(g).max()) == 0.0
+
+
+def test_full_gradient_matches_finite_differences(lm):
+    loss_of, zero = _grad_setup(lm, "full")
+    g = jax.grad(loss_of)(zero)
+    assert float(jnp.abs(g).max()) > 1e-6
+    flat = jnp.abs(g).reshape(-1)
+    one_hot = jnp.zeros(g.size).at[jnp.argmax(flat)].set(1.0).reshape(g.shape)
+    for direction in (g / jnp.linalg.norm(g), one_hot):
+        eps = 3e-2
+        fd = (loss_of(eps * direction) - loss_of(-eps * direction)) / (2 * eps)
+        analytic = jnp.vdot(g, direction)
+        assert abs(float(fd - analytic)) <= 3e-2 * abs(float(analytic))
+
+
+def test_same_shapes_do_not_retrace(lm):
+    _, m = lm
+    ids, mask, labels, pv, grid = latent_batch(1)
+    lcfg = LatentConfig(k=4)
+    latent_forward(m.params, m.config, lcfg, ids, mask, labels, pv, grid)
+    before = latent_forward_jit._cache_size()
+    pv2, _ = image_batch(grid, seed=5)
+    labels2 = labels.copy()
+    labels2[labels2 == 50] = 60
+    latent_forward(m.params, m.config, lcfg, ids, mask, labels2, pv2, grid)
+    assert latent_forward_jit._cache_size() == before
+
+
+def test_bad_inputs(lm):
+    _, m = lm
+    ids, mask, labels, pv, grid = latent_batch(2)
+    p = int(np.argmax(ids[0] == LATENT))
+    bad = ids.copy()
+    bad[1, p : p + 2] = 7  # row 1 without latent tokens
+    with pytest.raises(ValueError, match="different numbers of <\\|latent\\|>"):
+        m.latent_forward(bad, mask, labels, pv, grid, k=4)
+    gap = ids.copy()
+    gap[:, p + 1], gap[:, p + 2] = 7, LATENT
+    with pytest.raises(ValueError, match="not contiguous"):
+        m.latent_forward(gap, mask, labels, pv, grid, k=4)
+    shifted = np.roll(ids, 1, axis=1)
+    shifted[0] = ids[0]
+    with pytest.raises(ValueError, match="same index in every row"):
+        m.latent_forward(shifted, np.roll(mask, 1, 1) * 0 + 1, labels, pv, grid, k=4)
+    with pytest.raises(ValueError, match="labels has shape"):
+        m.latent_forward(ids, mask, labels[:, 1:], pv, grid, k=4)
+    with pytest.raises(ValueError, match="k=-1"):
+        m.latent_forward(ids, mask, labels, pv, grid, k=-1)
+    with pytest.raises(ValueError, match="n\\*k"):
+        m.latent_forward(ids, mask, labels, pv, grid, k=64)
+    _, plain = lm[0], IVTLRModel(dataclasses.replace(m.config, latent_token_id=None), m.params)
+    with pytest.raises(ValueError, match="--add-latent-tokens"):
+        plain.latent_forward(ids, mask, labels, pv, grid, k=4)
