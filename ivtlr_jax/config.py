@@ -95,7 +95,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
         vision = VisionConfig(**d.pop("vision", {}))
         for key in ("mrope_section", "eos_token_id"):
@@ -108,12 +108,12 @@ class ModelConfig:
             json.dump(self.to_dict(), f, indent=2)
 
     @classmethod
-    def load(cls, path: str) -> "ModelConfig":
+    def load(cls, path: str) -> ModelConfig:
         with open(path) as f:
             return cls.from_dict(json.load(f))
 
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
         """Read an HF Qwen2-VL config: the flat old hub layout or the nested transformers-5 layout."""
         text = dict(hf.get("text_config") or {})
         flat = {k: v for k, v in hf.items() if k not in ("text_config", "vision_config")}
@@ -173,7 +173,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_hf_dir(cls, path: str) -> "ModelConfig":
+    def from_hf_dir(cls, path: str) -> ModelConfig:
         cfg_path = os.path.join(path, "config.json")
         if not os.path.exists(cfg_path):
             raise ValueError(f"--src {path!r}: no config.json there; point it at a Hugging Face model folder")

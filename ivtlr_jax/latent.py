@@ -132,56 +132,67 @@ def select_image_positions(attn_row, image_pos, image_valid, used, k: int):
     return idx, used
 
 
-def _latent_forward(params, cfg: ModelConfig, lcfg: LatentConfig, n: int, layout: LatentLayout,
-                    image_features, h_offset):
-    """Traced body: returns (loss, logits (B, L_final, V), selected (n, B, k))."""
+def latent_prefill(params, cfg: ModelConfig, lcfg: LatentConfig, n: int, layout: LatentLayout, image_features,
+                   h_offset=None, cache_len: int | None = None):
+    """Prefix pass then the scan over n latent steps, filling the KV cache.
+
+    Returns (hidden (B, P + n*C, H) after the final norm, cache, selected (n, B, k)). The cache has
+    `cache_len` slots (default: the final sequence length); slots past the final sequence count as
+    valid, for tokens decoded later.
+    """
     llm = params["llm"]
-    prefix_ids, suffix_ids = layout.prefix_ids, layout.suffix_ids
+    prefix_ids = layout.prefix_ids
     b, p = prefix_ids.shape
     c, k = lcfg.chunk_len, lcfg.k
     total = layout.kv_valid.shape[1]
+    cache_len = total if cache_len is None else cache_len
+    kv_valid = jnp.pad(layout.kv_valid, ((0, 0), (0, cache_len - total)), constant_values=True)
     emb_prefix = q.embed_tokens(params, cfg, prefix_ids, image_features)  # (B, P, H)
-    dtype = emb_prefix.dtype
-    cache = q.init_cache(cfg, b, total, dtype)
+    cache = q.init_cache(cfg, b, cache_len, emb_prefix.dtype)
     pos = layout.positions
-    hidden, cache, attn = q.decoder(llm, cfg, emb_prefix, pos[:, :, :p], cache, 0, layout.kv_valid,
+    hidden, cache, attn = q.decoder(llm, cfg, emb_prefix, pos[:, :, :p], cache, 0, kv_valid,
                                     return_attn_row=True)
-    pieces = [hidden]
-    selected = jnp.zeros((0, b, k), jnp.int32)
-    if n:
-        h = hidden[:, -1] + (0 if h_offset is None else h_offset.astype(dtype))  # (B, H)
-        chunk_pos = pos[:, :, p : p + n * c].reshape(3, b, n, c).transpose(2, 0, 1, 3)  # (n, 3, B, C)
-        used = jnp.zeros(layout.image_valid.shape, bool)
+    if not n:
+        return hidden, cache, jnp.zeros((0, b, k), jnp.int32)
+    h = hidden[:, -1] + (0 if h_offset is None else h_offset.astype(hidden.dtype))  # (B, H)
+    chunk_pos = pos[:, :, p : p + n * c].reshape(3, b, n, c).transpose(2, 0, 1, 3)  # (n, 3, B, C)
+    used = jnp.zeros(layout.image_valid.shape, bool)
 
-        def step(carry, xs):
-            cache, h, attn, used = carry
-            t, cpos = xs
-            if lcfg.latent_grad == "stop":
-                h = jax.lax.stop_gradient(h)
-            parts = []
-            idx = jnp.zeros((b, 0), jnp.int32)
-            if k:
-                idx, used = select_image_positions(attn, layout.image_pos, layout.image_valid, used, k)
-                if lcfg.selection_order == "position":
-                    idx = jnp.sort(idx, axis=1)
-                slots = jnp.take_along_axis(layout.image_pos, idx, axis=1)  # (B, k) prefix indices
-                parts.append(jnp.take_along_axis(emb_prefix, slots[..., None], axis=1))  # (B, k, H)
-            if lcfg.latent_text:
-                parts.append(h[:, None])
-            chunk = jnp.concatenate(parts, 1)  # (B, C, H)
-            out, cache, attn = q.decoder(llm, cfg, chunk, cpos, cache, p + t * c, layout.kv_valid,
-                                         return_attn_row=True)
-            return (cache, out[:, -1], attn, used), (out, idx.astype(jnp.int32))
+    def step(carry, xs):
+        cache, h, attn, used = carry
+        t, cpos = xs
+        if lcfg.latent_grad == "stop":
+            h = jax.lax.stop_gradient(h)
+        parts = []
+        idx = jnp.zeros((b, 0), jnp.int32)
+        if k:
+            idx, used = select_image_positions(attn, layout.image_pos, layout.image_valid, used, k)
+            if lcfg.selection_order == "position":
+                idx = jnp.sort(idx, axis=1)
+            slots = jnp.take_along_axis(layout.image_pos, idx, axis=1)  # (B, k) prefix indices
+            parts.append(jnp.take_along_axis(emb_prefix, slots[..., None], axis=1))  # (B, k, H)
+        if lcfg.latent_text:
+            parts.append(h[:, None])
+        chunk = jnp.concatenate(parts, 1)  # (B, C, H)
+        out, cache, attn = q.decoder(llm, cfg, chunk, cpos, cache, p + t * c, kv_valid, return_attn_row=True)
+        return (cache, out[:, -1], attn, used), (out, idx.astype(jnp.int32))
 
-        (cache, _, _, _), (chunks, selected) = jax.lax.scan(
-            step, (cache, h, attn, used), (jnp.arange(n), chunk_pos))
-        pieces.append(chunks.transpose(1, 0, 2, 3).reshape(b, n * c, -1))  # (B, n*C, H)
-    if suffix_ids.shape[1]:
-        start = p + n * c
-        emb_suffix = llm["embed"][suffix_ids]
-        hidden, cache, _ = q.decoder(llm, cfg, emb_suffix, pos[:, :, start:], cache, start, layout.kv_valid)
-        pieces.append(hidden)
-    logits = q.lm_head(params, cfg, jnp.concatenate(pieces, 1))  # (B, L_final, V)
+    (cache, _, _, _), (chunks, selected) = jax.lax.scan(step, (cache, h, attn, used), (jnp.arange(n), chunk_pos))
+    hidden = jnp.concatenate([hidden, chunks.transpose(1, 0, 2, 3).reshape(b, n * c, -1)], 1)
+    return hidden, cache, selected
+
+
+def _latent_forward(params, cfg: ModelConfig, lcfg: LatentConfig, n: int, layout: LatentLayout,
+                    image_features, h_offset):
+    """Traced body: returns (loss, logits (B, L_final, V), selected (n, B, k))."""
+    hidden, cache, selected = latent_prefill(params, cfg, lcfg, n, layout, image_features, h_offset)
+    start = hidden.shape[1]
+    if layout.suffix_ids.shape[1]:
+        emb_suffix = params["llm"]["embed"][layout.suffix_ids]
+        suffix, _, _ = q.decoder(params["llm"], cfg, emb_suffix, layout.positions[:, :, start:], cache, start,
+                                 layout.kv_valid)
+        hidden = jnp.concatenate([hidden, suffix], 1)
+    logits = q.lm_head(params, cfg, hidden)  # (B, L_final, V)
     return cross_entropy(logits, layout.labels), logits, selected
 
 

@@ -21,7 +21,7 @@ class IVTLRModel:
         self.path = path
 
     @classmethod
-    def from_pretrained(cls, ckpt_dir: str, dtype: str = "float32") -> "IVTLRModel":
+    def from_pretrained(cls, ckpt_dir: str, dtype: str = "float32") -> IVTLRModel:
         """Load a CKPT_DIR written by `tools/convert_weights.py` (or the trainer's merged export)."""
         from ivtlr_jax.convert import load_checkpoint
 
