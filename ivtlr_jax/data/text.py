@@ -1,0 +1,187 @@
+"""Steps, prompts and answer targets, exactly as IVT-LR's method page (sections 1 and 4) states."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+
+import jinja2
+
+IMAGE_PAD_TOKEN = "<|image_pad|>"
+VISION_START_TOKEN = "<|vision_start|>"
+VISION_END_TOKEN = "<|vision_end|>"
+LATENT_TOKEN = "<|latent|>"
+START_LATENT_TOKEN = "<|start-latent|>"
+END_LATENT_TOKEN = "<|end-latent|>"
+ANSWER_PREFIX = "Therefore, the answer is "
+MAX_CHOICES = 26
+NUM_STEP_CHUNKS = 3
+
+# Built-in chat template with the structure of Qwen2-VL-Instruct's: a default system turn
+# ("You are a helpful assistant.") unless the first message is a system message; each turn
+# "<|im_start|>{role}\n{content}<|im_end|>\n"; an image item renders as
+# "<|vision_start|><|image_pad|><|vision_end|>", a video item with <|video_pad|>; the
+# generation prompt is "<|im_start|>assistant\n". Used when a tokenizer has no template.
+QWEN2VL_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}"
+    "{{ message['content'] }}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part.get('type') == 'image' or 'image' in part or 'image_url' in part -%}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part.get('type') == 'video' or 'video' in part -%}"
+    "{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in part -%}"
+    "{{ part['text'] }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{ '<|im_start|>assistant\\n' }}"
+    "{%- endif -%}"
+)
+
+_JINJA = jinja2.Environment(autoescape=False, keep_trailing_newline=True)
+_BUILTIN_TEMPLATE = _JINJA.from_string(QWEN2VL_CHAT_TEMPLATE)
+
+
+def split_steps(rationale: str) -> list[str]:
+    """Rationale -> reasoning steps: newlines to spaces, strip, split on ". ", regroup to 3."""
+    if not isinstance(rationale, str):
+        raise ValueError(f"rationale must be a string, got {type(rationale).__name__}: {rationale!r}")
+    pieces = rationale.replace("\n", " ").strip().split(". ")
+    if pieces[-1] == "":
+        pieces.pop()
+    if len(pieces) <= NUM_STEP_CHUNKS:
+        return pieces
+    base, extra = divmod(len(pieces), NUM_STEP_CHUNKS)
+    chunks, start = [], 0
+    for i in range(NUM_STEP_CHUNKS):
+        end = start + base + (1 if i < extra else 0)
+        chunks.append(". ".join(pieces[start:end]))
+        start = end
+    return chunks
+
+
+def index_to_letter(index: int, num_choices: int | None = None) -> str:
+    """0 -> "A", 1 -> "B", ... (at most 26 options)."""
+    limit = MAX_CHOICES if num_choices is None else min(num_choices, MAX_CHOICES)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < limit:
+        raise ValueError(f"answer index must be an int in [0, {limit}), got {index!r}")
+    return string.ascii_uppercase[index]
+
+
+def format_question(question: str, choices: Sequence[str]) -> str:
+    """The user text: "[Question]:{q}\\n[Options]:\\n(A).{c0}\\n(B).{c1}...\\nAnswer:\\n"."""
+    if not isinstance(question, str):
+        raise ValueError(f"question must be a string, got {type(question).__name__}: {question!r}")
+    if not 1 <= len(choices) <= MAX_CHOICES:
+        raise ValueError(f"choices must hold 1..{MAX_CHOICES} options, got {len(choices)}: {choices!r}")
+    options = "\n".join(
+        f"({string.ascii_uppercase[i]}).{{{str(choice).strip()}}}" for i, choice in enumerate(choices)
+    )
+    return f"[Question]:{{{question.strip()}}}\n[Options]:\n{options}\nAnswer:\n"
+
+
+def answer_text(answer: str) -> str:
+    """The supervised target before EOS: "Therefore, the answer is X"."""
+    return ANSWER_PREFIX + str(answer)
+
+
+def render_chat(tokenizer, user_text: str, chat_template: str | None = None) -> str:
+    """Chat text for one user turn [image, text] with the generation prompt (one image pad)."""
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]}
+    ]
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if template:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+    return _BUILTIN_TEMPLATE.render(messages=messages, add_generation_prompt=True)
+
+
+def _token_id(tokenizer, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == getattr(tokenizer, "unk_token_id", None):
+        raise ValueError(f"tokenizer has no token {token!r}; a Qwen2-VL tokenizer is required")
+    return int(token_id)
+
+
+def expand_image_pads(ids: Sequence[int], image_pad_id: int, num_image_tokens: Sequence[int]) -> list[int]:
+    """Replace the i-th image-pad id by num_image_tokens[i] copies, as Qwen2-VL's processor does."""
+    out: list[int] = []
+    seen = 0
+    for t in ids:
+        if t == image_pad_id:
+            if seen >= len(num_image_tokens):
+                raise ValueError(
+                    f"prompt holds more image pads than images: {len(num_image_tokens)} image(s) given"
+                )
+            out.extend([image_pad_id] * int(num_image_tokens[seen]))
+            seen += 1
+        else:
+            out.append(int(t))
+    if seen != len(num_image_tokens):
+        raise ValueError(f"prompt holds {seen} image pad(s) but {len(num_image_tokens)} image(s) given")
+    return out
+
+
+def build_prompt_text(
+    tokenizer, question: str, choices: Sequence[str], num_image_tokens: int,
+    chat_template: str | None = None,
+) -> str:
+    """Prompt as text, with <|image_pad|> repeated num_image_tokens times (for inspection)."""
+    text = render_chat(tokenizer, format_question(question, choices), chat_template)
+    return text.replace(IMAGE_PAD_TOKEN, IMAGE_PAD_TOKEN * int(num_image_tokens), 1)
+
+
+def build_prompt_ids(
+    tokenizer, question: str, choices: Sequence[str], num_image_tokens: int,
+    chat_template: str | None = None,
+) -> list[int]:
+    """Prompt token ids (training and inference alike), image pad expanded to num_image_tokens."""
+    if int(num_image_tokens) < 1:
+        raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
+    text = render_chat(tokenizer, format_question(question, choices), chat_template)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return expand_image_pads(ids, _token_id(tokenizer, IMAGE_PAD_TOKEN), [int(num_image_tokens)])
+
+
+def encode_steps(tokenizer, steps: Sequence[str]) -> list[list[int]]:
+    """Each step tokenised as step + "\\n"."""
+    if not steps:
+        return []
+    batch = tokenizer([s + "\n" for s in steps], add_special_tokens=False)["input_ids"]
+    return [list(map(int, ids)) for ids in batch]
+
+
+def encode_answer(tokenizer, answer: str) -> list[int]:
+    """Tokens of "Therefore, the answer is X" followed by EOS."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no eos_token; set it (Qwen2-VL-Instruct: <|im_end|>)")
+    ids = tokenizer(answer_text(answer), add_special_tokens=False)["input_ids"]
+    return [int(t) for t in ids] + [int(tokenizer.eos_token_id)]
+
+
+def truncate_steps(
+    prompt_len: int, step_ids: list[list[int]], answer_len: int, max_length: int | None
+) -> list[list[int]]:
+    """Keep the longest prefix of whole steps so prompt + steps + answer fits max_length."""
+    if max_length is None:
+        return step_ids
+    budget = max_length - prompt_len - answer_len
+    kept, used = [], 0
+    for ids in step_ids:
+        if used + len(ids) > budget:
+            break
+        kept.append(ids)
+        used += len(ids)
+    return kept
