@@ -216,3 +216,86 @@ class LatentConfig:
     def chunk_len(self) -> int:
         """Vectors per latent step: K image embeddings plus the hidden state when latent_text."""
         return self.k + int(self.latent_text)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything `experiments.train` reads from YAML and flags; defaults are the method's reference setup."""
+
+    # what to train
+    init: str | None = None  # converted checkpoint (with latent tokens) to start from
+    out: str = "runs/ivtlr"  # RUN_DIR: checkpoints, metrics.jsonl, plots
+    data: str = "m3cot"  # m3cot | scienceqa | synthetic
+    data_source: str | None = None  # hub id or local folder
+    train_split: str = "train"
+    eval_split: str = "test"
+    limit: int | None = None  # use only the first N training rows
+    stages: tuple[int, ...] | None = None  # None: the whole curriculum 0..max_latent_stage
+    resume: bool = False  # continue from the latest checkpoint in `out`
+    # curriculum
+    epochs_per_stage: int = 4
+    max_latent_stage: int = 3
+    pad_latent_to_max: bool = True
+    latent_markers: bool = False
+    # latent options (LatentConfig)
+    k: int = 32
+    latent_text: bool = True
+    position_mode: str = "sequential"
+    selection_order: str = "position"
+    latent_grad: str = "stop"
+    # optimisation
+    finetune: str = "lora"  # lora | full
+    lora_r: int = 64
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lr: float = 4e-5
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    clip: float = 0.7
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine | linear
+    batch_size: int = 64  # global batch (rows per optimiser step, before accumulation)
+    grad_accum: int = 1
+    compute_dtype: str = "auto"  # auto: bfloat16 on accelerators, float32 on CPU
+    max_length: int | None = 1024
+    seed: int = 0
+    max_steps: int | None = None
+    # infrastructure
+    mesh: str = "auto"
+    log_every: int = 10
+    save_every: int = 200
+    keep: int = 3
+    peak_tflops: float | None = None  # per device, for MFU; None: looked up from the device kind
+    eval_limit: int | None = None
+    eval_batch_size: int = 16
+    max_new_tokens: int = 64
+    num_workers: int = 2
+
+    def __post_init__(self):
+        if self.finetune not in ("lora", "full"):
+            raise ValueError(f"finetune={self.finetune!r} is not valid; use 'lora' or 'full'")
+        if self.schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"schedule={self.schedule!r} is not valid; use constant, cosine or linear")
+        if self.compute_dtype not in ("auto",) + SUPPORTED_DTYPES:
+            raise ValueError(f"compute_dtype={self.compute_dtype!r} is not valid; use auto, float32 or bfloat16")
+        for name in ("batch_size", "grad_accum", "epochs_per_stage", "log_every", "save_every", "keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.stages is not None:
+            self.stages = tuple(int(s) for s in self.stages)
+            if any(s < 0 for s in self.stages):
+                raise ValueError(f"stages={list(self.stages)} must be >= 0")
+
+    def latent(self) -> LatentConfig:
+        return LatentConfig(k=self.k, latent_text=self.latent_text, position_mode=self.position_mode,
+                            selection_order=self.selection_order, latent_grad=self.latent_grad)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["stages"] = list(self.stages) if self.stages is not None else None
+        return d

@@ -51,3 +51,25 @@ def param_shapes(cfg: ModelConfig) -> dict:
     if not cfg.tie_word_embeddings:
         llm["lm_head"] = (h, cfg.vocab_size)
     return {"vision": vision, "llm": llm}
+
+
+def init_params(cfg: ModelConfig, seed: int = 0, std: float = 0.02, dtype="float32") -> dict:
+    """Random parameters (numpy): normal(0, std) weights, unit norm scales, zero biases."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def make(path: tuple, shape: tuple):
+        name = path[-1]
+        if name == "bias":
+            return np.zeros(shape, dtype)
+        if name == "scale" or name.endswith("norm"):  # LayerNorm scales and RMSNorm weights
+            return np.ones(shape, dtype)
+        return (rng.standard_normal(shape, np.float32) * std).astype(dtype)
+
+    def walk(tree, path=()):
+        if isinstance(tree, dict):
+            return {k: walk(v, path + (k,)) for k, v in tree.items()}
+        return make(path, tree)
+
+    return walk(param_shapes(cfg))

@@ -49,9 +49,16 @@ def apply_rotary(x, cos, sin):
 
 
 def dense(x, p):
+    """x @ kernel (+ bias) (+ a LoRA update when the trainer put `lora_a`/`lora_b` beside the kernel)."""
     y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype))
     if "bias" in p:
         y = y + p["bias"].astype(x.dtype)
+    if "lora_a" in p:  # lora_b arrives pre-scaled by alpha / r
+        xa = x
+        if "lora_key" in p:  # LoRA dropout on the adapter's input
+            keep = jax.random.bernoulli(p["lora_key"], 1.0 - p["lora_rate"], x.shape)
+            xa = jnp.where(keep, x / (1.0 - p["lora_rate"]), 0).astype(x.dtype)
+        y = y + (xa @ p["lora_a"].astype(x.dtype)) @ p["lora_b"].astype(x.dtype)
     return y
 
 
@@ -127,16 +134,13 @@ def prepare_vision_inputs(vcfg: VisionConfig, grid: np.ndarray) -> VisionInputs:
     return VisionInputs(patch_index, patch_valid, unpad, np.cos(angles), np.sin(angles))
 
 
-@functools.partial(jax.jit, static_argnames=("vcfg",))
-def vision_forward(vparams, vcfg: VisionConfig, pixel_values, vin: VisionInputs):
-    """Vision tower: (total_patches, C*T*P*P) pixels -> (total_patches / merge^2, hidden) features."""
-    dtype = vparams["patch_embed"]["kernel"].dtype
-    x = pixel_values.astype(dtype) @ vparams["patch_embed"]["kernel"]  # (N, E)
-    x = x[vin.patch_index]  # (n_img, Lmax, E)
+def vision_blocks(vparams, vcfg: VisionConfig, x, key_ok, cos, sin):
+    """ViT blocks over patches grouped per image: x (n_img, L, E); key_ok (n_img, L) marks real patches."""
     n_img, lmax, e = x.shape
     nh, hd = vcfg.num_heads, vcfg.head_dim
-    key_ok = vin.patch_valid[:, None, None, :]  # (n_img, 1, 1, Lmax)
-    cos, sin = vin.cos[:, :, None, :], vin.sin[:, :, None, :]
+    dtype = x.dtype
+    key_ok = key_ok[:, None, None, :]  # (n_img, 1, 1, L)
+    cos, sin = cos[..., None, :], sin[..., None, :]
 
     def block(x, p):
         h = layer_norm(x, p["norm1"]["scale"], p["norm1"]["bias"])
@@ -154,12 +158,40 @@ def vision_forward(vparams, vcfg: VisionConfig, pixel_values, vin: VisionInputs)
         return x + dense(h, p["fc2"]), None
 
     x, _ = jax.lax.scan(jax.checkpoint(block, policy=_REMAT_POLICY), x, vparams["blocks"])
-    x = x.reshape(n_img * lmax, e)[vin.unpad_index]  # (N, E) back in pixel_values order
+    return x
+
+
+def patch_merger(vparams, vcfg: VisionConfig, x):
+    """(N, E) patches in merge-block order -> (N / merge^2, hidden)."""
     mp = vparams["merger"]
     x = layer_norm(x, mp["ln_q"]["scale"], mp["ln_q"]["bias"])
-    x = x.reshape(-1, e * vcfg.spatial_merge_size**2)
+    x = x.reshape(-1, x.shape[-1] * vcfg.spatial_merge_size**2)
     x = jax.nn.gelu(dense(x, mp["fc1"]), approximate=False)
-    return dense(x, mp["fc2"])  # (N / merge^2, hidden)
+    return dense(x, mp["fc2"])
+
+
+@functools.partial(jax.jit, static_argnames=("vcfg",))
+def vision_forward(vparams, vcfg: VisionConfig, pixel_values, vin: VisionInputs):
+    """Vision tower: (total_patches, C*T*P*P) pixels -> (total_patches / merge^2, hidden) features."""
+    dtype = vparams["patch_embed"]["kernel"].dtype
+    x = pixel_values.astype(dtype) @ vparams["patch_embed"]["kernel"]  # (N, E)
+    x = vision_blocks(vparams, vcfg, x[vin.patch_index], vin.patch_valid, vin.cos, vin.sin)
+    x = x.reshape(-1, x.shape[-1])[vin.unpad_index]  # (N, E) back in pixel_values order
+    return patch_merger(vparams, vcfg, x)
+
+
+def vision_forward_uniform(vparams, vcfg: VisionConfig, pixel_values, cos, sin, dtype=None):
+    """Vision tower for one image per row, all of one grid: (B, Np, C*T*P*P) -> (B * Np / merge^2, hidden).
+
+    Every array is batch-leading and row-local, so the batch can be sharded across devices and hosts.
+    cos/sin (Np, head_dim) come from `prepare_vision_inputs` of that single grid.
+    """
+    dtype = dtype or vparams["patch_embed"]["kernel"].dtype
+    b, npatch, _ = pixel_values.shape
+    x = pixel_values.astype(dtype) @ vparams["patch_embed"]["kernel"].astype(dtype)  # (B, Np, E)
+    key_ok = jnp.ones((b, npatch), bool)
+    x = vision_blocks(vparams, vcfg, x, key_ok, cos[None], sin[None])
+    return patch_merger(vparams, vcfg, x.reshape(b * npatch, -1))
 
 
 def encode_images(params, cfg: ModelConfig, pixel_values, image_grid_thw):

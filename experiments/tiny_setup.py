@@ -1,0 +1,47 @@
+"""The embedded default's tiny model: a Qwen2-VL-architecture model with random weights, no torch needed.
+
+Tokenizer: a byte-level BPE trained on the synthetic training texts. Weights: drawn in our layout,
+exported as a Hugging Face folder (safetensors + config.json + tokenizer), then converted back with
+`--add-latent-tokens` by the same converter a user runs on a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+TINY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, mrope_section=(4, 6, 6), rope_theta=10000.0)
+TINY_VISION = dict(depth=2, embed_dim=64, num_heads=2, mlp_ratio=2)
+
+
+def make_tiny_checkpoint(out_dir: str, corpus: list[str] | None = None, vocab_size: int = 768, seed: int = 0,
+                         model: dict | None = None, vision: dict | None = None) -> str:
+    """Write HF_DIR (out_dir/hf) and the converted CKPT_DIR (out_dir/init); return CKPT_DIR."""
+    import dataclasses
+
+    from ivtlr_jax.config import ModelConfig, VisionConfig
+    from ivtlr_jax.convert import convert_hf_to_checkpoint, export_checkpoint_to_hf, save_checkpoint
+    from ivtlr_jax.data.tiny_tokenizer import build_tiny_tokenizer
+    from ivtlr_jax.models.layout import init_params
+
+    tok = build_tiny_tokenizer(corpus, vocab_size=vocab_size)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in
+           ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
+    m = {**TINY_MODEL, **(model or {})}
+    v = {**TINY_VISION, **(vision or {})}
+    cfg = ModelConfig(vocab_size=len(tok), **m, image_token_id=ids["<|image_pad|>"],
+                      video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                      vision_end_token_id=ids["<|vision_end|>"], eos_token_id=(ids["<|im_end|>"],),
+                      pad_token_id=ids["<|endoftext|>"], vision=VisionConfig(**v, out_hidden_size=m["hidden_size"]))
+    cfg = dataclasses.replace(cfg)
+    hf_dir, init_dir = os.path.join(out_dir, "hf"), os.path.join(out_dir, "init")
+    for d in (hf_dir, init_dir):
+        shutil.rmtree(d, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(tmp, cfg, init_params(cfg, seed=seed), overwrite=True)
+        tok.save_pretrained(tmp)
+        export_checkpoint_to_hf(tmp, hf_dir, verbose=False)
+    convert_hf_to_checkpoint(hf_dir, init_dir, dtype="float32", add_latent_tokens=True)
+    return init_dir

@@ -1,0 +1,357 @@
+"""The multi-stage curriculum trainer: data, sharded steps, logging, checkpoints, signals, resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+
+from ivtlr_jax import sharding as sh
+from ivtlr_jax.config import TrainConfig
+from ivtlr_jax.train.checkpoints import RunCheckpoints
+from ivtlr_jax.train.step import (
+    REPLICATED_KEYS,
+    compute_dtype,
+    host_batch,
+    init_state,
+    make_optimizer,
+    make_train_step,
+    path_matched_shardings,
+    split_params,
+)
+
+logger = logging.getLogger("ivtlr_jax.train")
+
+PEAK_TFLOPS = {"tpu v4": 275.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v6": 918.0,
+               "h100": 989.0, "h200": 989.0, "a100": 312.0, "l4": 121.0}
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when the run cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+def peak_flops(tcfg: TrainConfig) -> float | None:
+    if tcfg.peak_tflops:
+        return tcfg.peak_tflops * 1e12
+    kind = jax.devices()[0].device_kind.lower()
+    for name, tflops in PEAK_TFLOPS.items():
+        if name in kind:
+            return tflops * 1e12
+    return None
+
+
+def state_shardings(mesh, cfg, tcfg: TrainConfig, state, frozen):
+    """(frozen shardings, state shardings) by the logical-axis rules; arrays or ShapeDtypeStructs."""
+    axes = sh.param_logical_axes(cfg)
+    frozen_axes = axes if tcfg.finetune == "lora" else {"vision": axes["vision"]}
+    frozen_sh = sh.logical_to_sharding(mesh, frozen_axes, frozen)
+    trainable = state["trainable"]
+    trainable_axes = sh.lora_logical_axes(trainable) if tcfg.finetune == "lora" else {"llm": axes["llm"]}
+    trainable_sh = sh.logical_to_sharding(mesh, trainable_axes, trainable)
+    rep = sh.replicated(mesh)
+    opt_sh = path_matched_shardings(state["opt_state"], trainable, trainable_sh, rep)
+    return frozen_sh, {"step": rep, "trainable": trainable_sh, "opt_state": opt_sh, "rng": rep}
+
+
+def resolve_start(tcfg: TrainConfig, ckpts: RunCheckpoints, first_stage: int) -> tuple[str, int | None]:
+    """Where the first stage starts: ('resume', step) | ('stage_end', stage) | ('init', None)."""
+    if tcfg.resume:
+        step = ckpts.latest_step()
+        if step is None:
+            where = os.path.join(tcfg.out, "checkpoints")
+            raise ValueError(f"--resume: no checkpoint in {where}; run without --resume")
+        return "resume", step
+    if first_stage > 0 and (first_stage - 1) in ckpts.finished_stages():
+        return "stage_end", first_stage - 1
+    if tcfg.init is None:
+        if first_stage > 0:
+            raise ValueError(
+                f"--stage={first_stage} needs a starting point: --init CKPT_DIR, or a finished stage "
+                f"{first_stage - 1} in {os.path.join(tcfg.out, 'stage_ends')} (none found)"
+            )
+        raise ValueError("no --init CKPT_DIR given: convert a model with tools/convert_weights.py --add-latent-tokens")
+    return "init", None
+
+
+class Trainer:
+    """Holds the mesh, params, optimiser and data of one run; `run()` trains the requested stages."""
+
+    def __init__(self, tcfg: TrainConfig):
+        from transformers import AutoTokenizer
+
+        from ivtlr_jax.convert import load_checkpoint
+        from ivtlr_jax.data import CurriculumOptions, encode_split, load_split
+
+        self.tcfg = tcfg
+        sh.maybe_initialize_distributed(tcfg.mesh)
+        self.mesh = sh.make_mesh(tcfg.mesh)
+        self.nproc, self.pid = jax.process_count(), jax.process_index()
+        if tcfg.batch_size % self.nproc:
+            raise ValueError(f"batch_size={tcfg.batch_size} must divide over {self.nproc} hosts")
+        os.makedirs(tcfg.out, exist_ok=True)
+        self.ckpts = RunCheckpoints(tcfg.out, keep=tcfg.keep)
+        self.stages = list(tcfg.stages) if tcfg.stages is not None else list(range(tcfg.max_latent_stage + 1))
+        self.start_kind, self.start_at = resolve_start(tcfg, self.ckpts, self.stages[0])
+        init = tcfg.init
+        if self.start_kind != "init" and init is None:
+            init = self._recorded_init()
+        if init is None or not os.path.isdir(init):
+            raise ValueError(f"--init {init!r} is not a checkpoint folder")
+        self.init = init
+        self.cfg, params = load_checkpoint(init)
+        if self.cfg.latent_token_id is None and max(self.stages) > 0:
+            raise ValueError(f"--init {init!r} has no <|latent|> token; convert it with --add-latent-tokens")
+        self.lcfg = tcfg.latent()
+        self.tokenizer = AutoTokenizer.from_pretrained(init)
+        dataset = load_split(tcfg.data, tcfg.train_split, source=tcfg.data_source)
+        if tcfg.limit:
+            dataset = dataset.select(range(min(tcfg.limit, len(dataset))))
+        self.split = encode_split(dataset, self.tokenizer, max_length=tcfg.max_length)
+        self.curriculum = CurriculumOptions(max_latent_stage=tcfg.max_latent_stage,
+                                            epochs_per_stage=tcfg.epochs_per_stage,
+                                            pad_latent_to_max=tcfg.pad_latent_to_max,
+                                            latent_markers=tcfg.latent_markers)
+        self.dtype = compute_dtype(tcfg)
+        self.steps_per_epoch = math.ceil(len(self.split) / tcfg.batch_size)
+        total = len(self.stages) * tcfg.epochs_per_stage * self.steps_per_epoch // tcfg.grad_accum
+        self.tx, self.schedule = make_optimizer(tcfg, total)
+        self._place(params)
+        self._steps = {}
+        self._flops = {}
+        self._stop_signal = None
+        self.history: list[dict] = []
+        self.metrics_path = os.path.join(tcfg.out, "metrics.jsonl")
+
+    # ------------------------------------------------------------------ setup
+    def _recorded_init(self) -> str | None:
+        meta_src = None
+        if self.start_kind == "resume":
+            meta_src = os.path.join(self.tcfg.out, "checkpoints", str(self.start_at), "meta", "metadata")
+        elif self.start_kind == "stage_end":
+            meta_src = os.path.join(self.tcfg.out, "stage_ends", str(self.start_at), "meta", "metadata")
+        if meta_src and os.path.exists(meta_src):
+            with open(meta_src) as f:
+                return json.load(f).get("init")
+        return None
+
+    def _place(self, params) -> None:
+        """Cast, shard and place frozen params, trainable params and the optimiser state."""
+        tcfg = self.tcfg
+        trainable, frozen = split_params(params, tcfg, jax.random.PRNGKey(tcfg.seed + 1))
+        frozen = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(self.dtype), frozen)
+        state = init_state(trainable, self.tx, tcfg.seed)
+        self.frozen_sh, self.state_sh = state_shardings(self.mesh, self.cfg, tcfg, state, frozen)
+        self.frozen = jax.device_put(frozen, self.frozen_sh)
+        self.state = jax.device_put(state, self.state_sh)
+
+    def _step_fn(self, n: int, batch):
+        if n not in self._steps:
+            fn = make_train_step(self.cfg, self.lcfg, self.tcfg, self.tx, self.schedule, n, self.dtype)
+            batch_sh = {k: v.sharding for k, v in batch.items()}
+            rep = sh.replicated(self.mesh)
+            self._steps[n] = jax.jit(fn, in_shardings=(self.state_sh, self.frozen_sh, batch_sh),
+                                     out_shardings=(self.state_sh, rep), donate_argnums=(0,))
+        return self._steps[n]
+
+    def _step_flops(self, n: int, fn, batch) -> float | None:
+        key = (n,) + tuple(v.shape for v in batch.values())
+        if key not in self._flops:
+            try:
+                cost = fn.lower(self.state, self.frozen, batch).cost_analysis()
+                cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+                self._flops[key] = float(cost.get("flops", 0.0)) or None
+            except Exception:  # cost analysis is best effort; training goes on without MFU
+                self._flops[key] = None
+        return self._flops[key]
+
+    def device_batch(self, batch: dict):
+        hb = host_batch(self.cfg, self.lcfg, batch)
+        arrays = sh.host_batch_to_global(self.mesh, hb.arrays, replicate_keys=())
+        rep = sh.replicated(self.mesh)
+        for key in REPLICATED_KEYS:  # identical on every host: placed, not gathered
+            arrays[key] = jax.device_put(hb.replicated[key], rep)
+        return hb, arrays
+
+    # ------------------------------------------------------------------ signals
+    def _install_signals(self):
+        def handler(signum, _frame):
+            self._stop_signal = signum
+            logger.warning("signal %d: saving a checkpoint after this step, then exiting", signum)
+
+        self._old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _restore_signals(self):
+        for s, h in getattr(self, "_old", {}).items():
+            signal.signal(s, h)
+
+    # ------------------------------------------------------------------ run
+    def _meta(self, stage: int, iterator) -> dict:
+        return {"stage": stage, "iterator": iterator.state_dict() if iterator is not None else None,
+                "init": os.path.abspath(self.init), "finetune": self.tcfg.finetune,
+                "lora_r": self.tcfg.lora_r, "lora_alpha": self.tcfg.lora_alpha,
+                "train_config": self.tcfg.to_dict()}
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.pid == 0:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if getattr(self, "_tb", None) is not None:
+                for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                    if record.get(k) is not None:
+                        self._tb.add_scalar(f"train/{k}", record[k], record["step"])
+
+    def _open_tensorboard(self):
+        self._tb = None
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                return
+        try:
+            self._tb = SummaryWriter(os.path.join(self.tcfg.out, "tensorboard"))
+        except Exception:
+            self._tb = None
+
+    def run(self) -> dict:
+        """Train the stages; returns {"stages": {s: {...}}, "stopped": reason or None, "step": n}."""
+        from tqdm.auto import tqdm
+
+        from ivtlr_jax.data import BatchIterator
+
+        tcfg = self.tcfg
+        resume_meta = None
+        if self.start_kind in ("resume", "stage_end"):
+            from_stage = self.start_kind == "stage_end"
+            self.state, resume_meta = self.ckpts.restore(self.start_at, self.state, stage=from_stage)
+            logger.info("restored %s %s (step %d)", self.start_kind, self.start_at, int(self.state["step"]))
+        stages = self.stages
+        if self.start_kind == "resume":
+            stages = [s for s in stages if s >= resume_meta["stage"]]
+        self._open_tensorboard()
+        self._install_signals()
+        peak = peak_flops(tcfg)
+        ndev = self.mesh.devices.size
+        summary = {"stages": {}, "stopped": None}
+        last_saved = int(self.state["step"])
+        try:
+            for stage in stages:
+                it = BatchIterator(self.split, batch_size=tcfg.batch_size // self.nproc,
+                                   latent_id=self.cfg.latent_token_id if self.cfg.latent_token_id is not None else -1,
+                                   pad_id=self.tokenizer.pad_token_id, curriculum=self.curriculum, seed=tcfg.seed,
+                                   num_epochs=(stage + 1) * tcfg.epochs_per_stage,
+                                   start_epoch=stage * tcfg.epochs_per_stage, process_index=self.pid,
+                                   process_count=self.nproc, num_workers=tcfg.num_workers,
+                                   start_latent_id=self.cfg.start_latent_token_id,
+                                   end_latent_id=self.cfg.end_latent_token_id)
+                if resume_meta is not None and self.start_kind == "resume" and resume_meta["stage"] == stage \
+                        and resume_meta.get("iterator"):
+                    it.load_state_dict(resume_meta["iterator"])
+                stage_losses = []
+                bar, bar_epoch = None, None
+                for batch in it:
+                    epoch = it.epoch if it.step else it.epoch - 1  # epoch of the batch just returned
+                    if bar_epoch != epoch:
+                        if bar is not None:
+                            bar.close()
+                        done = it.step - 1 if it.step else self.steps_per_epoch - 1
+                        bar = tqdm(total=it.steps_per_epoch, initial=done, desc=f"stage {stage} epoch {epoch}",
+                                   disable=self.pid != 0, leave=False)
+                        bar_epoch = epoch
+                    t0 = time.perf_counter()
+                    hb, arrays = self.device_batch(batch)
+                    fn = self._step_fn(hb.n, arrays)
+                    flops = self._step_flops(hb.n, fn, arrays) if peak is not None or tcfg.peak_tflops else None
+                    self.state, metrics = fn(self.state, self.frozen, arrays)
+                    loss = float(metrics["loss"])
+                    dt = time.perf_counter() - t0
+                    step = int(self.state["step"])
+                    bar.update(1)
+                    if not math.isfinite(loss):
+                        summary["stopped"] = f"non-finite loss {loss} at step {step} (stage {stage})"
+                        logger.error("%s; stopping. The last good checkpoint (step %d) is kept in %s",
+                                     summary["stopped"], last_saved, os.path.join(tcfg.out, "checkpoints"))
+                        raise TrainingStopped(summary["stopped"])
+                    stage_losses.append(loss)
+                    record = {"step": step, "stage": stage, "epoch": epoch, "loss": loss,
+                              "lr": float(metrics["lr"]), "grad_norm": float(metrics["grad_norm"]),
+                              "n_latent": hb.n, "tokens": hb.tokens * self.nproc,
+                              "tokens_per_s": hb.tokens * self.nproc / dt, "step_time_s": dt,
+                              "mfu": (flops / dt / (peak * ndev)) if (flops and peak) else None}
+                    self._log(record)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    if step % tcfg.log_every == 0 and self.pid == 0:
+                        mfu = f" mfu {record['mfu']:.3f}" if record["mfu"] is not None else ""
+                        tqdm.write(f"step {step} stage {stage} loss {loss:.4f} lr {record['lr']:.2e} "
+                                   f"grad_norm {record['grad_norm']:.3f} tokens/s {record['tokens_per_s']:.0f} "
+                                   f"step {dt:.3f}s{mfu}")
+                    at_max = tcfg.max_steps is not None and step >= tcfg.max_steps
+                    if step % tcfg.save_every == 0 or at_max or self._stop_signal is not None:
+                        self.ckpts.save(step, self.state, self._meta(stage, it))
+                        last_saved = step
+                    if at_max or self._stop_signal is not None:
+                        summary["stopped"] = "max_steps" if at_max else f"signal {self._stop_signal}"
+                        break
+                if bar is not None:
+                    bar.close()
+                it.close()
+                summary["stages"][stage] = {"first_loss": stage_losses[0] if stage_losses else None,
+                                            "last_loss": float(np.mean(stage_losses[-max(1, len(stage_losses) // 10):]))
+                                            if stage_losses else None, "steps": len(stage_losses),
+                                            "n_latent": min(stage, tcfg.max_latent_stage)}
+                if summary["stopped"]:
+                    break
+                self.ckpts.save_stage_end(stage, self.state, self._meta(stage, None))
+                step = int(self.state["step"])
+                if step != last_saved:
+                    self.ckpts.save(step, self.state, self._meta(stage + 1, None))
+                    last_saved = step
+        finally:
+            self.ckpts.wait()
+            self._restore_signals()
+            if getattr(self, "_tb", None) is not None:
+                self._tb.close()
+        summary["step"] = int(self.state["step"])
+        self.plot_losses()
+        return summary
+
+    def plot_losses(self) -> str | None:
+        """RUN_DIR/loss.png from the run's metrics (skipped without matplotlib)."""
+        if self.pid != 0 or not self.history:
+            return None
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            logger.info("matplotlib not installed: no loss plot")
+            return None
+        fig, ax = plt.subplots(figsize=(7, 4))
+        steps = [r["step"] for r in self.history]
+        ax.plot(steps, [r["loss"] for r in self.history], lw=1)
+        for stage in sorted({r["stage"] for r in self.history}):
+            first = min(r["step"] for r in self.history if r["stage"] == stage)
+            ax.axvline(first, color="grey", lw=0.5, ls="--")
+            ax.text(first, ax.get_ylim()[1], f" stage {stage}", va="top", fontsize=8)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title("IVT-LR training loss")
+        path = os.path.join(self.tcfg.out, "loss.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+def train(tcfg: TrainConfig) -> dict:
+    """Build a Trainer and run it."""
+    return Trainer(tcfg).run()

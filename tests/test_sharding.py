@@ -1,0 +1,272 @@
+"""Mesh presets, rules and global batches on 8 simulated CPU devices (run in a subprocess before JAX starts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+NUM_DEVICES = 8
+
+
+# ------------------------------------------------------------------------------- checks (child process)
+def _tiny_cfg(tie=False):
+    from tiny import tiny_hf_config
+
+    from ivtlr_jax.config import ModelConfig
+
+    return ModelConfig.from_hf_dict(tiny_hf_config(tie=tie).to_dict())
+
+
+def _custom_mesh(data, fsdp, tensor):
+    from ivtlr_jax import sharding
+
+    preset = sharding.MeshPreset("test", data * fsdp * tensor, 1, None, data=data, fsdp=fsdp, tensor=tensor)
+    return sharding.make_mesh(preset)
+
+
+def check_presets_build():
+    import jax
+
+    from ivtlr_jax import sharding
+
+    assert len(jax.devices()) == NUM_DEVICES, jax.devices()
+    mesh = sharding.make_mesh("tpu_v4_8", devices=jax.devices()[:4])
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}, mesh.shape
+    mesh = sharding.make_mesh("gpu_8")
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}, mesh.shape
+    assert mesh.devices.size == 8
+    assert dict(sharding.make_mesh("tpu_v5e_8").shape)["fsdp"] == 8
+    assert dict(sharding.make_mesh("auto").shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert sharding.make_mesh("cpu").devices.size == 1
+    line = sharding.describe(mesh)
+    assert "fsdp=8" in line and "8 cpu devices on 1 host" in line, line
+    assert set(sharding.PRESETS) >= {"cpu", "gpu_1", "gpu_8", "tpu_v4_8", "tpu_v4_32", "tpu_v5e_8", "auto"}
+    assert sharding.PRESETS["tpu_v4_32"].num_devices == 16 and sharding.PRESETS["tpu_v4_32"].num_hosts == 4
+    # single-host presets never initialise jax.distributed; calling twice is fine
+    assert not sharding.maybe_initialize_distributed("tpu_v4_8")
+    assert not sharding.maybe_initialize_distributed("tpu_v4_8")
+    assert not sharding.maybe_initialize_distributed("auto")
+
+
+def check_wrong_preset_error():
+    import jax
+
+    from ivtlr_jax import sharding
+
+    def message(*args, **kwargs):
+        try:
+            sharding.make_mesh(*args, **kwargs)
+        except ValueError as e:
+            return str(e)
+        raise AssertionError(f"make_mesh{args} did not raise")
+
+    msg = message("tpu_v4_8")
+    assert "'tpu_v4_8'" in msg and "needs 4 devices on 1 host" in msg and "found 8 cpu devices on 1 host" in msg, msg
+    assert "--mesh=auto" in msg and "gpu_8" in msg, msg
+    msg = message("tpu_v4_32")
+    assert "'tpu_v4_32'" in msg and "16 devices on 4 hosts" in msg and "found 8 cpu devices" in msg, msg
+    msg = message("gpu_8", devices=jax.devices()[:4])
+    assert "'gpu_8'" in msg and "needs 8 devices" in msg and "found 4 cpu devices" in msg and "tpu_v4_8" in msg, msg
+    msg = message("gpu_1")
+    assert "'gpu_1'" in msg and "found 8 cpu devices" in msg, msg
+    msg = message("tpu_v9")
+    assert "tpu_v9" in msg and "tpu_v4_8" in msg, msg
+
+
+def check_param_shardings():
+    import jax
+    import jax.numpy as jnp
+
+    from ivtlr_jax import sharding
+    from ivtlr_jax.models.layout import param_shapes
+
+    meshes = {
+        "tpu_v4_8": sharding.make_mesh("tpu_v4_8", devices=jax.devices()[:4]),
+        "gpu_8": sharding.make_mesh("gpu_8"),
+        "2x2x2": _custom_mesh(2, 2, 2),
+        "tensor8": _custom_mesh(1, 1, 8),
+    }
+    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+    for tie in (False, True):
+        cfg = _tiny_cfg(tie)
+        shapes = param_shapes(cfg)
+        for name, mesh in meshes.items():
+            shardings = sharding.param_shardings(mesh, cfg)
+            zeros = jax.tree.map(lambda s: np.zeros(s, np.float32), shapes, is_leaf=is_shape)
+            placed = jax.device_put(zeros, shardings)
+            flat_sh, _ = jax.tree_util.tree_flatten_with_path(shardings)
+            flat_arr = jax.tree.leaves(placed)
+            sharded = 0
+            for (path, sh), arr in zip(flat_sh, flat_arr, strict=True):
+                assert arr.sharding == sh, (name, path)
+                for dim, axes in enumerate(sh.spec):
+                    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+                    size = int(np.prod([mesh.shape[a] for a in axes]))
+                    assert arr.shape[dim] % size == 0, (name, path, arr.shape, sh.spec)
+                    sharded += bool(axes)
+                if "layers" in jax.tree_util.keystr(path) or "blocks" in jax.tree_util.keystr(path):
+                    assert len(sh.spec) == 0 or sh.spec[0] is None, (name, path, sh.spec)  # layer axis never split
+            assert sharded > 0, name
+        # FSDP splits embed; tensor parallel splits heads/mlp/vocab; vocab 300 does not divide by 8
+        sh = sharding.param_shardings(meshes["gpu_8"], cfg)
+        assert tuple(sh["llm"]["layers"]["gate"]["kernel"].spec) == (None, "fsdp"), sh["llm"]["layers"]["gate"]
+        sh = sharding.param_shardings(meshes["2x2x2"], cfg)
+        assert tuple(sh["llm"]["layers"]["up"]["kernel"].spec) == (None, "fsdp", "tensor")
+        assert tuple(sh["llm"]["embed"].spec) == ("tensor", "fsdp")
+        sh = sharding.param_shardings(meshes["tensor8"], cfg)
+        assert tuple(sh["llm"]["embed"].spec) == (), sh["llm"]["embed"]
+        assert tuple(sh["llm"]["layers"]["gate"]["kernel"].spec) == (None, None, "tensor")
+
+    # a LoRA tree: stacked A/B per target, sharded like its base kernel's input/output
+    cfg = _tiny_cfg()
+    L, h, r = cfg.num_hidden_layers, cfg.hidden_size, 4
+    q, i = cfg.num_attention_heads * cfg.head_dim, cfg.intermediate_size
+    lora = {"llm": {"layers": {"q": {"lora_a": jnp.zeros((L, h, r)), "lora_b": jnp.zeros((L, r, q))},
+                               "down": {"a": jnp.zeros((L, i, r)), "b": jnp.zeros((L, r, h))}}}}
+    axes = sharding.lora_logical_axes(lora)
+    assert axes["llm"]["layers"]["q"]["lora_a"] == ("layers", "embed", "lora_rank")
+    assert axes["llm"]["layers"]["q"]["lora_b"] == ("layers", "lora_rank", "heads")
+    assert axes["llm"]["layers"]["down"]["b"] == ("layers", "lora_rank", "embed")
+    mesh = meshes["2x2x2"]
+    lora_sh = sharding.logical_to_sharding(mesh, axes, lora)
+    placed = jax.device_put(lora, lora_sh)
+    assert tuple(lora_sh["llm"]["layers"]["q"]["lora_a"].spec) == (None, "fsdp")
+    assert placed["llm"]["layers"]["q"]["lora_b"].sharding == lora_sh["llm"]["layers"]["q"]["lora_b"]
+
+
+def check_host_batch_to_global():
+    import jax
+
+    from ivtlr_jax import sharding
+
+    rng = np.random.default_rng(0)
+    local = {
+        "input_ids": rng.integers(0, 300, (8, 10)).astype(np.int32),
+        "attention_mask": np.ones((8, 10), np.int32),
+        "pixel_values": rng.normal(size=(37, 1176)).astype(np.float32),
+        "image_grid_thw": np.array([[1, 4, 4], [1, 2, 2]], np.int64),
+        "prefix_len": np.asarray(6, np.int32),
+    }
+    for mesh in (sharding.make_mesh("gpu_8"), sharding.make_mesh("tpu_v4_8", devices=jax.devices()[:4]),
+                 _custom_mesh(2, 2, 2)):
+        batch = sharding.host_batch_to_global(mesh, local)
+        n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+        for key, value in local.items():
+            assert batch[key].shape == value.shape, (key, batch[key].shape)  # one process: global = local
+            np.testing.assert_array_equal(np.asarray(batch[key]), value)
+        ids = batch["input_ids"]
+        assert ids.sharding.is_equivalent_to(sharding.batch_sharding(mesh, 2), 2)
+        assert {s.data.shape for s in ids.addressable_shards} == {(8 // n_batch, 10)}
+        assert batch["pixel_values"].sharding.is_fully_replicated
+        assert batch["prefix_len"].sharding.is_fully_replicated
+    # a batch of 2 does not divide over 8 devices: replicated instead
+    mesh = sharding.make_mesh("gpu_8")
+    small = sharding.host_batch_to_global(mesh, {"input_ids": local["input_ids"][:2]})
+    assert small["input_ids"].shape == (2, 10) and small["input_ids"].sharding.is_fully_replicated
+    try:
+        sharding.host_batch_to_global(mesh, {"input_ids": local["input_ids"], "pixel_values": local["pixel_values"]},
+                                      replicate_keys=())
+    except ValueError as e:
+        assert "pixel_values" in str(e) and "replicate_keys" in str(e), e
+    else:
+        raise AssertionError("mismatched leading sizes did not raise")
+
+
+def check_sharded_matmul_equals_unsharded():
+    import jax
+
+    from ivtlr_jax import sharding
+    from ivtlr_jax.models.layout import param_shapes
+
+    cfg = _tiny_cfg()
+    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.normal(0, 0.2, s).astype(np.float32), param_shapes(cfg), is_leaf=is_shape)
+    x = rng.normal(size=(8, 5, cfg.hidden_size)).astype(np.float32)  # (batch, length, embed)
+
+    def mlp_logits(p, x):
+        layer = jax.tree.map(lambda a: a[0], p["llm"]["layers"])
+        attn = (x @ layer["q"]["kernel"] + layer["q"]["bias"]) @ layer["o"]["kernel"]
+        y = x + attn
+        y = y + (jax.nn.silu(y @ layer["gate"]["kernel"]) * (y @ layer["up"]["kernel"])) @ layer["down"]["kernel"]
+        return (y * p["llm"]["norm"]) @ p["llm"]["lm_head"]
+
+    expected = np.asarray(jax.jit(mlp_logits)(params, x))
+    for mesh in (sharding.make_mesh("gpu_8"), sharding.make_mesh("tpu_v4_8", devices=jax.devices()[:4]),
+                 _custom_mesh(2, 2, 2)):
+        p_sh = sharding.param_shardings(mesh, cfg)
+        x_sh = sharding.batch_sharding(mesh, 3)
+        fn = jax.jit(mlp_logits, in_shardings=(p_sh, x_sh), out_shardings=sharding.batch_sharding(mesh, 3))
+        got = fn(jax.device_put(params, p_sh), jax.device_put(x, x_sh))
+        assert got.sharding.is_equivalent_to(sharding.batch_sharding(mesh, 3), 3)
+        np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4)  # summation order differs
+        assert len(got.sharding.device_set) == mesh.devices.size
+
+
+CHECKS = [check_presets_build, check_wrong_preset_error, check_param_shardings, check_host_batch_to_global,
+          check_sharded_matmul_equals_unsharded]
+
+
+def _child_main():
+    sys.path[:0] = [ROOT, HERE]
+    results = {}
+    for check in CHECKS:
+        start = time.perf_counter()
+        try:
+            check()
+            results[check.__name__] = "ok"
+        except Exception:
+            results[check.__name__] = traceback.format_exc()
+        print(f"{check.__name__}: {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    print("RESULTS " + json.dumps(results))
+
+
+# ------------------------------------------------------------------------------- tests (parent process)
+@pytest.fixture(scope="module")
+def child_results():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={NUM_DEVICES}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, f"child failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.mark.parametrize("check", [c.__name__ for c in CHECKS])
+def test_on_simulated_devices(child_results, check):
+    result = child_results[check]
+    assert result == "ok", result
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_param_logical_axes_match_layout(tie):
+    import jax
+
+    from ivtlr_jax import sharding
+    from ivtlr_jax.models.layout import param_shapes
+
+    sys.path.insert(0, HERE)
+    cfg = _tiny_cfg(tie)
+    shapes = param_shapes(cfg)
+    axes = sharding.param_logical_axes(cfg)
+    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+    is_axes = lambda x: isinstance(x, tuple) and all(isinstance(d, (str, type(None))) for d in x)
+    assert jax.tree.structure(shapes, is_leaf=is_shape) == jax.tree.structure(axes, is_leaf=is_axes)
+    for s, a in zip(jax.tree.leaves(shapes, is_leaf=is_shape), jax.tree.leaves(axes, is_leaf=is_axes), strict=True):
+        assert len(s) == len(a) and all(name in sharding.LOGICAL_RULES for name in a), (s, a)
+
+
+if __name__ == "__main__":
+    _child_main()
