@@ -258,6 +258,7 @@ class TrainConfig:
     batch_size: int = 64  # global batch (rows per optimiser step, before accumulation)
     grad_accum: int = 1
     compute_dtype: str = "auto"  # auto: bfloat16 on accelerators, float32 on CPU
+    remat: str = "full"  # layer rematerialisation: full (least memory) | dots | none
     max_length: int | None = 1024
     seed: int = 0
     max_steps: int | None = None
@@ -277,6 +278,8 @@ class TrainConfig:
             raise ValueError(f"finetune={self.finetune!r} is not valid; use 'lora' or 'full'")
         if self.schedule not in ("constant", "cosine", "linear"):
             raise ValueError(f"schedule={self.schedule!r} is not valid; use constant, cosine or linear")
+        if self.remat not in ("full", "dots", "none"):
+            raise ValueError(f"remat={self.remat!r} is not valid; use full, dots or none")
         if self.compute_dtype not in ("auto",) + SUPPORTED_DTYPES:
             raise ValueError(f"compute_dtype={self.compute_dtype!r} is not valid; use auto, float32 or bfloat16")
         for name in ("batch_size", "grad_accum", "epochs_per_stage", "log_every", "save_every", "keep"):

@@ -182,9 +182,9 @@ def latent_prefill(params, cfg: ModelConfig, lcfg: LatentConfig, n: int, layout:
     return hidden, cache, selected
 
 
-def _latent_forward(params, cfg: ModelConfig, lcfg: LatentConfig, n: int, layout: LatentLayout,
-                    image_features, h_offset):
-    """Traced body: returns (loss, logits (B, L_final, V), selected (n, B, k))."""
+def latent_hidden(params, cfg: ModelConfig, lcfg: LatentConfig, n: int, layout: LatentLayout, image_features,
+                  h_offset=None):
+    """Final-norm hidden states over the whole final sequence (B, L_final, H), and the selections."""
     hidden, cache, selected = latent_prefill(params, cfg, lcfg, n, layout, image_features, h_offset)
     start = hidden.shape[1]
     if layout.suffix_ids.shape[1]:
@@ -192,8 +192,49 @@ def _latent_forward(params, cfg: ModelConfig, lcfg: LatentConfig, n: int, layout
         suffix, _, _ = q.decoder(params["llm"], cfg, emb_suffix, layout.positions[:, :, start:], cache, start,
                                  layout.kv_valid)
         hidden = jnp.concatenate([hidden, suffix], 1)
+    return hidden, selected
+
+
+def _latent_forward(params, cfg: ModelConfig, lcfg: LatentConfig, n: int, layout: LatentLayout,
+                    image_features, h_offset):
+    """Traced body: returns (loss, logits (B, L_final, V), selected (n, B, k))."""
+    hidden, selected = latent_hidden(params, cfg, lcfg, n, layout, image_features, h_offset)
     logits = q.lm_head(params, cfg, hidden)  # (B, L_final, V)
     return cross_entropy(logits, layout.labels), logits, selected
+
+
+def chunked_cross_entropy(params, cfg: ModelConfig, hidden, labels, chunk: int = 128):
+    """cross_entropy(lm_head(hidden), labels) without materialising (B, L, V) logits.
+
+    Positions are processed `chunk` at a time under remat, so the backward pass recomputes each
+    chunk's logits instead of keeping them all; memory is O(B * chunk * V).
+    """
+    b, length, h = hidden.shape
+    target = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE, labels.dtype)], 1)  # next token per position
+    pad = (-length) % chunk
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    target = jnp.pad(target, ((0, 0), (0, pad)), constant_values=IGNORE)
+    n_chunks = (length + pad) // chunk
+    hidden = hidden.reshape(b, n_chunks, chunk, h).transpose(1, 0, 2, 3)  # (n_chunks, B, chunk, H)
+    target = target.reshape(b, n_chunks, chunk).transpose(1, 0, 2)
+
+    @jax.checkpoint
+    def one(carry, xs):
+        hid, tgt = xs
+        logp = jax.nn.log_softmax(q.lm_head(params, cfg, hid), -1)  # (B, chunk, V) float32
+        keep = tgt != IGNORE
+        nll = -jnp.take_along_axis(logp, jnp.where(keep, tgt, 0)[..., None], -1)[..., 0]
+        return (carry[0] + jnp.sum(nll * keep), carry[1] + keep.sum()), None
+
+    (total, count), _ = jax.lax.scan(one, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), (hidden, target))
+    return total / jnp.maximum(count, 1)
+
+
+def latent_loss(params, cfg: ModelConfig, lcfg: LatentConfig, n: int, layout: LatentLayout, image_features,
+                h_offset=None):
+    """The training loss: latent forward + chunked cross-entropy (same value as `_latent_forward`'s loss)."""
+    hidden, _ = latent_hidden(params, cfg, lcfg, n, layout, image_features, h_offset)
+    return chunked_cross_entropy(params, cfg, hidden, layout.labels)
 
 
 latent_forward_jit = jax.jit(_latent_forward, static_argnames=("cfg", "lcfg", "n"))

@@ -183,3 +183,21 @@ def test_bad_inputs(lm):
     _, plain = lm[0], IVTLRModel(dataclasses.replace(m.config, latent_token_id=None), m.params)
     with pytest.raises(ValueError, match="--add-latent-tokens"):
         plain.latent_forward(ids, mask, labels, pv, grid, k=4)
+
+
+def test_chunked_training_loss_equals_full_loss_and_gradient(lm):
+    from ivtlr_jax.latent import latent_loss
+
+    _, m = lm
+    lcfg = LatentConfig(k=4)
+    ids, mask, labels, pv, grid = latent_batch(2)
+    n, layout, g = prepare(m.config, lcfg, ids, mask, labels, pv, grid)
+    layout = type(layout)(*map(jnp.asarray, layout))
+    feats = q.encode_images(m.params, m.config, pv, g)
+    full = latent_forward_jit(m.params, m.config, lcfg, n, layout, feats, None)[0]
+    chunked = jax.jit(latent_loss, static_argnums=(1, 2, 3))(m.params, m.config, lcfg, n, layout, feats)
+    assert abs(float(full) - float(chunked)) <= 1e-5 * float(full)
+    g_full = jax.jit(jax.grad(lambda p: latent_forward_jit(p, m.config, lcfg, n, layout, feats, None)[0]))(m.params)
+    g_chunk = jax.jit(jax.grad(lambda p: latent_loss(p, m.config, lcfg, n, layout, feats)))(m.params)
+    for a, b in zip(jax.tree_util.tree_leaves(g_full), jax.tree_util.tree_leaves(g_chunk)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)

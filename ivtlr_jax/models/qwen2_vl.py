@@ -7,6 +7,7 @@ shapes only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -17,7 +18,29 @@ import numpy as np
 from ivtlr_jax.config import ModelConfig, VisionConfig
 
 MASK_VALUE = -1e30  # added to masked attention scores; finite so fully masked (pad) rows stay NaN-free
-_REMAT_POLICY = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # least memory: recompute each layer in backward
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projection outputs
+    "none": jax.checkpoint_policies.everything_saveable,
+}
+_REMAT = {"policy": "full"}
+
+
+@contextlib.contextmanager
+def remat_policy(name: str):
+    """Rematerialisation policy of the layer scans for code traced inside the block."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat={name!r} is not valid; use one of {list(REMAT_POLICIES)}")
+    old = _REMAT["policy"]
+    _REMAT["policy"] = name
+    try:
+        yield
+    finally:
+        _REMAT["policy"] = old
+
+
+def _remat(fn):
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[_REMAT["policy"]])
 
 
 # ----------------------------------------------------------------------------- shared layers
@@ -157,7 +180,7 @@ def vision_blocks(vparams, vcfg: VisionConfig, x, key_ok, cos, sin):
         h = h * jax.nn.sigmoid(1.702 * h)  # quick_gelu
         return x + dense(h, p["fc2"]), None
 
-    x, _ = jax.lax.scan(jax.checkpoint(block, policy=_REMAT_POLICY), x, vparams["blocks"])
+    x, _ = jax.lax.scan(_remat(block), x, vparams["blocks"])
     return x
 
 
@@ -340,7 +363,7 @@ def decoder(
         row = a[:, :, :, -1, :].mean((1, 2)) if return_attn_row else None  # (B, max_len)
         return x, (ck, cv, row)
 
-    layer = jax.checkpoint(layer, policy=_REMAT_POLICY)
+    layer = _remat(layer)
     x, (ks, vs, rows) = jax.lax.scan(layer, embeds, (lparams["layers"], cache["k"], cache["v"]))
     x = rms_norm(x, lparams["norm"], eps)
     row = rows.mean(0) if return_attn_row else None

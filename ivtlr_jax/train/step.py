@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from ivtlr_jax.config import LatentConfig, ModelConfig, TrainConfig
-from ivtlr_jax.latent import LatentLayout, _latent_forward, prepare
+from ivtlr_jax.latent import LatentLayout, latent_loss, prepare
 from ivtlr_jax.models import qwen2_vl as q
 from ivtlr_jax.train.lora import apply_lora, init_lora
 
@@ -104,8 +104,7 @@ def batch_loss(params, cfg: ModelConfig, lcfg: LatentConfig, n: int, batch: dict
     layout = LatentLayout(batch["prefix_ids"], batch["suffix_ids"], batch["kv_valid"],
                           jnp.transpose(batch["positions"], (1, 0, 2)), batch["labels"], batch["image_pos"],
                           batch["image_valid"])
-    loss, _, _ = _latent_forward(params, cfg, lcfg, n, layout, feats, None)
-    return loss
+    return latent_loss(params, cfg, lcfg, n, layout, feats)
 
 
 def make_train_step(cfg: ModelConfig, lcfg: LatentConfig, tcfg: TrainConfig, tx, schedule, n: int, dtype):
@@ -113,7 +112,8 @@ def make_train_step(cfg: ModelConfig, lcfg: LatentConfig, tcfg: TrainConfig, tx,
 
     def loss_fn(trainable, frozen, batch, key):
         params = assemble_params(trainable, frozen, tcfg, dtype, key)
-        return batch_loss(params, cfg, lcfg, n, batch)
+        with q.remat_policy(tcfg.remat):  # read while tracing
+            return batch_loss(params, cfg, lcfg, n, batch)
 
     def step(state, frozen, batch):
         rng, key = jax.random.split(state["rng"])

@@ -1,0 +1,142 @@
+"""Peak host memory of the HF -> ivtlr_jax conversion on a random Qwen2-VL-2B-shaped checkpoint.
+
+Makes the checkpoint with transformers (model built on the meta device for names, shapes and config;
+random bfloat16 data streamed into sharded safetensors), converts it in a fresh subprocess per dtype
+(and optionally exports it back with --to-hf), and reports peak RSS next to the output size and the
+largest tensor. JSON goes to --out.
+
+  python experiments/bench_convert_memory.py [--export] [--out RESULT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+# Qwen2-VL-2B: text 1536 x 28 layers, vocab 151936, tied head; vision 32 blocks of 1280.
+TEXT_2B = {
+    "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+    "num_attention_heads": 12, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+    "bos_token_id": 151643, "eos_token_id": 151645,
+}
+VISION_2B = {"depth": 32, "embed_dim": 1280, "hidden_size": 1536, "num_heads": 16, "mlp_ratio": 4}
+
+# Runs in the child: imports, conversion, peak RSS from the kernel (VmHWM) before and after.
+CHILD = r"""
+import json, sys, time
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+mode, src, dst, dtype = sys.argv[1:5]
+from ivtlr_jax.convert import convert_hf_to_checkpoint, export_checkpoint_to_hf
+import orbax.checkpoint, jax  # noqa: F401  (counted in the import baseline)
+base = hwm()
+t = time.time()
+if mode == "to_jax":
+    summary = convert_hf_to_checkpoint(src, dst, dtype=dtype, verbose=False)
+else:
+    summary = export_checkpoint_to_hf(src, dst, verbose=False)
+print(json.dumps({"import_peak_rss": base, "peak_rss": hwm(), "seconds": time.time() - t,
+                  "output_bytes": summary["bytes"], "largest_tensor_bytes": summary.get("largest_tensor_bytes")}))
+"""
+
+
+def make_checkpoint(folder: str, seed: int = 0, max_shard_bytes: int = 2 * 2**30) -> dict:
+    """A random bf16 Qwen2-VL-2B-shaped HF folder: config from transformers, tensors streamed to disk."""
+    import ml_dtypes
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from ivtlr_jax.convert.safetensors_io import TensorSpec, write_sharded
+
+    cfg = Qwen2VLConfig(text_config=TEXT_2B, vision_config=VISION_2B, tie_word_embeddings=True,
+                        bos_token_id=151643, eos_token_id=151645)
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+    os.makedirs(folder, exist_ok=True)
+    cfg.dtype = "bfloat16"
+    cfg.save_pretrained(folder)
+    rng = np.random.default_rng(seed)
+
+    def produce(name):
+        return (rng.standard_normal(shapes[name], dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+
+    specs = [TensorSpec(k, np.dtype(ml_dtypes.bfloat16), s) for k, s in shapes.items()]
+    write_sharded(folder, specs, produce, max_shard_bytes)
+    return {
+        "tensors": len(specs),
+        "parameters": int(sum(int(np.prod(s)) for s in shapes.values())),
+        "bytes": int(sum(s.nbytes for s in specs)),
+        "largest_tensor_bytes": int(max(s.nbytes for s in specs)),
+    }
+
+
+def run_child(mode: str, src: str, dst: str, dtype: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", CHILD, mode, src, dst, dtype], env=env, capture_output=True,
+                         text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"{mode} failed:\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=None, help="scratch folder (default: a new folder in /tmp)")
+    parser.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated target dtypes")
+    parser.add_argument("--export", action="store_true", help="also measure --to-hf on the bfloat16 checkpoint")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch files")
+    parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "bench_convert_memory.json"),
+                        help="where to write the JSON result (default: %(default)s)")
+    args = parser.parse_args()
+
+    work = args.workdir or tempfile.mkdtemp(prefix="bench_convert_", dir="/tmp")
+    src = os.path.join(work, "hf")
+    result = {"shape": {"text": TEXT_2B, "vision": VISION_2B, "tie_word_embeddings": True}, "runs": []}
+    try:
+        t = time.time()
+        result["source"] = make_checkpoint(src)
+        result["source"]["seconds"] = round(time.time() - t, 1)
+        print(f"source: {json.dumps(result['source'])}", flush=True)
+        for dtype in args.dtypes.split(","):
+            dst = os.path.join(work, f"ckpt_{dtype}")
+            runs = [{"mode": "hf_to_jax", "dtype": dtype, **run_child("to_jax", src, dst, dtype)}]
+            if args.export and dtype == "bfloat16":
+                out = os.path.join(work, "out")
+                runs.append({"mode": "jax_to_hf", "dtype": dtype, **run_child("to_hf", dst, out, dtype),
+                             "largest_tensor_bytes": result["source"]["largest_tensor_bytes"]})
+                shutil.rmtree(out)
+            shutil.rmtree(dst)
+            for r in runs:
+                r["peak_over_output_plus_largest"] = round(
+                    r["peak_rss"] / (r["output_bytes"] + r["largest_tensor_bytes"]), 3)
+                r["peak_minus_import"] = r["peak_rss"] - r["import_peak_rss"]
+                gib = {k: round(r[k] / 2**30, 2)
+                       for k in ("output_bytes", "largest_tensor_bytes", "peak_rss", "import_peak_rss")}
+                print(f"{r['mode']} {dtype}: {gib} GiB, {r['seconds']:.0f} s", flush=True)
+            result["runs"] += runs
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result["runs"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""ivtlr_jax checkpoint folder -> Hugging Face folder that `Qwen2VLForConditionalGeneration.from_pretrained` loads."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ivtlr_jax.convert.checkpoint import (
+    HF_CONFIG_NAME,
+    copy_tokenizer_files,
+    flatten_tree,
+    hf_config_from_model_config,
+    load_checkpoint,
+    sync_hf_config,
+)
+from ivtlr_jax.convert.keymap import get_path, hf_entries, tree_to_hf
+from ivtlr_jax.convert.safetensors_io import INDEX_NAME, TensorSpec, write_sharded
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+
+def export_checkpoint_to_hf(
+    ckpt_dir: str,
+    dst: str,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> dict:
+    """Write old-hub-layout safetensors, config.json and the tokenizer files of `ckpt_dir` into `dst`."""
+    start = time.time()
+    ckpt_dir, dst = os.path.abspath(ckpt_dir), os.path.abspath(dst)
+    cfg, params = load_checkpoint(ckpt_dir)
+    existing = glob.glob(os.path.join(dst, "*.safetensors")) + glob.glob(os.path.join(dst, INDEX_NAME))
+    if existing and not overwrite:
+        raise ValueError(
+            f"--dst {dst!r} already holds model weights ({os.path.basename(existing[0])}); "
+            "choose a new folder or pass overwrite=True (--overwrite)"
+        )
+    os.makedirs(dst, exist_ok=True)
+    for path in existing:
+        os.remove(path)
+
+    entries = {e.hf_name: e for e in hf_entries(cfg)}
+
+    def row(name: str) -> np.ndarray:
+        e = entries[name]
+        arr = get_path(params, e.path)
+        return tree_to_hf(e, arr[e.layer] if e.layer is not None else arr)
+
+    specs = [TensorSpec(e.hf_name, get_path(params, e.path).dtype, e.hf_shape) for e in entries.values()]
+    bar = tqdm(total=len(specs), desc="exporting", unit="tensor", disable=not verbose)
+    files = write_sharded(dst, specs, row, max_shard_bytes, on_tensor=lambda _: bar.update(1))
+    bar.close()
+
+    dtype = str(np.dtype(flatten_tree(params)["llm/embed"].dtype))
+    hf_path = os.path.join(ckpt_dir, HF_CONFIG_NAME)
+    if os.path.exists(hf_path):
+        with open(hf_path) as f:
+            hf_config = json.load(f)
+    else:
+        hf_config = hf_config_from_model_config(cfg)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(sync_hf_config(hf_config, cfg, dtype), f, indent=2)
+    copied = copy_tokenizer_files(ckpt_dir, dst)
+
+    summary = {
+        "src": ckpt_dir,
+        "dst": dst,
+        "dtype": dtype,
+        "tensors": len(specs),
+        "parameters": int(sum(int(np.prod(s.shape)) for s in specs)),
+        "bytes": int(sum(s.nbytes for s in specs)),
+        "files": [os.path.basename(p) for p in files],
+        "copied_files": copied,
+        "seconds": round(time.time() - start, 2),
+    }
+    if verbose:
+        print(
+            f"wrote {dst}\n  tensors    {summary['tensors']}\n  parameters {summary['parameters']:,}\n"
+            f"  dtype      {dtype}\n  bytes      {summary['bytes']:,}\n  files      {summary['files']}"
+        )
+    return summary
