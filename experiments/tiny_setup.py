@@ -30,6 +30,7 @@ def make_tiny_checkpoint(out_dir: str, corpus: list[str] | None = None, vocab_si
     ids = {t: tok.convert_tokens_to_ids(t) for t in
            ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
     m = {**TINY_MODEL, **(model or {})}
+    m["mrope_section"] = tuple(m["mrope_section"])
     v = {**TINY_VISION, **(vision or {})}
     cfg = ModelConfig(vocab_size=len(tok), **m, image_token_id=ids["<|image_pad|>"],
                       video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],

@@ -143,8 +143,11 @@ def load_train_config(args, field_types) -> tuple:
         raise SystemExit(f"config error: {e}") from None
 
 
-def prepare_auto_tiny(tcfg) -> None:
-    """Build the tiny random model into RUN_DIR/init (once) when the config asks for it."""
+def prepare_auto_tiny(tcfg, model: dict | None = None) -> None:
+    """Build the tiny random model into RUN_DIR/init (once) when the config says `init: auto-tiny`.
+
+    A YAML `model:` section overrides the tiny model's sizes (`vision:` inside it the vision tower's).
+    """
     if tcfg.init != AUTO_TINY:
         return
     from experiments.tiny_setup import make_tiny_checkpoint
@@ -153,9 +156,11 @@ def prepare_auto_tiny(tcfg) -> None:
     init = os.path.join(tcfg.out, "init")
     if not os.path.exists(os.path.join(init, "ivtlr_config.json")):
         rows = load_split(tcfg.data, tcfg.train_split, source=tcfg.data_source)
-        corpus = [f"{r['question']} {' '.join(r['choices'])} {r['rationale']}" for r in rows.select(range(min(
-            len(rows), 2000)))]
-        make_tiny_checkpoint(os.path.join(tcfg.out), corpus=corpus)
+        rows = rows.select(range(min(len(rows), 2000)))
+        corpus = [f"{r['question']} {' '.join(r['choices'])} {r['rationale']}" for r in rows]
+        model = dict(model or {})
+        vision = model.pop("vision", None)
+        make_tiny_checkpoint(tcfg.out, corpus=corpus, model=model, vision=vision, seed=tcfg.seed)
     tcfg.init = init
 
 
@@ -173,7 +178,7 @@ def run_dry(tcfg, yaml_values) -> list[dict]:
     from ivtlr_jax.config import ModelConfig
     from ivtlr_jax.train.dry_run import dry_run, format_dry_run
 
-    model = dict(yaml_values.get("model") or {})
+    model = dict(yaml_values.get("model") or {}) if tcfg.init != AUTO_TINY else {}
     cfg = ModelConfig.from_dict({"latent_token_id": 151657, **model}) if model else ModelConfig(latent_token_id=151657)
     results = []
     for finetune in ("lora", "full"):
@@ -205,7 +210,7 @@ def main(argv=None) -> dict | list:
         return run_dry(tcfg, yaml_values)
     from ivtlr_jax.train import TrainingStopped, train
 
-    prepare_auto_tiny(tcfg)
+    prepare_auto_tiny(tcfg, yaml_values.get("model"))
     try:
         summary = train(tcfg)
     except TrainingStopped as e:

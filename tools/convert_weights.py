@@ -27,12 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "examples:\n"
             "  python tools/convert_weights.py --src Qwen2-VL-2B-Instruct --dst ckpt/qwen2vl2b --add-latent-tokens\n"
-            "  python tools/convert_weights.py --to-hf --src ckpt/qwen2vl2b --dst export/qwen2vl2b"
+            "  python tools/convert_weights.py --to-hf --src ckpt/qwen2vl2b --dst export/qwen2vl2b\n"
+            "  python tools/convert_weights.py --merge-lora runs/m3cot/stage_ends/3 --dst ckpt/ivtlr-m3cot"
         ),
     )
-    parser.add_argument("--src", required=True,
+    parser.add_argument("--src",
                         help="source folder: a Hugging Face model folder (config.json + *.safetensors), "
-                             "or with --to-hf an ivtlr_jax checkpoint folder")
+                             "or with --to-hf an ivtlr_jax checkpoint folder; with --merge-lora an optional "
+                             "base checkpoint (default: the run's --init)")
     parser.add_argument("--dst", required=True,
                         help="destination folder: the ivtlr_jax checkpoint, or with --to-hf the Hugging Face folder")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -46,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "Qwen2VLForConditionalGeneration.from_pretrained loads")
     parser.add_argument("--max-shard-gb", type=float, default=5.0,
                         help="with --to-hf: largest safetensors file in GiB before sharding with an index (default 5)")
+    parser.add_argument("--merge-lora", metavar="RUN_DIR/CKPT",
+                        help="a training checkpoint (RUN_DIR/checkpoints/<step> or RUN_DIR/stage_ends/<stage>): "
+                             "fold its LoRA adapters (or trained LLM) into the base weights and write a full "
+                             "checkpoint to --dst that IVTLRModel.from_pretrained loads and --to-hf exports")
     parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint or weights already in --dst")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     return parser
@@ -55,6 +61,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     from ivtlr_jax.convert import convert_hf_to_checkpoint, export_checkpoint_to_hf
 
+    if args.merge_lora:
+        from ivtlr_jax.train.export import export_trained_checkpoint
+
+        return export_trained_checkpoint(args.merge_lora, args.dst, base=args.src, overwrite=args.overwrite,
+                                         verbose=not args.quiet)
+    if args.src is None:
+        raise SystemExit("--src is required (a Hugging Face folder, or with --to-hf a checkpoint folder)")
     if args.to_hf:
         if args.add_latent_tokens:
             raise SystemExit("--add-latent-tokens applies to HF -> ivtlr_jax only; convert first, then --to-hf")

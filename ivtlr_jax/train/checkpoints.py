@@ -80,6 +80,13 @@ def read_checkpoint(path: str):
             f"{path!r} is not a training checkpoint (no state/ inside); give RUN_DIR/checkpoints/<step> "
             "or RUN_DIR/stage_ends/<stage>"
         )
-    state = ocp.StandardCheckpointer().restore(os.path.join(path, "state"))
+    ckptr = ocp.StandardCheckpointer()
+    state_dir = os.path.join(path, "state")
+    meta = ckptr.metadata(state_dir)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # any saving topology -> this host
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=local), tree)
+    state = ckptr.restore(state_dir, target)
     with open(os.path.join(path, "meta", "metadata")) as f:
         return state, json.load(f)

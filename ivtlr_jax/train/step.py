@@ -123,7 +123,7 @@ def make_train_step(cfg: ModelConfig, lcfg: LatentConfig, tcfg: TrainConfig, tx,
         micro = state["step"]
         opt_steps = micro // tcfg.grad_accum
         new = {"step": micro + 1, "trainable": trainable, "opt_state": opt_state, "rng": rng}
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(opt_steps)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(opt_steps)}
         return new, metrics
 
     return step

@@ -1,0 +1,189 @@
+"""Training: sharded steps on simulated devices, LoRA/full parameter partitioning, resume, stages, NaN stop."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "mrope_section": [2, 3, 3],
+               "vision": {"depth": 1, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2}}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Synthetic data (24 train rows) and a small test YAML (tiny model, full fine-tuning, k=4)."""
+    from ivtlr_jax.data.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("train")
+    write_synthetic(str(root / "data"), n=24, n_eval=8, seed=0)
+    cfg = {"init": "auto-tiny", "data": "synthetic", "data_source": str(root / "data"), "epochs_per_stage": 1,
+           "max_latent_stage": 3, "k": 4, "finetune": "full", "lr": 1e-3, "batch_size": 8, "compute_dtype": "float32",
+           "max_length": 256, "mesh": "cpu", "log_every": 1, "save_every": 100, "keep": 5, "num_workers": 0,
+           "model": SMALL_MODEL}
+    path = root / "test.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return root, str(path)
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_cli(args, devices=None):
+    """python -m experiments.train in a subprocess (simulated CPU devices set before JAX starts)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    proc = subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    return proc
+
+
+def trainable_of(run_dir, step):
+    from ivtlr_jax.train.checkpoints import read_checkpoint
+
+    state, meta = read_checkpoint(os.path.join(run_dir, "checkpoints", str(step)))
+    return state["trainable"], meta
+
+
+def test_sharded_steps_match_one_device_and_stage2_cli(workdir):
+    """--stage=2 on tpu_v4_8 (4 devices) and gpu_8 (8 devices) equals the 1-device run: losses and params."""
+    import jax
+
+    root, cfg = workdir
+    runs = {}
+    for mesh, devices in (("cpu", None), ("tpu_v4_8", 4), ("gpu_8", 8)):
+        out = str(root / f"mesh_{mesh}")
+        proc = run_cli(["--config", cfg, "--stage=2", f"--mesh={mesh}", "--data", "synthetic", "--max-steps", "2",
+                        "--out", out], devices)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[mesh] = out
+    base = losses(runs["cpu"])
+    assert [r["n_latent"] for r in base] == [2, 2]  # stage 2 batches carry 2 latent tokens
+    p_base, meta = trainable_of(runs["cpu"], 2)
+    assert meta["stage"] == 2
+    for mesh in ("tpu_v4_8", "gpu_8"):
+        other = losses(runs[mesh])
+        np.testing.assert_allclose([r["loss"] for r in other], [r["loss"] for r in base], rtol=1e-5)
+        p_other, _ = trainable_of(runs[mesh], 2)
+        for a, b in zip(jax.tree_util.tree_leaves(p_base), jax.tree_util.tree_leaves(p_other), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_wrong_preset_is_a_clear_error(workdir):
+    root, cfg = workdir
+    proc = run_cli(["--config", cfg, "--stage=0", "--mesh=tpu_v4_8", "--max-steps", "1", "--out", str(root / "bad")])
+    assert proc.returncode != 0
+    assert "preset 'tpu_v4_8' needs 4 devices" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _tcfg(workdir, name, **kw):
+    from experiments.train import prepare_auto_tiny
+    from ivtlr_jax.config import TrainConfig
+
+    root, cfg = workdir
+    values = yaml.safe_load(open(cfg))
+    model = values.pop("model")
+    values.update(out=str(root / name), **kw)
+    tcfg = TrainConfig(**values)
+    prepare_auto_tiny(tcfg, model)
+    return tcfg
+
+
+def test_lora_trains_only_adapters_and_vision_is_frozen(workdir):
+    import jax
+
+    from ivtlr_jax.convert import load_checkpoint
+    from ivtlr_jax.train import Trainer
+
+    tcfg = _tcfg(workdir, "lora", finetune="lora", lora_r=4, lora_alpha=8, stages=(1,), max_steps=2, lr=1e-2)
+    trainer = Trainer(tcfg)
+    before = jax.tree_util.tree_map(np.asarray, trainer.state["trainable"])
+    trainer.run()
+    _, base = load_checkpoint(tcfg.init)
+    frozen = jax.tree_util.tree_map(np.asarray, trainer.frozen)
+    for a, b in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(frozen), strict=True):
+        np.testing.assert_array_equal(a, b)  # base LLM and vision tower untouched
+    after = jax.tree_util.tree_map(np.asarray, trainer.state["trainable"])
+    assert set(after) == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert all(np.abs(after[t]["b"]).max() > 0 and np.abs(before[t]["b"]).max() == 0 for t in after)
+
+    full = Trainer(_tcfg(workdir, "full", stages=(0,), max_steps=2))
+    vision_before = jax.tree_util.tree_map(np.asarray, full.frozen)
+    llm_before = jax.tree_util.tree_map(np.asarray, full.state["trainable"])
+    full.run()
+    for a, b in zip(jax.tree_util.tree_leaves(vision_before), jax.tree_util.tree_leaves(full.frozen), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert set(full.frozen) == {"vision"} and set(full.state["trainable"]) == {"llm"}
+    moved = [np.abs(np.asarray(b) - a).max() for a, b in
+             zip(jax.tree_util.tree_leaves(llm_before), jax.tree_util.tree_leaves(full.state["trainable"]))]
+    assert max(moved) > 0
+
+
+def test_resume_reproduces_uninterrupted_run(workdir):
+    from ivtlr_jax.train import train
+
+    straight = _tcfg(workdir, "straight", stages=(0, 1), max_steps=5)
+    train(straight)
+    first = _tcfg(workdir, "resumed", stages=(0, 1), max_steps=3)
+    train(first)
+    again = _tcfg(workdir, "resumed", stages=(0, 1), max_steps=5, resume=True)
+    summary = train(again)
+    assert summary["step"] == 5
+    want = {r["step"]: r["loss"] for r in losses(straight.out)}
+    got = {r["step"]: r["loss"] for r in losses(again.out)}
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    for step in (4, 5):  # the steps after the interruption
+        assert abs(got[step] - want[step]) <= 1e-6 * abs(want[step])
+
+
+def test_stage_from_previous_stage_checkpoint_and_missing_start(workdir):
+    from ivtlr_jax.train import Trainer, train
+
+    tcfg = _tcfg(workdir, "stages", stages=(1,))
+    train(tcfg)
+    nxt = _tcfg(workdir, "stages", stages=(2,), max_steps=100)
+    nxt.init = None  # must come from stage 1's checkpoint (and the base recorded in it)
+    trainer = Trainer(nxt)
+    assert trainer.start_kind == "stage_end" and trainer.start_at == 1
+    trainer.run()
+    recs = [r for r in losses(nxt.out) if r["stage"] == 2]
+    assert recs and all(r["n_latent"] == 2 for r in recs)
+    orphan = _tcfg(workdir, "orphan", stages=(3,))
+    orphan.init = None
+    with pytest.raises(ValueError, match="--stage=3 needs a starting point"):
+        Trainer(orphan)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypatch):
+    import ivtlr_jax.train.loop as loop
+    from ivtlr_jax.train import Trainer, TrainingStopped
+    from ivtlr_jax.train.checkpoints import read_checkpoint
+
+    calls = {"n": 0}
+    real = loop.host_batch
+
+    def poisoned(cfg, lcfg, batch):
+        calls["n"] += 1
+        hb = real(cfg, lcfg, batch)
+        if calls["n"] == 3:
+            hb.arrays["pixel_values"][:] = np.nan
+        return hb
+
+    monkeypatch.setattr(loop, "host_batch", poisoned)
+    tcfg = _tcfg(workdir, "nan", stages=(0,), save_every=2)
+    trainer = Trainer(tcfg)
+    with pytest.raises(TrainingStopped, match="non-finite loss"):
+        trainer.run()
+    ckpt_root = os.path.join(tcfg.out, "checkpoints")
+    assert sorted(os.listdir(ckpt_root)) == ["2"]
+    state, _ = read_checkpoint(os.path.join(ckpt_root, "2"))
+    assert all(np.isfinite(np.asarray(x)).all() for x in __import__("jax").tree_util.tree_leaves(state["trainable"]))
