@@ -70,3 +70,22 @@ class IVTLRModel:
         out = latent_forward(self.params, self.config, lcfg, input_ids, attention_mask, labels,
                              pixel_values, image_grid_thw)
         return LatentOutput(float(out.loss), np.asarray(out.logits), np.asarray(out.selected))
+
+    def generate(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, max_new_tokens: int = 64,
+                 k: int = 32, latent_text: bool = True, position_mode: str = "sequential",
+                 selection_order: str = "position", temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                 eos_token_ids=None, pad_token_id: int | None = None, max_cache_len: int | None = None):
+        """KV-cached decoding after the latent steps of the prompt's trailing `<|latent|>` tokens (greedy default).
+
+        Returns GenerateOutput: tokens (B, max_new_tokens) padded after EOS, lengths (B,) with EOS,
+        selected (n, B, k), steps (decoding steps run).
+        """
+        from ivtlr_jax.config import LatentConfig
+        from ivtlr_jax.generate import SamplingConfig, generate
+
+        lcfg = LatentConfig(k=k, latent_text=latent_text, position_mode=position_mode,
+                            selection_order=selection_order)
+        sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
+        return generate(self.params, self.config, lcfg, input_ids, attention_mask, pixel_values, image_grid_thw,
+                        max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos_token_ids,
+                        pad_token_id=pad_token_id, max_cache_len=max_cache_len)

@@ -1,0 +1,256 @@
+"""Generation speed: IVT-LR against No-CoT, against reference-style PyTorch generation, and over batch sizes.
+
+Small Qwen2-VL (hidden 512, 8 layers, vision 4 blocks of width 256) with random weights built by
+transformers, saved and converted by ivtlr_jax.convert. One prompt = text + one 280x280 image (100
+image tokens) + text; n=3 latent steps of k=32; a fixed number of new tokens (EOS never stops a row).
+
+  (a) IVT-LR generation / No-CoT generation of the same number of answer tokens   goal <= 1.3
+  (b) reference-style PyTorch at batch 1 / ours at batch 1                          goal >= 4 (CPU)
+      (every latent step re-runs the whole sequence with eager attention and its attention maps, the
+      first answer token is a full pass without the latent cache, then HF cached decoding)
+  (c) our samples/s at batch 1, 8, 32 against the reference's (batch 1 only)         goal >= 10 at 32
+
+Usage: python -m experiments.bench_generate [--batch-sizes 1,8,32] [--new-tokens 12] [--out bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with PyTorch
+
+import numpy as np  # noqa: E402
+
+IMAGE_GRID = (1, 20, 20)  # 280x280 pixels: 400 patches, 100 image tokens
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.bench_generate",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default: 1,8,32)")
+    p.add_argument("--new-tokens", type=int, default=12, help="answer tokens generated per row (default: 12)")
+    p.add_argument("--n-latent", type=int, default=3, help="latent steps (default: 3)")
+    p.add_argument("--k", type=int, default=32, help="image embeddings per latent step (default: 32)")
+    p.add_argument("--hidden", type=int, default=512, help="LLM hidden size (default: 512)")
+    p.add_argument("--layers", type=int, default=8, help="LLM layers (default: 8)")
+    p.add_argument("--vocab", type=int, default=16384, help="vocabulary size (default: 16384)")
+    p.add_argument("--text-tokens", type=int, default=60, help="text tokens around the image (default: 60)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed rounds per batch size, calls interleaved; the median counts (default: 3)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
+    p.add_argument("--torch-device", default=None, help="device for the PyTorch reference (default: cuda if "
+                                                          "available, else cpu)")
+    p.add_argument("--out", default="bench_generate.json", help="JSON results (default: bench_generate.json)")
+    return p
+
+
+def build_models(args, root: str):
+    """Random HF Qwen2-VL saved + converted; returns (hf eager, hf sdpa, IVTLRModel with a latent id)."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from ivtlr_jax import IVTLRModel
+    from ivtlr_jax.convert import convert_hf_to_checkpoint
+
+    v = args.vocab
+    heads = args.hidden // 64
+    half = 32  # head_dim 64 -> mrope sections over 32 frequencies
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=v, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+                         num_hidden_layers=args.layers, num_attention_heads=heads,
+                         num_key_value_heads=max(1, heads // 4), rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "mrope_section": [half // 4, 3 * half // 8,
+                                                                                    3 * half // 8],
+                                          "rope_theta": 1e6},
+                         bos_token_id=None, eos_token_id=v - 1, pad_token_id=0),
+        vision_config=dict(depth=4, embed_dim=256, hidden_size=args.hidden, num_heads=4, mlp_ratio=4),
+        image_token_id=v - 4, video_token_id=v - 3, vision_start_token_id=v - 6, vision_end_token_id=v - 5,
+    )
+    torch.manual_seed(0)
+    Qwen2VLForConditionalGeneration(cfg).save_pretrained(os.path.join(root, "hf"))
+    convert_hf_to_checkpoint(os.path.join(root, "hf"), os.path.join(root, "ckpt"), args.dtype, verbose=False)
+    tdtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
+    dev = args.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    models = [Qwen2VLForConditionalGeneration.from_pretrained(os.path.join(root, "hf"), attn_implementation=impl,
+                                                              dtype=tdtype).eval().to(dev)
+              for impl in ("eager", "sdpa")]
+    m = IVTLRModel.from_pretrained(os.path.join(root, "ckpt"), dtype=args.dtype)
+    m = IVTLRModel(dataclasses.replace(m.config, latent_token_id=v - 7), m.params)
+    return models[0], models[1], m, dev
+
+
+def make_batch(cfg, batch: int, n: int, text_tokens: int, seed: int = 0):
+    """Same-length prompts (random text, one image each) ending with n latent tokens; pixel values, grid."""
+    rng = np.random.default_rng(seed)
+    t, h, w = IMAGE_GRID
+    n_img = t * h * w // 4
+    before = text_tokens // 3
+    rows = []
+    for _ in range(batch):
+        text = rng.integers(1, cfg.vocab_size - 16, size=text_tokens).tolist()
+        rows.append(text[:before] + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img
+                    + [cfg.vision_end_token_id] + text[before:] + [cfg.latent_token_id] * n)
+    ids = np.asarray(rows, np.int32)
+    pv = rng.normal(size=(batch * t * h * w, 1176)).astype(np.float32)
+    grid = np.tile(np.asarray([IMAGE_GRID], np.int64), (batch, 1))
+    return ids, np.ones_like(ids), pv, grid
+
+
+def timed_interleaved(fns: dict, repeats: int) -> dict:
+    """Per name: first call seconds (compilation included), then `repeats` rounds that call every fn once in
+    turn (so a busy machine slows them alike); returns {name: (first, median, best, last result)}."""
+    first, times, last = {}, {name: [] for name in fns}, {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        last[name] = fn()
+        first[name] = time.perf_counter() - t0
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            last[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (first[name], statistics.median(times[name]), min(times[name]), last[name]) for name in fns}
+
+
+def _cache_kwarg(lm) -> str:
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+
+def reference_generate(hf_eager, hf_sdpa, ids, pv, grid, latent_id: int, k: int, new_tokens: int, dev: str):
+    """Reference-style IVT-LR generation at batch 1 (the release's inference, written fairly in PyTorch).
+
+    Each latent step re-runs the whole growing sequence from position 0 with eager attention and all
+    attention maps; the first answer token is one more full pass (no cache from the latent steps); the
+    rest is HF cached decoding. Returns the generated ids (new_tokens,).
+    """
+    import torch
+
+    lm_e, lm_s = hf_eager.model.language_model, hf_sdpa.model.language_model
+    cache_kw = _cache_kwarg(lm_s)
+    with torch.no_grad():
+        ids_t = torch.as_tensor(ids, device=dev).long()
+        n = int((ids_t[0] == latent_id).sum())
+        p = ids.shape[1] - n
+        emb = hf_eager.model.get_input_embeddings()(ids_t[:, :p])
+        feats = hf_eager.model.get_image_features(torch.as_tensor(pv, device=dev).to(emb.dtype),
+                                                  torch.as_tensor(grid, device=dev))
+        feats = torch.cat(getattr(feats, "pooler_output", feats))
+        img = ids_t[:, :p] == hf_eager.config.image_token_id
+        emb = emb.masked_scatter(img.unsqueeze(-1).expand_as(emb), feats.to(emb.dtype))
+        image_pos = torch.nonzero(img[0])[:, 0]
+        used = torch.zeros(len(image_pos), dtype=torch.bool, device=dev)
+        seq = emb
+
+        def positions(length, start=0):
+            return (torch.arange(length, device=dev) + start).view(1, 1, -1).expand(3, 1, -1)
+
+        for _ in range(n):
+            out = lm_e(inputs_embeds=seq, position_ids=positions(seq.shape[1]), output_attentions=True)
+            attn = torch.stack(out.attentions).float().mean((0, 2))[0, -1]  # (L,) layers and heads averaged
+            scores = attn[image_pos].masked_fill(used, -float("inf"))
+            pick = torch.sort(torch.topk(scores, k).indices).values
+            used[pick] = True
+            seq = torch.cat([seq, emb[:, image_pos[pick]], out.last_hidden_state[:, -1:]], 1)
+        out = lm_s(inputs_embeds=seq, position_ids=positions(seq.shape[1]), use_cache=True)
+        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        tok = hf_sdpa.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
+        generated = [tok]
+        length = seq.shape[1]
+        for t in range(new_tokens - 1):
+            e = hf_sdpa.model.get_input_embeddings()(tok[:, None])
+            out = lm_s(inputs_embeds=e, position_ids=positions(1, length + t), use_cache=True, **{cache_kw: cache})
+            cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+            tok = hf_sdpa.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
+            generated.append(tok)
+        return torch.cat(generated).cpu().numpy()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    import jax
+    import torch
+
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as root:
+        hf_e, hf_s, m, dev = build_models(args, root)
+    cfg = m.config
+    gen_kw = dict(max_new_tokens=args.new_tokens, k=args.k, eos_token_ids=[-1])  # no EOS: fixed length
+    results: dict = {"ours": {}, "ours_no_cot": {}}
+
+    def ours(batch, n):
+        ids, mask, pv, grid = make_batch(cfg, batch, n, args.text_tokens)
+        return lambda: m.generate(ids, mask, pv, grid, **gen_kw)
+
+    # The reference runs first, on its own: interleaved right after XLA's CPU work, PyTorch's threads
+    # compete with XLA's still-spinning pool on a small machine and the reference looks far slower than it is.
+    ids, mask, pv, grid = make_batch(cfg, 1, args.n_latent, args.text_tokens)
+    ref = lambda: reference_generate(hf_e, hf_s, ids, pv, grid, cfg.latent_token_id, args.k, args.new_tokens, dev)
+    first, ref_s, best, ref_tokens = timed_interleaved({"reference": ref}, args.repeats)["reference"]
+    results["reference"] = {"batch": 1, "seconds": ref_s, "best_seconds": best, "samples_per_s": 1 / ref_s}
+    print(f"{'reference':<12} batch   1: median {ref_s:.4f} s, best {best:.4f} s ({1 / ref_s:.2f} samples/s); "
+          f"first call {first:.1f} s", flush=True)
+    for b in batch_sizes:
+        fns = {"ours": ours(b, args.n_latent)}
+        if b in (batch_sizes[0], max(batch_sizes)):
+            fns["ours_no_cot"] = ours(b, 0)
+        for name, (first, med, best, res) in timed_interleaved(fns, args.repeats).items():
+            assert res.tokens.shape == (b, args.new_tokens) and (res.lengths == args.new_tokens).all()
+            results[name][b] = {"seconds": med, "best_seconds": best, "first_call_seconds": first,
+                                "samples_per_s": b / med}
+            print(f"{name:<12} batch {b:>3}: median {med:.4f} s, best {best:.4f} s ({b / med:.2f} samples/s); "
+                  f"first call {first:.1f} s", flush=True)
+    ours_tokens = m.generate(ids, mask, pv, grid, **gen_kw).tokens[0]
+
+    b1, bmax = batch_sizes[0], max(batch_sizes)
+    summary = {
+        "config": {**vars(args), "image_grid": IMAGE_GRID, "prompt_tokens": int(ids.shape[1] - args.n_latent),
+                   "final_prompt_tokens": int(ids.shape[1] - args.n_latent + args.n_latent * (args.k + 1))},
+        "device": {"jax": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}", "torch": dev,
+                   "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                   "torch_threads": torch.get_num_threads(), "jax_version": jax.__version__,
+                   "torch_version": torch.__version__},
+        "ours": results["ours"], "ours_no_cot": results["ours_no_cot"],
+        "reference": results["reference"],
+        "tokens_match_reference": bool((ours_tokens == ref_tokens).all()),
+        "a_ivtlr_over_no_cot": {str(b): results["ours"][b]["seconds"] / results["ours_no_cot"][b]["seconds"]
+                                for b in results["ours_no_cot"]},
+        "b_reference_over_ours_batch1": ref_s / results["ours"][b1]["seconds"] if b1 == 1 else None,
+        "c_samples_per_s_over_reference": {str(b): results["ours"][b]["samples_per_s"] * ref_s
+                                           for b in results["ours"]},
+        "goals": {"a": "<= 1.3", "b": ">= 4 at batch 1 (CPU)", "c": f">= 10 at batch {bmax}"},
+        "total_seconds": time.perf_counter() - t_start,
+    }
+    with open(args.out, "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    print()
+    print(f"| measurement | value | goal |  (jax {summary['device']['jax']}, torch {dev})")
+    print("|---|---|---|")
+    for b, r in summary["a_ivtlr_over_no_cot"].items():
+        print(f"| (a) IVT-LR / No-CoT time, batch {b} | {r:.2f} | <= 1.3 |")
+    if summary["b_reference_over_ours_batch1"] is not None:
+        print(f"| (b) reference / ours, batch 1 | {summary['b_reference_over_ours_batch1']:.2f}x | >= 4x |")
+    for b, r in summary["c_samples_per_s_over_reference"].items():
+        print(f"| (c) samples/s, batch {b}: {results['ours'][int(b)]['samples_per_s']:.2f} vs reference "
+              f"{1 / ref_s:.2f} | {r:.2f}x | >= 10x at {bmax} |")
+    print(f"| greedy tokens equal to the reference's | {summary['tokens_match_reference']} | True |")
+    print(f"wrote {args.out} ({summary['total_seconds']:.0f} s)")
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,182 @@
+"""Decoding after the latent steps: KV-cached greedy (or seeded temperature / top-p) generation, batched.
+
+The prompt (everything up to and including the n `<|latent|>` tokens) goes through `latent_prefill`
+with a cache of `L_final + max_new_tokens` slots; then a `lax.while_loop` feeds one token per row at a
+time until every row has emitted EOS or `max_new_tokens` tokens exist. One compilation per shape bucket
+(batch, prompt length, image tokens, max_new_tokens, options).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ivtlr_jax.config import LatentConfig, ModelConfig
+from ivtlr_jax.latent import LatentLayout, latent_prefill, prepare
+from ivtlr_jax.models import qwen2_vl as q
+
+
+class GenerateOutput(NamedTuple):
+    tokens: np.ndarray  # (B, max_new_tokens) int32, pad id after EOS
+    lengths: np.ndarray  # (B,) int32: generated tokens per row, EOS included
+    selected: np.ndarray  # (n, B, k) int32: index among the row's image tokens, per latent step
+    steps: int  # decoding steps actually run (<= max_new_tokens; fewer when every row stopped early)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 = greedy (the default); otherwise softmax(logits / T) restricted to the top-p mass."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature={self.temperature!r} must be >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def pick_tokens(logits, key, temperature, top_p, greedy: bool):
+    """Next token per row from float32 logits (B, V): argmax, or a seeded nucleus sample."""
+    if greedy:
+        return jnp.argmax(logits, -1).astype(jnp.int32)
+    logits = logits / temperature
+    order = jnp.argsort(-logits, axis=-1)  # (B, V) most likely first
+    sorted_logits = jnp.take_along_axis(logits, order, -1)
+    probs = jax.nn.softmax(sorted_logits, -1)
+    before = jnp.cumsum(probs, -1) - probs  # mass of strictly more likely tokens
+    keep = before < top_p  # the smallest set reaching top_p (the most likely token always stays)
+    choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)  # (B,)
+    return jnp.take_along_axis(order, choice[:, None], -1)[:, 0].astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "n", "max_new_tokens", "eos_ids", "pad_id", "greedy"))
+def generate_jit(params, cfg: ModelConfig, lcfg: LatentConfig, n: int, layout: LatentLayout, image_features,
+                 key, temperature, top_p, *, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int,
+                 greedy: bool):
+    """Traced body: prefix + latent steps, then the decode loop. Returns (tokens, lengths, selected, steps)."""
+    total = layout.kv_valid.shape[1]  # L_final: prompt with its latent chunks
+    cache_len = total + max_new_tokens
+    hidden, cache, selected = latent_prefill(params, cfg, lcfg, n, layout, image_features, cache_len=cache_len)
+    kv_valid = jnp.pad(layout.kv_valid, ((0, 0), (0, max_new_tokens)), constant_values=True)  # (B, cache_len)
+    b = hidden.shape[0]
+    next_pos = layout.positions.max(axis=(0, 2)) + 1  # (B,) the row's last position + 1
+    eos = jnp.asarray(eos_ids, jnp.int32)
+
+    first = pick_tokens(q.lm_head(params, cfg, hidden[:, -1:])[:, 0], jax.random.fold_in(key, 0),
+                        temperature, top_p, greedy)  # (B,)
+    tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, eos)
+    lengths = jnp.ones((b,), jnp.int32)
+
+    def cond(state):
+        i, _, _, done, _, _ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, cache, tokens, done, lengths, last = state
+        emb = params["llm"]["embed"][last][:, None]  # (B, 1, H)
+        pos = jnp.broadcast_to((next_pos + i - 1)[None, :, None], (3, b, 1))
+        out, cache, _ = q.decoder(params["llm"], cfg, emb, pos, cache, total + i - 1, kv_valid)
+        tok = pick_tokens(q.lm_head(params, cfg, out)[:, 0], jax.random.fold_in(key, i), temperature, top_p,
+                          greedy)
+        tok = jnp.where(done, pad_id, tok)
+        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(tok, eos)
+        return i + 1, cache, tokens, done, lengths, tok
+
+    steps, _, tokens, _, lengths, _ = jax.lax.while_loop(cond, body, (1, cache, tokens, done, lengths, first))
+    return tokens, lengths, selected, steps
+
+
+def trim_prompt(input_ids, attention_mask):
+    """Drop trailing columns that are padding in every row; then every row must end on a real token."""
+    ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids has shape {ids.shape}; expected (batch, prompt_len) with prompt_len >= 1")
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask has shape {mask.shape}; it must equal input_ids' {ids.shape}")
+    real_cols = np.nonzero(mask.astype(bool).any(0))[0]
+    if len(real_cols) == 0:
+        raise ValueError("attention_mask is all zeros: every row is padding")
+    end = int(real_cols[-1]) + 1
+    ids, mask = ids[:, :end], mask[:, :end]
+    if not mask[:, -1].all():
+        bad = np.nonzero(mask[:, -1] == 0)[0].tolist()
+        raise ValueError(
+            f"rows {bad} end in padding; left-pad prompts for generation so each row's last token is real "
+            "(the collator does this)"
+        )
+    return ids, mask
+
+
+def latent_prompt(cfg: ModelConfig, prompt_ids, n: int) -> list[int]:
+    """prompt_ids followed by n `<|latent|>` tokens; a clear error for n > 0 without the token."""
+    if n < 0:
+        raise ValueError(f"n={n} latent steps must be >= 0")
+    if n and cfg.latent_token_id is None:
+        raise ValueError(
+            f"{n} latent step(s) asked for, but this checkpoint has no <|latent|> token; convert it with "
+            "`python tools/convert_weights.py --add-latent-tokens` (or use n=0)"
+        )
+    return [int(t) for t in prompt_ids] + [int(cfg.latent_token_id)] * n if n else [int(t) for t in prompt_ids]
+
+
+def generate(params, cfg: ModelConfig, lcfg: LatentConfig, input_ids, attention_mask, pixel_values=None,
+             image_grid_thw=None, *, max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
+             eos_token_ids=None, pad_token_id: int | None = None, max_cache_len: int | None = None,
+             image_features=None) -> GenerateOutput:
+    """Generate after the prompt's latent steps (n = `<|latent|>` tokens ending the prompt; 0 = plain decoding).
+
+    input_ids/attention_mask (B, S) are left-padded prompts ending with the n latent tokens (no suffix).
+    eos_token_ids default to cfg.eos_token_id; pad_token_id to cfg.pad_token_id, else the first EOS.
+    max_cache_len: reject a request whose final prompt length + max_new_tokens exceeds it.
+    image_features: precomputed vision features (skips the vision tower), as `encode_images` returns.
+    """
+    sampling = sampling or SamplingConfig()
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    eos = cfg.eos_token_id if eos_token_ids is None else eos_token_ids
+    eos = tuple(int(e) for e in np.atleast_1d(np.asarray(eos, dtype=np.int64)))
+    if not eos:
+        raise ValueError("no EOS token id: set eos_token_id in the checkpoint config or pass eos_token_ids")
+    pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
+    pad = eos[0] if pad is None else int(pad)
+    ids, mask = trim_prompt(input_ids, attention_mask)
+    # A checkpoint without <|latent|> can still decode plainly: no id can match, so n = 0.
+    prep_cfg = cfg if cfg.latent_token_id is not None else dataclasses.replace(cfg, latent_token_id=-1)
+    n, layout, grid = prepare(prep_cfg, lcfg, ids, mask, None, pixel_values, image_grid_thw)
+    if layout.suffix_ids.shape[1]:
+        raise ValueError(
+            f"the prompt continues for {layout.suffix_ids.shape[1]} tokens after its <|latent|> tokens; for "
+            "generation the prompt must end with the latent tokens"
+        )
+    final_len = layout.kv_valid.shape[1]
+    if max_cache_len is not None and final_len + max_new_tokens > max_cache_len:
+        raise ValueError(
+            f"prompt of {ids.shape[1]} tokens ({final_len} with the latent chunks of {n} step(s)) plus "
+            f"max_new_tokens={max_new_tokens} needs a cache of {final_len + max_new_tokens} slots, more than "
+            f"max_cache_len={max_cache_len}; shorten the prompt or lower max_new_tokens"
+        )
+    feats = image_features
+    if feats is None and grid is not None:
+        feats = q.encode_images(params, cfg, pixel_values, grid)
+    layout = LatentLayout(*map(jnp.asarray, layout))
+    key = jax.random.PRNGKey(sampling.seed)
+    temperature = jnp.float32(max(sampling.temperature, 1e-6))
+    tokens, lengths, selected, steps = generate_jit(
+        params, cfg, lcfg, n, layout, feats, key, temperature, jnp.float32(sampling.top_p),
+        max_new_tokens=int(max_new_tokens), eos_ids=eos, pad_id=pad, greedy=sampling.greedy)
+    return GenerateOutput(np.asarray(tokens), np.asarray(lengths), np.asarray(selected), int(steps))
