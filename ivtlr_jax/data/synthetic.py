@@ -45,7 +45,7 @@ def _font():
     return _FONT
 
 
-def _draw_scene(rng: np.random.Generator) -> tuple[Image.Image, list[dict]]:
+def _draw_scene(rng: np.random.Generator, colour_p: Sequence[float] | None = None) -> tuple[Image.Image, list[dict]]:
     """Random objects in distinct cells: digits {kind, colour, value} and shapes {kind, colour, shape}."""
     n_objects = int(rng.integers(6, 11))
     cells = rng.permutation(GRID * GRID)[:n_objects]
@@ -56,7 +56,10 @@ def _draw_scene(rng: np.random.Generator) -> tuple[Image.Image, list[dict]]:
     cell = CANVAS // GRID
     objects = []
     for k, c in enumerate(cells):
-        colour = colour_names[int(rng.integers(len(colour_names)))]
+        if colour_p is None:
+            colour = colour_names[int(rng.integers(len(colour_names)))]
+        else:
+            colour = colour_names[int(rng.choice(len(colour_names), p=colour_p))]
         x0 = (int(c) % GRID) * cell + int(rng.integers(4, 14))
         y0 = (int(c) // GRID) * cell + int(rng.integers(4, 14))
         size = int(rng.integers(40, 52))
@@ -171,17 +174,50 @@ def _options(rng: np.random.Generator, value: int) -> tuple[list[str], str]:
     return choices, letter
 
 
-def make_example(index: int, split: str = "train", seed: int = 0) -> dict:
-    """One synthetic row in M3CoT's schema (image as {"bytes": PNG, "path": None})."""
+def _majority_colour_example(rng: np.random.Generator):
+    """Warm-up level: one colour dominates; options list the colours in a fixed order."""
+    names = list(COLOURS)
+    while True:
+        major = int(rng.integers(len(names)))
+        p = np.full(len(names), 0.3 / (len(names) - 1))
+        p[major] = 0.7
+        image, objects = _draw_scene(rng, p)
+        counts = {c: sum(1 for o in objects if o["colour"] == c) for c in names}
+        best = max(counts.values())
+        if counts[names[major]] == best and sum(v == best for v in counts.values()) == 1:
+            break
+    colour = names[major]
+    present = [c for c in names if counts[c]]
+    rationale = (f"The image holds {len(objects)} objects. "
+                 + " ".join(f"{counts[c]} of them {'is' if counts[c] == 1 else 'are'} {c}." for c in present)
+                 + f" {colour.capitalize()} has the most objects. So the most common colour is {colour}.")
+    question = "Which colour do most objects in the image have?"
+    return image, question, rationale, names, string.ascii_uppercase[major], "perception", "majority-colour"
+
+
+LEVELS = ("reasoning", "warmup")
+
+
+def make_example(index: int, split: str = "train", seed: int = 0, level: str = "reasoning") -> dict:
+    """One synthetic row in M3CoT's schema (image as {"bytes": PNG, "path": None}).
+
+    level "reasoning": multi-step arithmetic over coloured digits and shapes (the default);
+    level "warmup": which colour dominates, options in a fixed order (learnable in minutes on a CPU).
+    """
     if split not in _SPLIT_CODE:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
-    while True:
-        image, objects = _draw_scene(rng)
-        if _numbers(objects):
-            break
-    question, rationale, value, domain, topic = _question(rng, objects)
-    choices, letter = _options(rng, value)
+    if level == "warmup":
+        image, question, rationale, choices, letter, domain, topic = _majority_colour_example(rng)
+    else:
+        while True:
+            image, objects = _draw_scene(rng)
+            if _numbers(objects):
+                break
+        question, rationale, value, domain, topic = _question(rng, objects)
+        choices, letter = _options(rng, value)
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1)
     row_id = f"synthetic-{split}-{index:06d}"
@@ -192,13 +228,13 @@ def make_example(index: int, split: str = "train", seed: int = 0) -> dict:
     }
 
 
-def synthetic_dataset(n: int, split: str = "train", seed: int = 0):
+def synthetic_dataset(n: int, split: str = "train", seed: int = 0, level: str = "reasoning"):
     """A datasets.Dataset of n synthetic rows with M3CoT's features (image as datasets.Image)."""
     import datasets
 
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    rows = [make_example(i, split, seed) for i in range(n)]
+    rows = [make_example(i, split, seed, level) for i in range(n)]
     columns = {c: [r[c] for r in rows] for c in M3COT_COLUMNS}
     features = datasets.Features({
         **{c: datasets.Value("string") for c in M3COT_COLUMNS if c not in ("choices", "image")},
@@ -209,13 +245,14 @@ def synthetic_dataset(n: int, split: str = "train", seed: int = 0):
     return datasets.Dataset.from_dict(columns, features=features)
 
 
-def write_synthetic(out: str, n: int = 2000, n_eval: int | None = None, seed: int = 0) -> dict[str, str]:
+def write_synthetic(out: str, n: int = 2000, n_eval: int | None = None, seed: int = 0,
+                    level: str = "reasoning") -> dict[str, str]:
     """Write train (n rows), validation and test (n_eval rows each, default n // 10) as hub-layout parquet."""
     n_eval = max(1, n // 10) if n_eval is None else n_eval
     os.makedirs(os.path.join(out, "data"), exist_ok=True)
     paths = {}
     for split in SPLITS:
-        ds = synthetic_dataset(n if split == "train" else n_eval, split, seed)
+        ds = synthetic_dataset(n if split == "train" else n_eval, split, seed, level)
         path = os.path.join(out, "data", f"{split}-00000-of-00001.parquet")
         ds.to_parquet(path)
         paths[split] = path
@@ -229,9 +266,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=2000, help="training rows")
     parser.add_argument("--n-eval", type=int, default=None, help="validation and test rows each (default n//10)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--level", default="reasoning", choices=LEVELS,
+                        help="reasoning: multi-step arithmetic questions (default); warmup: the dominant colour, "
+                             "options in a fixed order (what the embedded default trains on)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    write_synthetic(args.out, args.n, args.n_eval, args.seed)
+    write_synthetic(args.out, args.n, args.n_eval, args.seed, args.level)
 
 
 if __name__ == "__main__":
