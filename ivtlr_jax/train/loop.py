@@ -22,6 +22,7 @@ from ivtlr_jax.train.step import (
     init_state,
     make_optimizer,
     make_train_step,
+    model_flops,
     path_matched_shardings,
     split_params,
 )
@@ -123,7 +124,6 @@ class Trainer:
         self.tx, self.schedule = make_optimizer(tcfg, total)
         self._place(params)
         self._steps = {}
-        self._flops = {}
         self._stop_signal = None
         self.history: list[dict] = []
         self.metrics_path = os.path.join(tcfg.out, "metrics.jsonl")
@@ -159,16 +159,10 @@ class Trainer:
                                      out_shardings=(self.state_sh, rep), donate_argnums=(0,))
         return self._steps[n]
 
-    def _step_flops(self, n: int, fn, batch) -> float | None:
-        key = (n,) + tuple(v.shape for v in batch.values())
-        if key not in self._flops:
-            try:
-                cost = fn.lower(self.state, self.frozen, batch).cost_analysis()
-                cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-                self._flops[key] = float(cost.get("flops", 0.0)) or None
-            except Exception:  # cost analysis is best effort; training goes on without MFU
-                self._flops[key] = None
-        return self._flops[key]
+    def _step_flops(self, batch) -> float:
+        b, length = batch["kv_valid"].shape
+        npatch = batch["pixel_values"].shape[1]
+        return model_flops(self.cfg, self.tcfg, b, length, b, npatch)
 
     def device_batch(self, batch: dict):
         hb = host_batch(self.cfg, self.lcfg, batch)
@@ -269,7 +263,7 @@ class Trainer:
                     t0 = time.perf_counter()
                     hb, arrays = self.device_batch(batch)
                     fn = self._step_fn(hb.n, arrays)
-                    flops = self._step_flops(hb.n, fn, arrays) if peak is not None or tcfg.peak_tflops else None
+                    flops = self._step_flops(arrays)
                     self.state, metrics = fn(self.state, self.frozen, arrays)
                     loss = float(metrics["loss"])
                     dt = time.perf_counter() - t0

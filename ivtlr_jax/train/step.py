@@ -157,3 +157,24 @@ def _keys(path) -> tuple:
     for k in path:
         out.append(getattr(k, "key", getattr(k, "name", getattr(k, "idx", str(k)))))
     return tuple(out)
+
+
+def model_flops(cfg: ModelConfig, tcfg: TrainConfig, batch: int, seq_len: int, n_images: int,
+                patches_per_image: int = 400) -> float:
+    """Model FLOPs of one train step (the MFU numerator; remat recomputation not counted).
+
+    LLM: 2 * matmul params per token forward plus causal attention (2 * layers * hidden * seq per token);
+    backward doubles it for full fine-tuning (activation and weight gradients) and adds one forward's
+    worth for LoRA (activation gradients only). The frozen vision tower runs forward only.
+    XLA's own count is not used: it counts a scanned layer once, not once per layer.
+    """
+    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    per_token = layers * (h * (q + 2 * kv) + q * h + 3 * h * i) + h * cfg.vocab_size
+    fwd = batch * seq_len * (2 * per_token + 2 * layers * h * seq_len)
+    llm = fwd * (3.0 if tcfg.finetune == "full" else 2.0)
+    v = cfg.vision
+    vis_params = v.depth * (4 * v.embed_dim**2 + 2 * v.embed_dim * v.mlp_dim) + v.patch_dim * v.embed_dim
+    vis_params += (v.embed_dim * 4) ** 2 + v.embed_dim * 4 * cfg.hidden_size
+    vis = n_images * patches_per_image * (2 * vis_params + 4 * v.depth * v.embed_dim * patches_per_image)
+    return float(llm + vis)
