@@ -187,3 +187,55 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypatch):
     assert sorted(os.listdir(ckpt_root)) == ["2"]
     state, _ = read_checkpoint(os.path.join(ckpt_root, "2"))
     assert all(np.isfinite(np.asarray(x)).all() for x in __import__("jax").tree_util.tree_leaves(state["trainable"]))
+
+
+def test_merge_lora_export_loads_and_matches_adapted_model(workdir):
+    import jax
+
+    from ivtlr_jax import IVTLRModel
+    from ivtlr_jax.convert import load_checkpoint
+    from ivtlr_jax.train import train
+    from ivtlr_jax.train.export import export_trained_checkpoint
+    from ivtlr_jax.train.lora import apply_lora
+
+    tcfg = _tcfg(workdir, "merge", finetune="lora", lora_r=4, lora_alpha=8, stages=(0,), max_steps=2, lr=1e-2)
+    train(tcfg)
+    ckpt = os.path.join(tcfg.out, "checkpoints", "2")
+    dst = os.path.join(tcfg.out, "merged")
+    proc = subprocess.run([sys.executable, "tools/convert_weights.py", "--merge-lora", ckpt, "--dst", dst], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = IVTLRModel.from_pretrained(dst)
+    trainable, meta = trainable_of(tcfg.out, 2)
+    _, base = load_checkpoint(tcfg.init)
+    adapted = IVTLRModel(merged.config, jax.tree_util.tree_map(np.asarray, apply_lora(base, trainable, 8 / 4)))
+    ids = np.array([[20, 21, 22, 23, 24, 25, 26, 27]])  # plain text ids (0-6 are special)
+    mask = np.ones_like(ids)
+    np.testing.assert_allclose(merged.logits(ids, mask), adapted.logits(ids, mask), atol=1e-4)
+    assert np.abs(merged.logits(ids, mask) - IVTLRModel(merged.config, base).logits(ids, mask)).max() > 1e-3
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        export_trained_checkpoint(tcfg.init, os.path.join(tcfg.out, "bad"))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(workdir):
+    import signal
+    import time
+
+    root, cfg = workdir
+    out = str(root / "sigterm")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.train", "--config", cfg, "--stages", "0-3",
+                             "--out", out], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (os.path.exists(metrics) and open(metrics).read().count("\n") >= 1):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-2000:]
+    summary = json.loads(stdout[stdout.rindex("\n{\n") + 1:])  # the summary JSON printed last
+    assert summary["stopped"] == f"signal {int(signal.SIGTERM)}"
+    step = summary["step"]
+    assert step < 12  # 3 steps per stage, 4 stages: it stopped early
+    assert str(step) in os.listdir(os.path.join(out, "checkpoints"))

@@ -125,6 +125,7 @@ def hf_config_from_model_config(cfg: ModelConfig) -> dict:
             "rope_theta": cfg.rope_theta,
         },
         "use_sliding_window": False,
+        "bos_token_id": None,  # Qwen2-VL has no BOS in use; the class default (151643) can lie outside a small vocab
         "eos_token_id": list(cfg.eos_token_id) if len(cfg.eos_token_id) > 1 else cfg.eos_token_id[0],
         "pad_token_id": cfg.pad_token_id,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax
@@ -82,7 +83,13 @@ def read_checkpoint(path: str):
         )
     ckptr = ocp.StandardCheckpointer()
     state_dir = os.path.join(path, "state")
-    meta = ckptr.metadata(state_dir)
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # StandardCheckpointer warns about a manager-level file it does not need
+    try:
+        meta = ckptr.metadata(state_dir)
+    finally:
+        absl_log.setLevel(level)
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # any saving topology -> this host
