@@ -58,25 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 def build_models(args, root: str):
     """Random HF Qwen2-VL saved + converted; returns (hf eager, hf sdpa, IVTLRModel with a latent id)."""
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
+    from experiments.small_model import small_hf_config, special_ids
     from ivtlr_jax import IVTLRModel
     from ivtlr_jax.convert import convert_hf_to_checkpoint
 
-    v = args.vocab
-    heads = args.hidden // 64
-    half = 32  # head_dim 64 -> mrope sections over 32 frequencies
-    cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=v, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-                         num_hidden_layers=args.layers, num_attention_heads=heads,
-                         num_key_value_heads=max(1, heads // 4), rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "mrope_section": [half // 4, 3 * half // 8,
-                                                                                    3 * half // 8],
-                                          "rope_theta": 1e6},
-                         bos_token_id=None, eos_token_id=v - 1, pad_token_id=0),
-        vision_config=dict(depth=4, embed_dim=256, hidden_size=args.hidden, num_heads=4, mlp_ratio=4),
-        image_token_id=v - 4, video_token_id=v - 3, vision_start_token_id=v - 6, vision_end_token_id=v - 5,
-    )
+    cfg = small_hf_config(args.vocab, args.hidden, args.layers)
     torch.manual_seed(0)
     Qwen2VLForConditionalGeneration(cfg).save_pretrained(os.path.join(root, "hf"))
     convert_hf_to_checkpoint(os.path.join(root, "hf"), os.path.join(root, "ckpt"), args.dtype, verbose=False)
@@ -86,7 +74,7 @@ def build_models(args, root: str):
                                                               dtype=tdtype).eval().to(dev)
               for impl in ("eager", "sdpa")]
     m = IVTLRModel.from_pretrained(os.path.join(root, "ckpt"), dtype=args.dtype)
-    m = IVTLRModel(dataclasses.replace(m.config, latent_token_id=v - 7), m.params)
+    m = IVTLRModel(dataclasses.replace(m.config, latent_token_id=special_ids(args.vocab)["latent"]), m.params)
     return models[0], models[1], m, dev
 
 

@@ -34,7 +34,7 @@ def main(argv=None):
     import jax
     import torch
 
-    from experiments.small_model import LATENT, prompt_batch, small_models, timeit
+    from experiments.small_model import prompt_batch, small_models, special_ids, timeit
     from ivtlr_jax.models import qwen2_vl as q
 
     sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -53,7 +53,7 @@ def main(argv=None):
             return out
 
         def run_ref():
-            return oracle_latent_forward(hf, LATENT, ids, mask, labels, pv, grid, args.k)
+            return oracle_latent_forward(hf, special_ids(8192)["latent"], ids, mask, labels, pv, grid, args.k)
 
         out, ref = run_jax(), run_ref()
         final_len = out.logits.shape[1]

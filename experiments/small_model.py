@@ -10,26 +10,35 @@ import os
 
 import numpy as np
 
-IMAGE, VSTART, VEND, LATENT = 8000, 8001, 8002, 8003
+
+def special_ids(vocab: int) -> dict:
+    """Token ids of the benchmarks' special tokens, at the top of the vocabulary."""
+    return {"latent": vocab - 7, "vision_start": vocab - 6, "vision_end": vocab - 5, "image": vocab - 4,
+            "video": vocab - 3, "eos": vocab - 1}
 
 
-def small_hf_config(vocab: int = 8192):
+def small_hf_config(vocab: int = 8192, hidden: int = 512, layers: int = 8):
+    """transformers' Qwen2VLConfig of the small benchmark model (head_dim 64, GQA 4:1)."""
     from transformers import Qwen2VLConfig
 
+    ids = special_ids(vocab)
+    heads = hidden // 64
     return Qwen2VLConfig(
         text_config=dict(
-            vocab_size=vocab, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-            num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6, bos_token_id=None,
-            eos_token_id=vocab - 1, pad_token_id=0,
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), rms_norm_eps=1e-6,
+            bos_token_id=None, eos_token_id=ids["eos"], pad_token_id=0,
             rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0},
         ),
-        vision_config=dict(depth=4, embed_dim=256, hidden_size=512, num_heads=4, mlp_ratio=4),
-        image_token_id=IMAGE, video_token_id=8004, vision_start_token_id=VSTART, vision_end_token_id=VEND,
+        vision_config=dict(depth=4, embed_dim=256, hidden_size=hidden, num_heads=4, mlp_ratio=4),
+        image_token_id=ids["image"], video_token_id=ids["video"], vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"],
     )
 
 
-def small_models(workdir: str, attn: str = "eager", seed: int = 0):
-    """(torch model, IVTLRModel) with the same random weights; the JAX side has <|latent|> = LATENT."""
+def small_models(workdir: str, attn: str = "eager", seed: int = 0, vocab: int = 8192, hidden: int = 512,
+                 layers: int = 8, dtype: str = "float32"):
+    """(torch model in float32, IVTLRModel) with the same random weights; the JAX side knows <|latent|>."""
     import dataclasses
 
     import torch
@@ -38,29 +47,31 @@ def small_models(workdir: str, attn: str = "eager", seed: int = 0):
     from ivtlr_jax import IVTLRModel
     from ivtlr_jax.convert import convert_hf_to_checkpoint
 
-    cfg = small_hf_config()
+    cfg = small_hf_config(vocab, hidden, layers)
     cfg._attn_implementation = attn
     torch.manual_seed(seed)
     hf = Qwen2VLForConditionalGeneration(cfg).eval()
     hf_dir, ckpt = os.path.join(workdir, "hf"), os.path.join(workdir, "ckpt")
     hf.save_pretrained(hf_dir)
-    convert_hf_to_checkpoint(hf_dir, ckpt, dtype="float32")
-    m = IVTLRModel.from_pretrained(ckpt)
-    m.config = dataclasses.replace(m.config, latent_token_id=LATENT)
+    convert_hf_to_checkpoint(hf_dir, ckpt, dtype=dtype, verbose=False)
+    m = IVTLRModel.from_pretrained(ckpt, dtype=dtype)
+    m.config = dataclasses.replace(m.config, latent_token_id=special_ids(vocab)["latent"])
     return hf, m
 
 
-def prompt_batch(batch: int, n_latent: int = 0, text_len: int = 128, tail: int = 0, seed: int = 0):
+def prompt_batch(batch: int, n_latent: int = 0, text_len: int = 128, tail: int = 0, seed: int = 0,
+                 vocab: int = 8192):
     """Rows of [text, one 280x280 image (100 tokens), text] + n latent tokens + tail; HF layout pixels."""
+    ids_ = special_ids(vocab)
     rng = np.random.default_rng(seed)
     grid = np.tile(np.array([[1, 20, 20]]), (batch, 1))
     pixel_values = rng.normal(size=(400 * batch, 1176)).astype(np.float32)
     half = text_len // 2
     rows = []
     for _ in range(batch):
-        text = rng.integers(10, 7000, size=text_len).tolist()
-        rows.append(text[:half] + [VSTART] + [IMAGE] * 100 + [VEND] + text[half:] + [LATENT] * n_latent
-                    + rng.integers(10, 7000, size=tail).tolist())
+        text = rng.integers(10, vocab - 16, size=text_len).tolist()
+        rows.append(text[:half] + [ids_["vision_start"]] + [ids_["image"]] * 100 + [ids_["vision_end"]]
+                    + text[half:] + [ids_["latent"]] * n_latent + rng.integers(10, vocab - 16, size=tail).tolist())
     ids = np.array(rows, np.int64)
     return ids, np.ones_like(ids), pixel_values, grid
 

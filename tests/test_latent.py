@@ -201,3 +201,24 @@ def test_chunked_training_loss_equals_full_loss_and_gradient(lm):
     g_chunk = jax.jit(jax.grad(lambda p: latent_loss(p, m.config, lcfg, n, layout, feats)))(m.params)
     for a, b in zip(jax.tree_util.tree_leaves(g_full), jax.tree_util.tree_leaves(g_chunk)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "mrope"])
+def test_repadded_batch_gives_the_same_loss(lm, mode):
+    """Multi-host shape agreement widens batches with pads; the computation must not change."""
+    from ivtlr_jax.data import repad
+
+    _, m = lm
+    ids, mask, labels, pv, grid = latent_batch(3)
+    p = int(np.argmax(ids[0] == LATENT))
+    wide = repad({"input_ids": ids, "attention_mask": mask, "labels": labels, "prefix_len": np.int32(p)},
+                 p + 5, ids.shape[1] - p + 7, pad_id=0)
+    assert wide["input_ids"].shape == (2, ids.shape[1] + 12) and int(wide["prefix_len"]) == p + 5
+    a = m.latent_forward(ids, mask, labels, pv, grid, k=4, position_mode=mode)
+    b = m.latent_forward(wide["input_ids"], wide["attention_mask"], wide["labels"], pv, grid, k=4,
+                         position_mode=mode)
+    assert abs(a.loss - b.loss) <= 1e-5 * a.loss
+    np.testing.assert_array_equal(a.selected, b.selected)
+    _, layout, _ = prepare(m.config, LatentConfig(k=4), ids, mask, labels, pv, grid)
+    valid = layout.kv_valid  # compare real tokens only: pad positions hold no prediction
+    np.testing.assert_allclose(b.logits[:, 5:5 + a.logits.shape[1]][valid], a.logits[valid], atol=1e-4)

@@ -3,7 +3,7 @@
 Imports no model code and no JAX (host index and count are passed in as ints).
 """
 
-from ivtlr_jax.data.collate import DEFAULT_BUCKETS, bucket_length, collate, make_buckets
+from ivtlr_jax.data.collate import DEFAULT_BUCKETS, bucket_length, collate, make_buckets, repad
 from ivtlr_jax.data.curriculum import (
     IGNORE_INDEX,
     CurriculumOptions,
@@ -44,6 +44,6 @@ __all__ = [
     "bucket_length", "build_prompt_ids", "build_prompt_text", "build_stage_example", "collate",
     "decode_image", "encode_answer", "encode_row", "encode_split", "encode_steps", "encode_text",
     "format_question", "index_to_letter", "latent_plan", "load_split", "load_split_with_summary",
-    "make_buckets", "normalise_row", "num_image_tokens", "patchify", "process_image", "render_chat",
+    "make_buckets", "normalise_row", "repad", "num_image_tokens", "patchify", "process_image", "render_chat",
     "resize_image", "smart_resize", "split_steps", "to_rgb",
 ]

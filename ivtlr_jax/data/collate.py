@@ -86,3 +86,23 @@ def collate(examples: Sequence[dict], pad_id: int, *, prefix_buckets: Sequence[i
         "num_latent": np.asarray(n_latent.pop(), dtype=np.int32),
         "example_index": np.asarray([int(e.get("example_index", i)) for i, e in enumerate(examples)], np.int32),
     }
+
+
+def repad(batch: dict, prefix_len: int, tail_len: int, pad_id: int) -> dict:
+    """Widen a collated batch to prefix P' >= P (left pads) and tail T' >= T (right pads).
+
+    Used so that every host of a multi-host run feeds the same shapes; pads are masked and carry
+    no labels, so the computation is unchanged.
+    """
+    prefix = int(batch["prefix_len"])
+    tail = batch["input_ids"].shape[1] - prefix
+    if prefix_len < prefix or tail_len < tail:
+        raise ValueError(f"repad to prefix {prefix_len}, tail {tail_len} would cut a batch of prefix {prefix}, "
+                         f"tail {tail}")
+    widths = ((0, 0), (prefix_len - prefix, tail_len - tail))
+    out = dict(batch)
+    out["input_ids"] = np.pad(batch["input_ids"], widths, constant_values=pad_id)
+    out["attention_mask"] = np.pad(batch["attention_mask"], widths, constant_values=0)
+    out["labels"] = np.pad(batch["labels"], widths, constant_values=IGNORE_INDEX)
+    out["prefix_len"] = np.asarray(prefix_len, dtype=np.int32)
+    return out

@@ -164,8 +164,21 @@ class Trainer:
         npatch = batch["pixel_values"].shape[1]
         return model_flops(self.cfg, self.tcfg, b, length, b, npatch)
 
+    def agree_on_shape(self, batch: dict) -> dict:
+        """Multi-host: pad every host's batch to the largest prefix and tail any host has (same shapes)."""
+        if self.nproc == 1:
+            return batch
+        from jax.experimental import multihost_utils
+
+        from ivtlr_jax.data import repad
+
+        prefix = int(batch["prefix_len"])
+        mine = np.array([prefix, batch["input_ids"].shape[1] - prefix], np.int32)
+        widest = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2).max(0)
+        return repad(batch, int(widest[0]), int(widest[1]), self.tokenizer.pad_token_id)
+
     def device_batch(self, batch: dict):
-        hb = host_batch(self.cfg, self.lcfg, batch)
+        hb = host_batch(self.cfg, self.lcfg, self.agree_on_shape(batch))
         arrays = sh.host_batch_to_global(self.mesh, hb.arrays, replicate_keys=())
         rep = sh.replicated(self.mesh)
         for key in REPLICATED_KEYS:  # identical on every host: placed, not gathered
