@@ -29,7 +29,8 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_embedded_default(out: str = DEFAULT_OUT, train_rows: int = 800, eval_rows: int = 200) -> dict:
+def run_embedded_default(out: str = DEFAULT_OUT, train_rows: int | None = None, eval_rows: int | None = None) -> dict:
+    """Run it; train_rows / eval_rows default to tiny.yaml's `limit` / `eval_limit`."""
     import yaml
 
     from experiments import evaluate as ev
@@ -44,6 +45,8 @@ def run_embedded_default(out: str = DEFAULT_OUT, train_rows: int = 800, eval_row
     with open(os.path.join(CONFIG_DIR, "tiny.yaml")) as f:
         values = yaml.safe_load(f)
     model = values.pop("model", None)
+    train_rows = train_rows or values["limit"]
+    eval_rows = eval_rows or values["eval_limit"]
     data_dir = os.path.join(out, "data")
     if not os.path.exists(os.path.join(data_dir, "data", "test-00000-of-00001.parquet")):
         print(f"[1/4] writing the synthetic set ({train_rows} train, {eval_rows} test rows) to {data_dir}")

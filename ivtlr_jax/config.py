@@ -294,10 +294,6 @@ class TrainConfig:
         return LatentConfig(k=self.k, latent_text=self.latent_text, position_mode=self.position_mode,
                             selection_order=self.selection_order, latent_grad=self.latent_grad)
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["stages"] = list(self.stages) if self.stages is not None else None

@@ -15,8 +15,6 @@ from ivtlr_jax.latent import LatentLayout, latent_loss, prepare
 from ivtlr_jax.models import qwen2_vl as q
 from ivtlr_jax.train.lora import apply_lora, init_lora
 
-BATCH_KEYS = ("prefix_ids", "suffix_ids", "kv_valid", "positions", "labels", "image_pos", "image_valid",
-              "pixel_values")
 REPLICATED_KEYS = ("vision_cos", "vision_sin")
 
 
@@ -67,7 +65,7 @@ def assemble_params(trainable, frozen, tcfg: TrainConfig, dtype, key=None):
 
 class HostBatch(NamedTuple):
     n: int  # latent steps (static)
-    arrays: dict  # BATCH_KEYS: batch-leading numpy arrays
+    arrays: dict  # batch-leading numpy arrays (layout, pixel_values), sharded over the data axes
     replicated: dict  # REPLICATED_KEYS: the same on every host
     tokens: int  # real tokens in the final sequences (for tokens/s)
 
