@@ -7,6 +7,12 @@ Usage: python experiments/bench_data.py [--n 512] [--batch-size 16] [--format pn
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+if __package__ in (None, ""):  # run as a file (python experiments/bench_x.py): make the repository importable
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+
 import argparse
 import io
 import json
@@ -52,9 +58,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
+    from experiments.tiny_tokenizer import build_tiny_tokenizer
     from ivtlr_jax.data.curriculum import CurriculumOptions
     from ivtlr_jax.data.pipeline import BatchIterator, encode_split
-    from ivtlr_jax.data.tiny_tokenizer import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     tok.add_tokens(["<|latent|>"], special_tokens=True)

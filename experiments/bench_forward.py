@@ -6,6 +6,12 @@ compilation. Writes JSON. Usage: python -m experiments.bench_forward [--out FILE
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+if __package__ in (None, ""):  # run as a file (python experiments/bench_x.py): make the repository importable
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+
 import argparse
 import json
 import os

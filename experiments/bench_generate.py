@@ -15,6 +15,12 @@ Usage: python -m experiments.bench_generate [--batch-sizes 1,8,32] [--new-tokens
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+if __package__ in (None, ""):  # run as a file (python experiments/bench_x.py): make the repository importable
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+
 import argparse
 import dataclasses
 import inspect
@@ -82,7 +88,7 @@ def make_batch(cfg, batch: int, n: int, text_tokens: int, seed: int = 0):
     """Same-length prompts (random text, one image each) ending with n latent tokens; pixel values, grid."""
     rng = np.random.default_rng(seed)
     t, h, w = IMAGE_GRID
-    n_img = t * h * w // 4
+    n_img = t * h * w // cfg.vision.spatial_merge_size**2
     before = text_tokens // 3
     rows = []
     for _ in range(batch):
@@ -90,7 +96,7 @@ def make_batch(cfg, batch: int, n: int, text_tokens: int, seed: int = 0):
         rows.append(text[:before] + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img
                     + [cfg.vision_end_token_id] + text[before:] + [cfg.latent_token_id] * n)
     ids = np.asarray(rows, np.int32)
-    pv = rng.normal(size=(batch * t * h * w, 1176)).astype(np.float32)
+    pv = rng.normal(size=(batch * t * h * w, cfg.vision.patch_dim)).astype(np.float32)
     grid = np.tile(np.asarray([IMAGE_GRID], np.int64), (batch, 1))
     return ids, np.ones_like(ids), pv, grid
 

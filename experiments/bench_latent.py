@@ -9,6 +9,12 @@ Usage: python -m experiments.bench_latent [--out FILE] [--batches 1 4] [--repeat
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+if __package__ in (None, ""):  # run as a file (python experiments/bench_x.py): make the repository importable
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+
 import argparse
 import json
 import os
@@ -35,7 +41,6 @@ def main(argv=None):
     import torch
 
     from experiments.small_model import prompt_batch, small_models, special_ids, timeit
-    from ivtlr_jax.models import qwen2_vl as q
 
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from oracle import oracle_latent_forward
@@ -65,8 +70,6 @@ def main(argv=None):
         def run_plain():
             return m.logits(pids, pmask, pv, grid, position_mode="sequential")
 
-        feats = q.encode_images(m.params, m.config, pv, grid)
-        jax.block_until_ready(feats)
         row = {
             "batch": b, "final_len": int(final_len), "n": args.n, "k": args.k, "max_abs_logit_diff": diff,
             "jax_latent": timeit(run_jax, args.repeats, warmup=2),

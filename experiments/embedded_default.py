@@ -34,7 +34,7 @@ def run_embedded_default(out: str = DEFAULT_OUT, train_rows: int | None = None, 
     import yaml
 
     from experiments import evaluate as ev
-    from experiments.train import CONFIG_DIR, prepare_auto_tiny
+    from experiments.tiny_setup import CONFIG_DIR, prepare_auto_tiny
     from ivtlr_jax.config import TrainConfig
     from ivtlr_jax.data.synthetic import write_synthetic
     from ivtlr_jax.train import Trainer

@@ -288,23 +288,22 @@ def evaluate(args) -> dict:
     os.makedirs(out_dir, exist_ok=True)
 
     model = IVTLRModel.from_pretrained(args.ckpt, dtype=args.dtype)
-    cfg = model.config
+    cfg, bb = model.config, model.backbone
     latent_prompt(cfg, [], n)  # a checkpoint without <|latent|> asked for latent steps: stop here
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.ckpt)
     if tok.eos_token_id is None and not cfg.eos_token_id:
         raise ValueError("neither the tokenizer nor the checkpoint config names an EOS token")
     eos_ids = tuple(sorted({*cfg.eos_token_id, *([tok.eos_token_id] if tok.eos_token_id is not None else [])}))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (cfg.pad_token_id or eos_ids[0])
-    image_pad_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    image_pad_id = tok.convert_tokens_to_ids(bb.prompt.image_token)
     if image_pad_id != cfg.image_token_id:
-        raise ValueError(f"tokenizer maps <|image_pad|> to {image_pad_id} but the checkpoint's image_token_id is "
-                         f"{cfg.image_token_id}; pass the checkpoint's own tokenizer")
+        raise ValueError(f"tokenizer maps {bb.prompt.image_token} to {image_pad_id} but the checkpoint's "
+                         f"image_token_id is {cfg.image_token_id}; pass the checkpoint's own tokenizer")
 
     ds, load_summary = load_split_with_summary(args.data, args.split, args.data_source, limit=args.limit)
     log.info(load_summary.line())
-    options = ImageOptions(resize_mode=args.resize_mode, merge_size=cfg.vision.spatial_merge_size,
-                           patch_size=cfg.vision.patch_size, temporal_patch_size=cfg.vision.temporal_patch_size)
-    split = encode_split(ds, tok, options)
+    options = ImageOptions(**bb.image_options(args.resize_mode))
+    split = encode_split(ds, tok, options, prompt=bb.prompt)
     chunk = (k + int(latent_text)) if n else 0
     skipped: Counter = Counter()
     rows = []

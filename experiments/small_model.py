@@ -10,6 +10,9 @@ import os
 
 import numpy as np
 
+IMAGE_GRID = (1, 20, 20)  # one 280x280 image: 400 patches of 14x14, 100 tokens after the 2x2 merge
+PATCH_DIM = 3 * 2 * 14 * 14  # C * temporal_patch * patch * patch: one pixel_values row
+
 
 def special_ids(vocab: int) -> dict:
     """Token ids of the benchmarks' special tokens, at the top of the vocabulary."""
@@ -64,13 +67,14 @@ def prompt_batch(batch: int, n_latent: int = 0, text_len: int = 128, tail: int =
     """Rows of [text, one 280x280 image (100 tokens), text] + n latent tokens + tail; HF layout pixels."""
     ids_ = special_ids(vocab)
     rng = np.random.default_rng(seed)
-    grid = np.tile(np.array([[1, 20, 20]]), (batch, 1))
-    pixel_values = rng.normal(size=(400 * batch, 1176)).astype(np.float32)
+    grid = np.tile(np.array([IMAGE_GRID]), (batch, 1))
+    n_patch = int(np.prod(IMAGE_GRID))
+    pixel_values = rng.normal(size=(n_patch * batch, PATCH_DIM)).astype(np.float32)
     half = text_len // 2
     rows = []
     for _ in range(batch):
         text = rng.integers(10, vocab - 16, size=text_len).tolist()
-        rows.append(text[:half] + [ids_["vision_start"]] + [ids_["image"]] * 100 + [ids_["vision_end"]]
+        rows.append(text[:half] + [ids_["vision_start"]] + [ids_["image"]] * (n_patch // 4) + [ids_["vision_end"]]
                     + text[half:] + [ids_["latent"]] * n_latent + rng.integers(10, vocab - 16, size=tail).tolist())
     ids = np.array(rows, np.int64)
     return ids, np.ones_like(ids), pixel_values, grid

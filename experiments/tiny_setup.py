@@ -11,6 +11,10 @@ import os
 import shutil
 import tempfile
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIG_DIR = os.path.join(HERE, "configs")
+AUTO_TINY = "auto-tiny"  # `init:` value that builds the tiny random model into RUN_DIR/init
+
 TINY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, mrope_section=(4, 6, 6), rope_theta=10000.0)
 TINY_VISION = dict(depth=2, embed_dim=64, num_heads=2, mlp_ratio=2)
@@ -21,10 +25,10 @@ def make_tiny_checkpoint(out_dir: str, corpus: list[str] | None = None, vocab_si
     """Write HF_DIR (out_dir/hf) and the converted CKPT_DIR (out_dir/init); return CKPT_DIR."""
     import dataclasses
 
+    from experiments.tiny_tokenizer import build_tiny_tokenizer
     from ivtlr_jax.config import ModelConfig, VisionConfig
     from ivtlr_jax.convert import convert_hf_to_checkpoint, export_checkpoint_to_hf, save_checkpoint
-    from ivtlr_jax.data.tiny_tokenizer import build_tiny_tokenizer
-    from ivtlr_jax.models.layout import init_params
+    from ivtlr_jax.models import backbone_for
 
     tok = build_tiny_tokenizer(corpus, vocab_size=vocab_size)
     ids = {t: tok.convert_tokens_to_ids(t) for t in
@@ -41,8 +45,40 @@ def make_tiny_checkpoint(out_dir: str, corpus: list[str] | None = None, vocab_si
     for d in (hf_dir, init_dir):
         shutil.rmtree(d, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, cfg, init_params(cfg, seed=seed), overwrite=True)
+        save_checkpoint(tmp, cfg, backbone_for(cfg).random_params(seed), overwrite=True)
         tok.save_pretrained(tmp)
         export_checkpoint_to_hf(tmp, hf_dir, verbose=False)
     convert_hf_to_checkpoint(hf_dir, init_dir, dtype="float32", add_latent_tokens=True)
     return init_dir
+
+
+def config_path(name: str) -> str:
+    """A YAML path, or a config NAME under experiments/configs/."""
+    if os.path.exists(name):
+        return name
+    path = os.path.join(CONFIG_DIR, name if name.endswith(".yaml") else name + ".yaml")
+    if not os.path.exists(path):
+        names = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
+        raise SystemExit(f"--config {name!r}: no such file, and no experiments/configs/{name}.yaml; "
+                         f"available: {', '.join(names)}")
+    return path
+
+
+def prepare_auto_tiny(tcfg, model: dict | None = None) -> None:
+    """Build the tiny random model into RUN_DIR/init (once) when the config says `init: auto-tiny`.
+
+    A YAML `model:` section overrides the tiny model's sizes (`vision:` inside it the vision tower's).
+    """
+    if tcfg.init != AUTO_TINY:
+        return
+    from ivtlr_jax.data import load_split
+
+    init = os.path.join(tcfg.out, "init")
+    if not os.path.exists(os.path.join(init, "ivtlr_config.json")):
+        rows = load_split(tcfg.data, tcfg.train_split, source=tcfg.data_source)
+        rows = rows.select(range(min(len(rows), 2000)))
+        corpus = [f"{r['question']} {' '.join(r['choices'])} {r['rationale']}" for r in rows]
+        model = dict(model or {})
+        vision = model.pop("vision", None)
+        make_tiny_checkpoint(tcfg.out, corpus=corpus, model=model, vision=vision, seed=tcfg.seed)
+    tcfg.init = init

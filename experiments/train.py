@@ -24,9 +24,7 @@ import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIG_DIR = os.path.join(HERE, "configs")
-AUTO_TINY = "auto-tiny"  # `init:` value that builds the tiny random model into RUN_DIR/init
+from experiments.tiny_setup import AUTO_TINY, config_path, prepare_auto_tiny
 
 HELP = {
     "init": "converted checkpoint to start from (tools/convert_weights.py --add-latent-tokens); "
@@ -65,18 +63,6 @@ HELP = {
     "max_new_tokens": "generation length at evaluation", "num_workers": "image decoding threads",
     "stages": "stages to train (YAML list); use --stage or --stages on the command line",
 }
-
-
-def config_path(name: str) -> str:
-    """A YAML path, or a config NAME under experiments/configs/."""
-    if os.path.exists(name):
-        return name
-    path = os.path.join(CONFIG_DIR, name if name.endswith(".yaml") else name + ".yaml")
-    if not os.path.exists(path):
-        names = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
-        raise SystemExit(f"--config {name!r}: no such file, and no experiments/configs/{name}.yaml; "
-                         f"available: {', '.join(names)}")
-    return path
 
 
 def build_parser(field_types: dict) -> argparse.ArgumentParser:
@@ -143,27 +129,6 @@ def load_train_config(args, field_types) -> tuple:
         raise SystemExit(f"config error: {e}") from None
 
 
-def prepare_auto_tiny(tcfg, model: dict | None = None) -> None:
-    """Build the tiny random model into RUN_DIR/init (once) when the config says `init: auto-tiny`.
-
-    A YAML `model:` section overrides the tiny model's sizes (`vision:` inside it the vision tower's).
-    """
-    if tcfg.init != AUTO_TINY:
-        return
-    from experiments.tiny_setup import make_tiny_checkpoint
-    from ivtlr_jax.data import load_split
-
-    init = os.path.join(tcfg.out, "init")
-    if not os.path.exists(os.path.join(init, "ivtlr_config.json")):
-        rows = load_split(tcfg.data, tcfg.train_split, source=tcfg.data_source)
-        rows = rows.select(range(min(len(rows), 2000)))
-        corpus = [f"{r['question']} {' '.join(r['choices'])} {r['rationale']}" for r in rows]
-        model = dict(model or {})
-        vision = model.pop("vision", None)
-        make_tiny_checkpoint(tcfg.out, corpus=corpus, model=model, vision=vision, seed=tcfg.seed)
-    tcfg.init = init
-
-
 def simulate_devices_for_dry_run(preset: str) -> None:
     """On a CPU-only host, simulate the preset's device count (before JAX creates its backend)."""
     from ivtlr_jax.sharding import get_preset
@@ -175,15 +140,21 @@ def simulate_devices_for_dry_run(preset: str) -> None:
 
 
 def run_dry(tcfg, yaml_values) -> list[dict]:
-    from ivtlr_jax.config import ModelConfig
+    from ivtlr_jax.config import model_config_from_dict
+    from ivtlr_jax.models import backbone_for
     from ivtlr_jax.train.dry_run import dry_run, format_dry_run
 
     model = dict(yaml_values.get("model") or {}) if tcfg.init != AUTO_TINY else {}
-    cfg = ModelConfig.from_dict({"latent_token_id": 151657, **model}) if model else ModelConfig(latent_token_id=151657)
+    if not model:
+        raise SystemExit("--dry-run needs the model's shape: a `model:` section in the YAML (see "
+                         "experiments/configs/qwen2vl_7b_m3cot.yaml), not the auto-tiny default")
+    cfg = model_config_from_dict(model)
+    if cfg.latent_token_id is None:  # any id inside the vocabulary lays the batch out the same way
+        cfg = dataclasses.replace(cfg, latent_token_id=cfg.vocab_size - 1)
     results = []
     for finetune in ("lora", "full"):
         t0 = time.time()
-        res = dry_run(cfg, dataclasses.replace(tcfg, finetune=finetune))
+        res = dry_run(backbone_for(cfg), dataclasses.replace(tcfg, finetune=finetune))
         res["compile_s"] = time.time() - t0
         results.append(res)
     print(format_dry_run(results))

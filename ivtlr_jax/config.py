@@ -1,4 +1,7 @@
-"""Plain dataclasses: the Qwen2-VL model config (read from a Hugging Face config.json) and options."""
+"""Plain dataclasses: backbone configs (read from Hugging Face config.json files), prompt formats and options.
+
+Each backbone config carries `model_type`; `model_config_from_dict` picks the class from it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,36 @@ import json
 import os
 from typing import Any
 
+import numpy as np
+
 SUPPORTED_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+    """How a backbone's prompts look; the data layer builds prompts from this (no model code needed).
+
+    style "chat": the tokenizer's chat template, user turn [image, text] (Qwen2-VL-Instruct).
+    style "plain": no template; the image placeholder sits inside the question (Chameleon's release).
+    The image placeholder is repeated once per image token between `image_start` and `image_end`
+    (a chat template writes those itself). answer_format: the target names the option by its
+    "letter" (A, B, ...) or by its 0-based "index" digit.
+    """
+
+    style: str
+    image_token: str
+    image_start: str | None = None
+    image_end: str | None = None
+    answer_format: str = "letter"
+
+    def __post_init__(self):
+        if self.style not in ("chat", "plain"):
+            raise ValueError(f"PromptFormat.style={self.style!r} is not valid; use 'chat' or 'plain'")
+        if self.answer_format not in ("letter", "index"):
+            raise ValueError(f"PromptFormat.answer_format={self.answer_format!r}; use 'letter' or 'index'")
+
+
+QWEN2VL_PROMPT = PromptFormat(style="chat", image_token="<|image_pad|>", answer_format="letter")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +75,7 @@ class VisionConfig:
 class ModelConfig:
     """The whole Qwen2-VL: decoder-only LLM with M-RoPE plus the vision tower."""
 
+    model_type = "qwen2_vl"
     vocab_size: int = 152064
     hidden_size: int = 3584
     intermediate_size: int = 18944
@@ -92,11 +125,12 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ io
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"model_type": self.model_type, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
+        d.pop("model_type", None)
         vision = VisionConfig(**d.pop("vision", {}))
         for key in ("mrope_section", "eos_token_id"):
             if key in d and d[key] is not None:
@@ -108,9 +142,9 @@ class ModelConfig:
             json.dump(self.to_dict(), f, indent=2)
 
     @classmethod
-    def load(cls, path: str) -> ModelConfig:
+    def load(cls, path: str):
         with open(path) as f:
-            return cls.from_dict(json.load(f))
+            return model_config_from_dict(json.load(f))
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -179,6 +213,181 @@ class ModelConfig:
             raise ValueError(f"--src {path!r}: no config.json there; point it at a Hugging Face model folder")
         with open(cfg_path) as f:
             return cls.from_hf_dict(json.load(f))
+
+
+Qwen2VLConfig = ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class VQConfig:
+    """Chameleon's VQ-VAE image tokenizer (encoder side): conv levels, mid attention, codebook."""
+
+    embed_dim: int = 256
+    num_embeddings: int = 8192
+    double_latent: bool = False
+    latent_channels: int = 256
+    resolution: int = 512
+    in_channels: int = 3
+    base_channels: int = 128
+    channel_multiplier: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] | None = None
+    attn_type: str = "vanilla"
+
+    def __post_init__(self):
+        for name in ("channel_multiplier", "attn_resolutions"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(int(v) for v in value))
+
+    @property
+    def latent_size(self) -> int:
+        """Side of the code grid: resolution / 2^(levels - 1) (32 for the 7B config)."""
+        return self.resolution // 2 ** (len(self.channel_multiplier) - 1)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.latent_size**2
+
+
+CHAMELEON_PROMPT = PromptFormat(style="plain", image_token="<image>", image_start="<racm3:break>",
+                                image_end="<eoss>", answer_format="index")
+
+
+def image_vocabulary(vocabulary_map: dict[str, int]) -> tuple[int, ...]:
+    """Codebook index -> BPE id from the `IMGIMG...` names (as transformers' ChameleonImageVocabularyMapping).
+
+    A name is IMGIMG + the code written with letters A..J for digits 0..9 + one trailing character.
+    Codes without a name map to 0, as transformers' lookup table does.
+    """
+    digits = {chr(ord("A") + i): str(i) for i in range(10)}
+    img2bpe = {}
+    for name, bpe in vocabulary_map.items():
+        if name.startswith("IMGIMG"):
+            img2bpe[int("".join(digits.get(c, c) for c in name[len("IMGIMG") : -1]))] = int(bpe)
+    if not img2bpe:
+        return ()
+    table = [0] * (max(img2bpe) + 1)
+    for code, bpe in img2bpe.items():
+        table[code] = bpe
+    return tuple(table)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChameleonConfig:
+    """Chameleon: a Llama-style decoder with per-head q/k LayerNorm over one vocabulary of text and image codes."""
+
+    model_type = "chameleon"
+    vocab_size: int = 65536
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    swin_norm: bool = False
+    image_token_id: int = 8711  # the <image> placeholder the processor repeats per image token
+    image_start_token_id: int | None = None  # <racm3:break>
+    image_end_token_id: int | None = None  # <eoss>
+    image_vocab: tuple[int, ...] = ()  # codebook index -> BPE id; these columns are masked in the logits
+    bos_token_id: int | None = 1
+    eos_token_id: tuple[int, ...] = (2,)
+    pad_token_id: int | None = None
+    latent_token_id: int | None = None
+    start_latent_token_id: int | None = None
+    end_latent_token_id: int | None = None
+    vq: VQConfig = dataclasses.field(default_factory=VQConfig)
+
+    def __post_init__(self):
+        if not isinstance(self.image_vocab, tuple):
+            object.__setattr__(self, "image_vocab", tuple(int(v) for v in self.image_vocab))
+        if not isinstance(self.eos_token_id, tuple):
+            object.__setattr__(self, "eos_token_id", tuple(np.atleast_1d(self.eos_token_id).tolist()))
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_attention_heads="
+                             f"{self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.image_vocab and len(self.image_vocab) < self.vq.num_embeddings:
+            raise ValueError(f"the vocabulary maps {len(self.image_vocab)} image codes but the VQ codebook has "
+                             f"{self.vq.num_embeddings}; config.json's vocabulary_map needs one IMGIMG name per code")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": self.model_type, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ChameleonConfig:
+        d = dict(d)
+        d.pop("model_type", None)
+        vq = VQConfig(**d.pop("vq", {}))
+        for key in ("eos_token_id", "image_vocab"):
+            if key in d and d[key] is not None:
+                d[key] = tuple(d[key])
+        return cls(vq=vq, **d)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any]) -> ChameleonConfig:
+        """Read a transformers ChameleonConfig dict (config.json)."""
+        vocab_map = hf.get("vocabulary_map") or {}
+        if "<image>" not in vocab_map:
+            raise ValueError("config.json: vocabulary_map has no '<image>' entry; a Chameleon config maps the image "
+                             "placeholder and the IMGIMG image-code tokens to ids")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ValueError(f"config.json: rope type {rope_type!r} is not supported (only default RoPE)")
+        vq = dict(hf.get("vq_config") or {})
+        vq_fields = {f.name for f in dataclasses.fields(VQConfig)}
+        eos = hf.get("eos_token_id", 2)
+        heads = hf.get("num_attention_heads", 32)
+        return cls(
+            vocab_size=hf.get("vocab_size", 65536), hidden_size=hf.get("hidden_size", 4096),
+            intermediate_size=hf.get("intermediate_size", 11008), num_hidden_layers=hf.get("num_hidden_layers", 32),
+            num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), swin_norm=bool(hf.get("swin_norm")),
+            image_token_id=int(vocab_map["<image>"]), image_start_token_id=vocab_map.get("<racm3:break>"),
+            image_end_token_id=vocab_map.get("<eoss>"), image_vocab=image_vocabulary(vocab_map),
+            bos_token_id=hf.get("bos_token_id"), eos_token_id=tuple(np.atleast_1d(eos).tolist()),
+            pad_token_id=hf.get("pad_token_id"),
+            vq=VQConfig(**{k: v for k, v in vq.items() if k in vq_fields}),
+        )
+
+
+CONFIG_CLASSES = {"qwen2_vl": ModelConfig, "chameleon": ChameleonConfig}
+
+
+def model_config_from_dict(d: dict[str, Any]):
+    """A backbone config from its `to_dict()` form (no model_type: a Qwen2-VL checkpoint of before it existed)."""
+    kind = d.get("model_type", "qwen2_vl")
+    if kind not in CONFIG_CLASSES:
+        raise ValueError(f"model_type={kind!r} is not supported; known: {sorted(CONFIG_CLASSES)}")
+    return CONFIG_CLASSES[kind].from_dict(d)
+
+
+def model_config_from_hf_dir(path: str):
+    """The backbone config of a Hugging Face model folder, by its config.json's model_type."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise ValueError(f"--src {path!r}: no config.json there; point it at a Hugging Face model folder")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    kind = hf.get("model_type", "qwen2_vl")
+    if kind not in CONFIG_CLASSES:
+        raise ValueError(f"--src {path!r}: config.json has model_type={kind!r}; supported: {sorted(CONFIG_CLASSES)}")
+    return CONFIG_CLASSES[kind].from_hf_dict(hf)
 
 
 def check_dtype(dtype: str) -> str:

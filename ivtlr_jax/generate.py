@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ivtlr_jax.config import LatentConfig, ModelConfig
-from ivtlr_jax.latent import LatentLayout, latent_prefill, prepare
-from ivtlr_jax.models import qwen2_vl as q
+from ivtlr_jax.config import LatentConfig
+from ivtlr_jax.latent import LatentBatch, latent_prefill, make_latent_batch, to_device
+from ivtlr_jax.models.base import Backbone
 
 
 class GenerateOutput(NamedTuple):
@@ -61,20 +61,20 @@ def pick_tokens(logits, key, temperature, top_p, greedy: bool):
     return jnp.take_along_axis(order, choice[:, None], -1)[:, 0].astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "n", "max_new_tokens", "eos_ids", "pad_id", "greedy"))
-def generate_jit(params, cfg: ModelConfig, lcfg: LatentConfig, n: int, layout: LatentLayout, image_features,
-                 key, temperature, top_p, *, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int,
-                 greedy: bool):
+@functools.partial(jax.jit, static_argnames=("bb", "lcfg", "max_new_tokens", "eos_ids", "pad_id", "greedy"))
+def generate_jit(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, key, temperature, top_p, *,
+                 max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, greedy: bool):
     """Traced body: prefix + latent steps, then the decode loop. Returns (tokens, lengths, selected, steps)."""
-    total = layout.kv_valid.shape[1]  # L_final: prompt with its latent chunks
+    total = batch.kv_valid.shape[1]  # L_final: prompt with its latent chunks
     cache_len = total + max_new_tokens
-    hidden, cache, selected = latent_prefill(params, cfg, lcfg, n, layout, image_features, cache_len=cache_len)
-    kv_valid = jnp.pad(layout.kv_valid, ((0, 0), (0, max_new_tokens)), constant_values=True)  # (B, cache_len)
+    hidden, cache, selected = latent_prefill(bb, params, lcfg, batch, cache_len=cache_len)
+    kv_valid = jnp.pad(batch.kv_valid, ((0, 0), (0, max_new_tokens)), constant_values=True)  # (B, cache_len)
     b = hidden.shape[0]
-    next_pos = layout.positions.max(axis=(0, 2)) + 1  # (B,) the row's last position + 1
+    rows = batch.positions.shape[1]
+    next_pos = batch.positions.max(axis=(1, 2)) + 1  # (B,) the row's last position + 1
     eos = jnp.asarray(eos_ids, jnp.int32)
 
-    first = pick_tokens(q.lm_head(params, cfg, hidden[:, -1:])[:, 0], jax.random.fold_in(key, 0),
+    first = pick_tokens(bb.lm_head(params, hidden[:, -1:])[:, 0], jax.random.fold_in(key, 0),
                         temperature, top_p, greedy)  # (B,)
     tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, eos)
@@ -86,11 +86,10 @@ def generate_jit(params, cfg: ModelConfig, lcfg: LatentConfig, n: int, layout: L
 
     def body(state):
         i, cache, tokens, done, lengths, last = state
-        emb = params["llm"]["embed"][last][:, None]  # (B, 1, H)
-        pos = jnp.broadcast_to((next_pos + i - 1)[None, :, None], (3, b, 1))
-        out, cache, _ = q.decoder(params["llm"], cfg, emb, pos, cache, total + i - 1, kv_valid)
-        tok = pick_tokens(q.lm_head(params, cfg, out)[:, 0], jax.random.fold_in(key, i), temperature, top_p,
-                          greedy)
+        emb = bb.token_embed(params, last[:, None])  # (B, 1, H)
+        pos = jnp.broadcast_to((next_pos + i - 1)[:, None, None], (b, rows, 1))
+        out, cache, _ = bb.decode(params, emb, pos, cache, total + i - 1, kv_valid)
+        tok = pick_tokens(bb.lm_head(params, out)[:, 0], jax.random.fold_in(key, i), temperature, top_p, greedy)
         tok = jnp.where(done, pad_id, tok)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
         lengths = lengths + (~done).astype(jnp.int32)
@@ -122,7 +121,7 @@ def trim_prompt(input_ids, attention_mask):
     return ids, mask
 
 
-def latent_prompt(cfg: ModelConfig, prompt_ids, n: int) -> list[int]:
+def latent_prompt(cfg, prompt_ids, n: int) -> list[int]:
     """prompt_ids followed by n `<|latent|>` tokens; a clear error for n > 0 without the token."""
     if n < 0:
         raise ValueError(f"n={n} latent steps must be >= 0")
@@ -134,17 +133,11 @@ def latent_prompt(cfg: ModelConfig, prompt_ids, n: int) -> list[int]:
     return [int(t) for t in prompt_ids] + [int(cfg.latent_token_id)] * n if n else [int(t) for t in prompt_ids]
 
 
-def generate(params, cfg: ModelConfig, lcfg: LatentConfig, input_ids, attention_mask, pixel_values=None,
-             image_grid_thw=None, *, max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
-             eos_token_ids=None, pad_token_id: int | None = None, max_cache_len: int | None = None,
-             image_features=None) -> GenerateOutput:
-    """Generate after the prompt's latent steps (n = `<|latent|>` tokens ending the prompt; 0 = plain decoding).
-
-    input_ids/attention_mask (B, S) are left-padded prompts ending with the n latent tokens (no suffix).
-    eos_token_ids default to cfg.eos_token_id; pad_token_id to cfg.pad_token_id, else the first EOS.
-    max_cache_len: reject a request whose final prompt length + max_new_tokens exceeds it.
-    image_features: precomputed vision features (skips the vision tower), as `encode_images` returns.
-    """
+def generate_batch(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, *, max_new_tokens: int = 64,
+                   sampling: SamplingConfig | None = None, eos_token_ids=None, pad_token_id: int | None = None,
+                   max_cache_len: int | None = None) -> GenerateOutput:
+    """Generate after the latent steps of a prompt-only LatentBatch (no suffix: the prompt ends with its latents)."""
+    cfg = bb.config
     sampling = sampling or SamplingConfig()
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
@@ -154,29 +147,36 @@ def generate(params, cfg: ModelConfig, lcfg: LatentConfig, input_ids, attention_
         raise ValueError("no EOS token id: set eos_token_id in the checkpoint config or pass eos_token_ids")
     pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
     pad = eos[0] if pad is None else int(pad)
-    ids, mask = trim_prompt(input_ids, attention_mask)
-    # A checkpoint without <|latent|> can still decode plainly: no id can match, so n = 0.
-    prep_cfg = cfg if cfg.latent_token_id is not None else dataclasses.replace(cfg, latent_token_id=-1)
-    n, layout, grid = prepare(prep_cfg, lcfg, ids, mask, None, pixel_values, image_grid_thw)
-    if layout.suffix_ids.shape[1]:
+    if batch.suffix_ids.shape[1]:
         raise ValueError(
-            f"the prompt continues for {layout.suffix_ids.shape[1]} tokens after its <|latent|> tokens; for "
+            f"the prompt continues for {batch.suffix_ids.shape[1]} tokens after its <|latent|> tokens; for "
             "generation the prompt must end with the latent tokens"
         )
-    final_len = layout.kv_valid.shape[1]
+    final_len = batch.kv_valid.shape[1]
     if max_cache_len is not None and final_len + max_new_tokens > max_cache_len:
         raise ValueError(
-            f"prompt of {ids.shape[1]} tokens ({final_len} with the latent chunks of {n} step(s)) plus "
-            f"max_new_tokens={max_new_tokens} needs a cache of {final_len + max_new_tokens} slots, more than "
-            f"max_cache_len={max_cache_len}; shorten the prompt or lower max_new_tokens"
+            f"prompt of {batch.prefix_len + batch.n} tokens ({final_len} with the latent chunks of {batch.n} "
+            f"step(s)) plus max_new_tokens={max_new_tokens} needs a cache of {final_len + max_new_tokens} slots, "
+            f"more than max_cache_len={max_cache_len}; shorten the prompt or lower max_new_tokens"
         )
-    feats = image_features
-    if feats is None and grid is not None:
-        feats = q.encode_images(params, cfg, pixel_values, grid)
-    layout = LatentLayout(*map(jnp.asarray, layout))
     key = jax.random.PRNGKey(sampling.seed)
     temperature = jnp.float32(max(sampling.temperature, 1e-6))
     tokens, lengths, selected, steps = generate_jit(
-        params, cfg, lcfg, n, layout, feats, key, temperature, jnp.float32(sampling.top_p),
+        bb, params, lcfg, to_device(batch), key, temperature, jnp.float32(sampling.top_p),
         max_new_tokens=int(max_new_tokens), eos_ids=eos, pad_id=pad, greedy=sampling.greedy)
     return GenerateOutput(np.asarray(tokens), np.asarray(lengths), np.asarray(selected), int(steps))
+
+
+def generate(bb: Backbone, params, lcfg: LatentConfig, input_ids, attention_mask, pixel_values=None,
+             image_grid_thw=None, *, max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
+             eos_token_ids=None, pad_token_id: int | None = None, max_cache_len: int | None = None) -> GenerateOutput:
+    """Generate after the prompt's latent steps (n = `<|latent|>` tokens ending the prompt; 0 = plain decoding).
+
+    input_ids/attention_mask (B, S) are left-padded prompts ending with the n latent tokens (no suffix).
+    eos_token_ids default to the config's eos_token_id; pad_token_id to its pad_token_id, else the first EOS.
+    max_cache_len: reject a request whose final prompt length + max_new_tokens exceeds it.
+    """
+    ids, mask = trim_prompt(input_ids, attention_mask)
+    batch = make_latent_batch(bb, lcfg, ids, mask, None, pixel_values, image_grid_thw, allow_no_latent_token=True)
+    return generate_batch(bb, params, lcfg, batch, max_new_tokens=max_new_tokens, sampling=sampling,
+                          eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, max_cache_len=max_cache_len)

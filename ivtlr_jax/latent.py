@@ -1,34 +1,50 @@
-"""The IVT-LR latent loop: prefix pass, `lax.scan` over latent steps, suffix pass, loss.
+"""The IVT-LR latent loop for any backbone: prefix pass, `lax.scan` over latent steps, suffix pass, loss.
 
 Final sequence per row: prefix, V_0, h_0, ..., V_{n-1}, h_{n-1}, suffix, where V_t are the K image
 embeddings the last query attended to most (not used before) and h_t the final-norm hidden state of
 the previous chunk's last position. The KV cache makes the total decoder work one pass over it.
+The batch is a `LatentBatch`, made once on the host and used unchanged by `latent_forward`, the
+train step and `generate`.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-from ivtlr_jax.config import LatentConfig, ModelConfig
-from ivtlr_jax.models import qwen2_vl as q
+from ivtlr_jax.config import LatentConfig
+from ivtlr_jax.models.base import Backbone, Embedded
+from ivtlr_jax.models.layers import acc_dtype
 
 IGNORE = -100
+LOSS_CHUNK = 128  # positions per block of the chunked training loss (memory O(B * LOSS_CHUNK * V))
 
 
-class LatentLayout(NamedTuple):
-    """Host-made arrays describing one batch's final sequence (prefix + n chunks + suffix)."""
+@struct.dataclass
+class LatentBatch:
+    """One batch of the final sequence (prefix + n chunks + suffix), batch-leading; n and P are static."""
 
-    prefix_ids: np.ndarray  # (B, P) int32
-    suffix_ids: np.ndarray  # (B, S - P - n) int32
-    kv_valid: np.ndarray  # (B, L_final) bool: real tokens of the final sequence
-    positions: np.ndarray  # (3, B, L_final) int32
-    labels: np.ndarray  # (B, L_final) int32, IGNORE on prefix pads, chunks and unlabelled tokens
-    image_pos: np.ndarray  # (B, I_max) int32: prefix index of each image token, 0 where padded
-    image_valid: np.ndarray  # (B, I_max) bool
+    prefix_ids: Any  # (B, P) int32
+    suffix_ids: Any  # (B, S - P - n) int32
+    kv_valid: Any  # (B, L_final) bool: real tokens of the final sequence
+    positions: Any  # (B, R, L_final) int32
+    labels: Any  # (B, L_final) int32, IGNORE on prefix pads, chunks and unlabelled tokens
+    images: Any  # the backbone's per-row image pytree, or None
+    n: int = struct.field(pytree_node=False, default=0)  # latent steps
+    prefix_len: int = struct.field(pytree_node=False, default=0)  # P: index of the first <|latent|>
+
+    @property
+    def batch_size(self) -> int:
+        return self.prefix_ids.shape[0]
+
+    def num_tokens(self) -> int:
+        """Real tokens of the final sequences (host arrays)."""
+        return int(np.asarray(self.kv_valid).sum())
 
 
 class LatentOutput(NamedTuple):
@@ -37,15 +53,23 @@ class LatentOutput(NamedTuple):
     selected: np.ndarray | jax.Array  # (n, B, k) int32: index among the row's image tokens
 
 
-def latent_token_layout(cfg: ModelConfig, input_ids, attention_mask) -> tuple[int, int]:
+@struct.dataclass
+class LatentCarry:
+    """What one latent step hands the next: the cache, h, the attention row and the used image tokens."""
+
+    cache: Any
+    h: Any  # (B, H) final-norm hidden state of the last position
+    attn: Any  # (B, max_len) attention row of that query (layers and heads averaged)
+    used: Any  # (B, I) bool
+
+
+# ----------------------------------------------------------------------------- host side
+def latent_token_layout(latent_token_id, input_ids, attention_mask) -> tuple[int, int]:
     """Return (n, P): latent tokens per row and the aligned index of the first one; validate rows."""
-    if cfg.latent_token_id is None:
-        raise ValueError(
-            "this checkpoint has no <|latent|> token; convert it with "
-            "`python tools/convert_weights.py --add-latent-tokens`"
-        )
     ids, mask = np.asarray(input_ids), np.asarray(attention_mask).astype(bool)
-    is_lat = (ids == cfg.latent_token_id) & mask
+    if latent_token_id is None:
+        return 0, ids.shape[1]
+    is_lat = (ids == latent_token_id) & mask
     counts = is_lat.sum(1)
     if (counts != counts[0]).any():
         raise ValueError(
@@ -70,9 +94,11 @@ def latent_token_layout(cfg: ModelConfig, input_ids, attention_mask) -> tuple[in
     return n, p
 
 
-def build_layout(cfg: ModelConfig, lcfg: LatentConfig, input_ids, attention_mask, labels, image_grid_thw,
-                 n: int, p: int) -> LatentLayout:
-    """Validate and lay out the final sequence on the host (positions, labels, image positions)."""
+def make_latent_batch(bb: Backbone, lcfg: LatentConfig, input_ids, attention_mask, labels=None, pixel_values=None,
+                      image_grid_thw=None, *, allow_no_latent_token: bool = False) -> LatentBatch:
+    """Check host inputs (HF tokenizer/processor layout) and lay out the final sequence: a numpy LatentBatch."""
+    cfg = bb.config
+    bb.count_check(input_ids, attention_mask)
     ids = np.asarray(input_ids).astype(np.int32)
     mask = np.asarray(attention_mask).astype(bool)
     b, s = ids.shape
@@ -81,49 +107,59 @@ def build_layout(cfg: ModelConfig, lcfg: LatentConfig, input_ids, attention_mask
     labels = np.asarray(labels).astype(np.int32)
     if labels.shape != ids.shape:
         raise ValueError(f"labels has shape {labels.shape}; it must equal input_ids' {ids.shape} (use -100 to ignore)")
+    images = bb.prepare_images(ids, mask, pixel_values, image_grid_thw)
+    latent_id = cfg.latent_token_id
+    if latent_id is None and not allow_no_latent_token:
+        raise ValueError(
+            "this checkpoint has no <|latent|> token; convert it with "
+            "`python tools/convert_weights.py --add-latent-tokens`"
+        )
+    n, p = latent_token_layout(latent_id, ids, mask)
     c = lcfg.chunk_len if n else 0
     prefix_ids, suffix_ids = ids[:, :p], ids[:, p + n :]
     valid = np.concatenate([mask[:, :p], np.ones((b, n * c), bool), mask[:, p + n :]], 1)
     lab = np.concatenate([labels[:, :p], np.full((b, n * c), IGNORE, np.int32), labels[:, p + n :]], 1)
     lab = np.where(valid, lab, IGNORE)
+    bb.check_position_mode(lcfg.position_mode)
+    rows = bb.position_rows
     if lcfg.position_mode == "sequential":
-        pos = q.sequential_positions(valid)
+        pos = np.clip(np.cumsum(valid, 1) - 1, 0, None)
+        pos = np.broadcast_to(pos[:, None], (b, rows, pos.shape[1]))
     else:
-        pre = q.mrope_positions(cfg, prefix_ids, mask[:, :p], image_grid_thw)  # (3, B, P)
-        start = pre.max((0, 2)) + 1  # (B,) text after the prompt continues from max + 1
+        pre = bb.positions(prefix_ids, mask[:, :p], image_grid_thw, lcfg.position_mode)  # (B, R, P)
+        start = pre.max((1, 2)) + 1  # (B,) text after the prompt continues from max + 1
         rest = np.clip(np.cumsum(valid[:, p:], 1) - 1, 0, None) + start[:, None]
-        pos = np.concatenate([pre, np.broadcast_to(rest[None], (3,) + rest.shape)], 2).astype(np.int32)
-    is_img = (prefix_ids == cfg.image_token_id) & mask[:, :p]
-    n_img = is_img.sum(1)
+        pos = np.concatenate([pre, np.broadcast_to(rest[:, None], (b, rows, rest.shape[1]))], 2)
+    n_img = ((prefix_ids == cfg.image_token_id) & mask[:, :p]).sum(1)
     if n and (n * lcfg.k > n_img).any():
         bad = int(np.nonzero(n * lcfg.k > n_img)[0][0])
         raise ValueError(
             f"row {bad}: n*k = {n}*{lcfg.k} = {n * lcfg.k} image embeddings requested but the row has only "
             f"{int(n_img[bad])} image tokens before its first <|latent|>; lower k or the number of latent steps"
+            + (" (its image is missing)" if n_img[bad] == 0 else "")
         )
-    i_max = max(int(n_img.max()), 1)
-    image_pos = np.zeros((b, i_max), np.int32)
-    image_valid = np.zeros((b, i_max), bool)
-    for r in range(b):
-        where = np.nonzero(is_img[r])[0]
-        image_pos[r, : len(where)] = where
-        image_valid[r, : len(where)] = True
-    return LatentLayout(prefix_ids, suffix_ids, valid, pos, lab, image_pos, image_valid)
+    return LatentBatch(prefix_ids, suffix_ids, valid, np.ascontiguousarray(pos, dtype=np.int32), lab, images,
+                       n=n, prefix_len=p)
 
 
+def to_device(batch: LatentBatch) -> LatentBatch:
+    return jax.tree.map(jnp.asarray, batch)
+
+
+# ----------------------------------------------------------------------------- device side
 def cross_entropy(logits, labels):
     """Mean next-token cross-entropy over labelled positions: logits[:, i] predicts labels[:, i + 1]."""
     logits, target = logits[:, :-1], labels[:, 1:]
     keep = target != IGNORE
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    logp = jax.nn.log_softmax(logits.astype(acc_dtype(logits.dtype)), -1)
     nll = -jnp.take_along_axis(logp, jnp.where(keep, target, 0)[..., None], -1)[..., 0]
     return jnp.sum(nll * keep) / jnp.maximum(keep.sum(), 1)
 
 
 def select_image_positions(attn_row, image_pos, image_valid, used, k: int):
-    """Top-k image positions by attention, not used before (ties: lower position first).
+    """Top-k image tokens by attention, not used before (ties: lower position first).
 
-    attn_row (B, L) over cache slots; returns (indices into the image list (B, k), new used mask).
+    attn_row (B, L) over cache slots; returns (indices into the row's image tokens (B, k), new used mask).
     """
     scores = jnp.take_along_axis(attn_row, image_pos, axis=1)  # (B, I)
     scores = jnp.where(image_valid & ~used, scores, -jnp.inf)
@@ -132,78 +168,92 @@ def select_image_positions(attn_row, image_pos, image_valid, used, k: int):
     return idx, used
 
 
-def latent_prefill(params, cfg: ModelConfig, lcfg: LatentConfig, n: int, layout: LatentLayout, image_features,
-                   h_offset=None, cache_len: int | None = None):
+def _kv_valid(batch: LatentBatch, cache_len: int):
+    total = batch.kv_valid.shape[1]
+    return jnp.pad(batch.kv_valid, ((0, 0), (0, cache_len - total)), constant_values=True)
+
+
+def latent_start(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, cache_len: int | None = None,
+                 remat: str = "none"):
+    """Embed and run the prefix; returns (prefix hidden (B, P, H), Embedded, first carry, kv_valid).
+
+    The cache has `cache_len` slots (default: the final sequence length); slots past the final sequence
+    count as valid, for tokens decoded later.
+    """
+    b, p = batch.prefix_ids.shape
+    cache_len = batch.kv_valid.shape[1] if cache_len is None else cache_len
+    kv_valid = _kv_valid(batch, cache_len)
+    emb = bb.embed(params, batch.prefix_ids, batch.images)
+    cache = bb.init_cache(b, cache_len, emb.embeds.dtype)
+    hidden, cache, attn = bb.decode(params, emb.embeds, batch.positions[:, :, :p], cache, 0, kv_valid,
+                                    attn_row=True, remat=remat)
+    carry = LatentCarry(cache, hidden[:, -1], attn, jnp.zeros(emb.image_valid.shape, bool))
+    return hidden, emb, carry, kv_valid
+
+
+def latent_step(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, emb: Embedded, kv_valid,
+                carry: LatentCarry, t, remat: str = "none"):
+    """One latent step t: select K image tokens, run the chunk [V_t ; h]; returns (carry, (chunk hidden, idx))."""
+    b, p, c, k = batch.batch_size, batch.prefix_len, lcfg.chunk_len, lcfg.k
+    h, used = carry.h, carry.used
+    if lcfg.latent_grad == "stop":
+        h = jax.lax.stop_gradient(h)
+    parts = []
+    idx = jnp.zeros((b, 0), jnp.int32)
+    if k:
+        idx, used = select_image_positions(carry.attn, emb.image_pos, emb.image_valid, used, k)
+        if lcfg.selection_order == "position":
+            idx = jnp.sort(idx, axis=1)
+        parts.append(jnp.take_along_axis(emb.image_embeds, idx[..., None], axis=1))  # (B, k, H)
+    if lcfg.latent_text:
+        parts.append(h[:, None].astype(emb.embeds.dtype))
+    chunk = jnp.concatenate(parts, 1)  # (B, C, H)
+    start = p + t * c
+    cpos = jax.lax.dynamic_slice_in_dim(batch.positions, start, c, axis=2)
+    out, cache, attn = bb.decode(params, chunk, cpos, carry.cache, start, kv_valid, attn_row=True, remat=remat)
+    return LatentCarry(cache, out[:, -1], attn, used), (out, idx.astype(jnp.int32))
+
+
+def latent_prefill(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, cache_len: int | None = None,
+                   remat: str = "none"):
     """Prefix pass then the scan over n latent steps, filling the KV cache.
 
-    Returns (hidden (B, P + n*C, H) after the final norm, cache, selected (n, B, k)). The cache has
-    `cache_len` slots (default: the final sequence length); slots past the final sequence count as
-    valid, for tokens decoded later.
+    Returns (hidden (B, P + n*C, H) after the final norm, cache, selected (n, B, k)).
     """
-    llm = params["llm"]
-    prefix_ids = layout.prefix_ids
-    b, p = prefix_ids.shape
-    c, k = lcfg.chunk_len, lcfg.k
-    total = layout.kv_valid.shape[1]
-    cache_len = total if cache_len is None else cache_len
-    kv_valid = jnp.pad(layout.kv_valid, ((0, 0), (0, cache_len - total)), constant_values=True)
-    emb_prefix = q.embed_tokens(params, cfg, prefix_ids, image_features)  # (B, P, H)
-    cache = q.init_cache(cfg, b, cache_len, emb_prefix.dtype)
-    pos = layout.positions
-    hidden, cache, attn = q.decoder(llm, cfg, emb_prefix, pos[:, :, :p], cache, 0, kv_valid,
-                                    return_attn_row=True)
+    hidden, emb, carry, kv_valid = latent_start(bb, params, lcfg, batch, cache_len, remat)
+    n, b = batch.n, batch.batch_size
     if not n:
-        return hidden, cache, jnp.zeros((0, b, k), jnp.int32)
-    h = hidden[:, -1] + (0 if h_offset is None else h_offset.astype(hidden.dtype))  # (B, H)
-    chunk_pos = pos[:, :, p : p + n * c].reshape(3, b, n, c).transpose(2, 0, 1, 3)  # (n, 3, B, C)
-    used = jnp.zeros(layout.image_valid.shape, bool)
-
-    def step(carry, xs):
-        cache, h, attn, used = carry
-        t, cpos = xs
-        if lcfg.latent_grad == "stop":
-            h = jax.lax.stop_gradient(h)
-        parts = []
-        idx = jnp.zeros((b, 0), jnp.int32)
-        if k:
-            idx, used = select_image_positions(attn, layout.image_pos, layout.image_valid, used, k)
-            if lcfg.selection_order == "position":
-                idx = jnp.sort(idx, axis=1)
-            slots = jnp.take_along_axis(layout.image_pos, idx, axis=1)  # (B, k) prefix indices
-            parts.append(jnp.take_along_axis(emb_prefix, slots[..., None], axis=1))  # (B, k, H)
-        if lcfg.latent_text:
-            parts.append(h[:, None])
-        chunk = jnp.concatenate(parts, 1)  # (B, C, H)
-        out, cache, attn = q.decoder(llm, cfg, chunk, cpos, cache, p + t * c, kv_valid, return_attn_row=True)
-        return (cache, out[:, -1], attn, used), (out, idx.astype(jnp.int32))
-
-    (cache, _, _, _), (chunks, selected) = jax.lax.scan(step, (cache, h, attn, used), (jnp.arange(n), chunk_pos))
-    hidden = jnp.concatenate([hidden, chunks.transpose(1, 0, 2, 3).reshape(b, n * c, -1)], 1)
-    return hidden, cache, selected
+        return hidden, carry.cache, jnp.zeros((0, b, lcfg.k), jnp.int32)
+    step = functools.partial(latent_step, bb, params, lcfg, batch, emb, kv_valid, remat=remat)
+    carry, (chunks, selected) = jax.lax.scan(lambda cr, t: step(cr, t), carry, jnp.arange(n))
+    hidden = jnp.concatenate([hidden, chunks.transpose(1, 0, 2, 3).reshape(b, n * lcfg.chunk_len, -1)], 1)
+    return hidden, carry.cache, selected
 
 
-def latent_hidden(params, cfg: ModelConfig, lcfg: LatentConfig, n: int, layout: LatentLayout, image_features,
-                  h_offset=None):
-    """Final-norm hidden states over the whole final sequence (B, L_final, H), and the selections."""
-    hidden, cache, selected = latent_prefill(params, cfg, lcfg, n, layout, image_features, h_offset)
+def suffix_hidden(bb: Backbone, params, batch: LatentBatch, hidden, cache, remat: str = "none"):
+    """Run the suffix (remaining steps, answer) through the cache after `hidden` (B, P + n*C, H)."""
     start = hidden.shape[1]
-    if layout.suffix_ids.shape[1]:
-        emb_suffix = params["llm"]["embed"][layout.suffix_ids]
-        suffix, _, _ = q.decoder(params["llm"], cfg, emb_suffix, layout.positions[:, :, start:], cache, start,
-                                 layout.kv_valid)
-        hidden = jnp.concatenate([hidden, suffix], 1)
-    return hidden, selected
+    if not batch.suffix_ids.shape[1]:
+        return hidden
+    emb = bb.token_embed(params, batch.suffix_ids)
+    out, _, _ = bb.decode(params, emb, batch.positions[:, :, start:], cache, start, batch.kv_valid, remat=remat)
+    return jnp.concatenate([hidden, out], 1)
 
 
-def _latent_forward(params, cfg: ModelConfig, lcfg: LatentConfig, n: int, layout: LatentLayout,
-                    image_features, h_offset):
+def latent_hidden(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, remat: str = "none"):
+    """Final-norm hidden states over the whole final sequence (B, L_final, H), and the selections."""
+    hidden, cache, selected = latent_prefill(bb, params, lcfg, batch, remat=remat)
+    return suffix_hidden(bb, params, batch, hidden, cache, remat), selected
+
+
+def _latent_forward(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch):
     """Traced body: returns (loss, logits (B, L_final, V), selected (n, B, k))."""
-    hidden, selected = latent_hidden(params, cfg, lcfg, n, layout, image_features, h_offset)
-    logits = q.lm_head(params, cfg, hidden)  # (B, L_final, V)
-    return cross_entropy(logits, layout.labels), logits, selected
+    hidden, selected = latent_hidden(bb, params, lcfg, batch)
+    logits = bb.lm_head(params, hidden)  # (B, L_final, V)
+    return cross_entropy(logits, batch.labels), logits, selected
 
 
-def chunked_cross_entropy(params, cfg: ModelConfig, hidden, labels, chunk: int = 128):
+def chunked_cross_entropy(bb: Backbone, params, hidden, labels, chunk: int = LOSS_CHUNK):
     """cross_entropy(lm_head(hidden), labels) without materialising (B, L, V) logits.
 
     Positions are processed `chunk` at a time under remat, so the backward pass recomputes each
@@ -217,52 +267,32 @@ def chunked_cross_entropy(params, cfg: ModelConfig, hidden, labels, chunk: int =
     n_chunks = (length + pad) // chunk
     hidden = hidden.reshape(b, n_chunks, chunk, h).transpose(1, 0, 2, 3)  # (n_chunks, B, chunk, H)
     target = target.reshape(b, n_chunks, chunk).transpose(1, 0, 2)
+    f = acc_dtype(hidden.dtype)
 
     @jax.checkpoint
     def one(carry, xs):
         hid, tgt = xs
-        logp = jax.nn.log_softmax(q.lm_head(params, cfg, hid), -1)  # (B, chunk, V) float32
+        logp = jax.nn.log_softmax(bb.lm_head(params, hid), -1)  # (B, chunk, V) float32
         keep = tgt != IGNORE
         nll = -jnp.take_along_axis(logp, jnp.where(keep, tgt, 0)[..., None], -1)[..., 0]
-        return (carry[0] + jnp.sum(nll * keep), carry[1] + keep.sum()), None
+        return (carry[0] + jnp.sum(nll * keep), carry[1] + keep.sum(dtype=jnp.int32)), None
 
-    (total, count), _ = jax.lax.scan(one, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), (hidden, target))
+    (total, count), _ = jax.lax.scan(one, (jnp.zeros((), f), jnp.zeros((), jnp.int32)), (hidden, target))
     return total / jnp.maximum(count, 1)
 
 
-def latent_loss(params, cfg: ModelConfig, lcfg: LatentConfig, n: int, layout: LatentLayout, image_features,
-                h_offset=None):
+def latent_loss(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, remat: str = "none"):
     """The training loss: latent forward + chunked cross-entropy (same value as `_latent_forward`'s loss)."""
-    hidden, _ = latent_hidden(params, cfg, lcfg, n, layout, image_features, h_offset)
-    return chunked_cross_entropy(params, cfg, hidden, layout.labels)
+    hidden, _ = latent_hidden(bb, params, lcfg, batch, remat)
+    return chunked_cross_entropy(bb, params, hidden, batch.labels)
 
 
-latent_forward_jit = jax.jit(_latent_forward, static_argnames=("cfg", "lcfg", "n"))
+latent_forward_jit = jax.jit(_latent_forward, static_argnames=("bb", "lcfg"))
 
 
-def prepare(cfg: ModelConfig, lcfg: LatentConfig, input_ids, attention_mask, labels, pixel_values,
-            image_grid_thw):
-    """Host-side checks and layout; returns (n, layout, grid) before any device compute."""
-    q.check_text_inputs(cfg, input_ids, attention_mask,
-                        None if image_grid_thw is None else
-                        int(np.asarray(image_grid_thw).prod(-1).sum()) // cfg.vision.spatial_merge_size**2)
-    if (pixel_values is None) != (image_grid_thw is None):
-        raise ValueError("pixel_values and image_grid_thw go together: pass both or neither")
-    grid = None
-    if image_grid_thw is not None:
-        grid = q.check_image_inputs(cfg.vision, pixel_values, image_grid_thw)
-    n, p = latent_token_layout(cfg, input_ids, attention_mask)
-    layout = build_layout(cfg, lcfg, input_ids, attention_mask, labels, grid, n, p)
-    return n, layout, grid
-
-
-def latent_forward(params, cfg: ModelConfig, lcfg: LatentConfig, input_ids, attention_mask, labels,
-                   pixel_values=None, image_grid_thw=None, h_offset=None) -> LatentOutput:
+def latent_forward(bb: Backbone, params, lcfg: LatentConfig, input_ids, attention_mask, labels, pixel_values=None,
+                   image_grid_thw=None) -> LatentOutput:
     """The IVT-LR forward with latent steps on host inputs (HF processor/tokenizer layout)."""
-    n, layout, grid = prepare(cfg, lcfg, input_ids, attention_mask, labels, pixel_values, image_grid_thw)
-    feats = None
-    if grid is not None:
-        feats = q.encode_images(params, cfg, pixel_values, grid)
-    layout = LatentLayout(*map(jnp.asarray, layout))
-    loss, logits, selected = latent_forward_jit(params, cfg, lcfg, n, layout, feats, h_offset)
+    batch = make_latent_batch(bb, lcfg, input_ids, attention_mask, labels, pixel_values, image_grid_thw)
+    loss, logits, selected = latent_forward_jit(bb, params, lcfg, to_device(batch))
     return LatentOutput(loss, logits, selected)

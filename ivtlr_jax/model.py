@@ -1,24 +1,44 @@
-"""`IVTLRModel`: the thin public wrapper over the params pytree and the pure model functions."""
+"""`IVTLRModel`: the thin public wrapper over a backbone, its params and the pure model functions."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ivtlr_jax.config import ModelConfig, check_dtype
-from ivtlr_jax.models import qwen2_vl as q
+from ivtlr_jax.config import LatentConfig, check_dtype
+from ivtlr_jax.models import Backbone, backbone_for
+
+
+@functools.partial(jax.jit, static_argnames=("bb",))
+def forward_logits(bb: Backbone, params, input_ids, attention_mask, positions, images):
+    """One full pass: token ids (+ images) -> float32 logits (B, S, V)."""
+    emb = bb.embed(params, input_ids, images)
+    b, s = input_ids.shape
+    cache = bb.init_cache(b, s, emb.embeds.dtype)
+    hidden, _, _ = bb.decode(params, emb.embeds, positions, cache, 0, attention_mask.astype(bool))
+    return bb.lm_head(params, hidden)
+
+
+@functools.partial(jax.jit, static_argnames=("bb",))
+def _image_features(bb: Backbone, params, images):
+    return bb.image_features(params, images)
 
 
 class IVTLRModel:
-    """A converted Qwen2-VL checkpoint: config, params (a plain pytree) and the calls users make."""
+    """A converted checkpoint of any backbone: config, params (a typed pytree) and the calls users make."""
 
-    def __init__(self, config: ModelConfig, params, path: str | None = None):
+    def __init__(self, config, params, path: str | None = None):
         self.config = config
         self.params = params
         self.path = path
+
+    @property
+    def backbone(self) -> Backbone:
+        return backbone_for(self.config)
 
     @classmethod
     def from_pretrained(cls, ckpt_dir: str, dtype: str = "float32") -> IVTLRModel:
@@ -34,41 +54,54 @@ class IVTLRModel:
 
     @property
     def dtype(self):
-        return self.params["llm"]["embed"].dtype
+        return self.params.llm.embed.dtype
 
-    def image_features(self, pixel_values, image_grid_thw):
-        """(num_image_tokens, hidden) merged vision features for HF-layout pixel_values."""
-        return q.encode_images(self.params, self.config, pixel_values, image_grid_thw)
+    def _images(self, input_ids, attention_mask, pixel_values, image_grid_thw):
+        images = self.backbone.prepare_images(input_ids, attention_mask, pixel_values, image_grid_thw)
+        return None if images is None else jax.tree.map(jnp.asarray, images)
 
-    def _features_or_none(self, pixel_values, image_grid_thw):
-        if pixel_values is None and image_grid_thw is None:
-            return None, 0
-        if pixel_values is None or image_grid_thw is None:
-            raise ValueError("pixel_values and image_grid_thw go together: pass both or neither")
-        feats = self.image_features(pixel_values, image_grid_thw)
-        return feats, int(feats.shape[0])
+    def image_features(self, pixel_values, image_grid_thw=None):
+        """(num_image_tokens, hidden) image embeddings of the images in order (each encoded on its own)."""
+        bb = self.backbone
+        counts = bb.image_token_counts(pixel_values, image_grid_thw)
+        ids = np.zeros((len(counts), max(counts)), np.int32)
+        mask = np.zeros_like(ids)
+        for r, c in enumerate(counts):
+            ids[r, :c], mask[r, :c] = self.config.image_token_id, 1
+        feats = np.asarray(_image_features(bb, self.params, self._images(ids, mask, pixel_values, image_grid_thw)))
+        return np.concatenate([feats[r, :c] for r, c in enumerate(counts)])
+
+    def image_tokens(self, pixel_values):
+        """(n_images, tokens per image) discrete image-token ids, for backbones that tokenize images (Chameleon)."""
+        bb = self.backbone
+        if not hasattr(bb, "image_token_ids"):
+            raise ValueError(f"{bb.model_type} does not turn images into discrete tokens; use image_features")
+        return np.asarray(bb.image_token_ids(self.params, jnp.asarray(pixel_values)))
 
     def logits(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None,
-               position_mode: str = "mrope") -> np.ndarray:
-        """One full forward pass; returns float32 logits (B, S, V) as a numpy array."""
-        feats, n_img = self._features_or_none(pixel_values, image_grid_thw)
-        ids, mask = q.check_text_inputs(self.config, input_ids, attention_mask, n_img)
-        pos = q.make_positions(self.config, ids, mask, image_grid_thw, position_mode)
-        out = q.forward_logits(self.params, self.config, jnp.asarray(ids), jnp.asarray(mask),
-                               jnp.asarray(pos), feats)
+               position_mode: str | None = None) -> np.ndarray:
+        """One full forward pass; returns float32 logits (B, S, V) as a numpy array.
+
+        position_mode defaults to the backbone's native rule (Qwen2-VL: "mrope"; Chameleon: "sequential").
+        """
+        bb = self.backbone
+        bb.count_check(input_ids, attention_mask)
+        images = self._images(input_ids, attention_mask, pixel_values, image_grid_thw)
+        ids, mask = np.asarray(input_ids).astype(np.int32), np.asarray(attention_mask).astype(np.int32)
+        pos = bb.positions(ids, mask, image_grid_thw, position_mode or bb.native_position_mode)
+        out = forward_logits(bb, self.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos), images)
         return np.asarray(out)
 
     def latent_forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None,
                        k: int = 32, latent_text: bool = True, position_mode: str = "sequential",
                        selection_order: str = "position", latent_grad: str = "stop"):
         """IVT-LR forward with the latent steps the `<|latent|>` tokens ask for; loss, logits, selections."""
-        from ivtlr_jax.config import LatentConfig
         from ivtlr_jax.latent import LatentOutput, latent_forward
 
         lcfg = LatentConfig(k=k, latent_text=latent_text, position_mode=position_mode,
                             selection_order=selection_order, latent_grad=latent_grad)
-        out = latent_forward(self.params, self.config, lcfg, input_ids, attention_mask, labels,
-                             pixel_values, image_grid_thw)
+        out = latent_forward(self.backbone, self.params, lcfg, input_ids, attention_mask, labels, pixel_values,
+                             image_grid_thw)
         return LatentOutput(float(out.loss), np.asarray(out.logits), np.asarray(out.selected))
 
     def generate(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, max_new_tokens: int = 64,
@@ -80,12 +113,11 @@ class IVTLRModel:
         Returns GenerateOutput: tokens (B, max_new_tokens) padded after EOS, lengths (B,) with EOS,
         selected (n, B, k), steps (decoding steps run).
         """
-        from ivtlr_jax.config import LatentConfig
         from ivtlr_jax.generate import SamplingConfig, generate
 
         lcfg = LatentConfig(k=k, latent_text=latent_text, position_mode=position_mode,
                             selection_order=selection_order)
         sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
-        return generate(self.params, self.config, lcfg, input_ids, attention_mask, pixel_values, image_grid_thw,
+        return generate(self.backbone, self.params, lcfg, input_ids, attention_mask, pixel_values, image_grid_thw,
                         max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos_token_ids,
                         pad_token_id=pad_token_id, max_cache_len=max_cache_len)

@@ -1,7 +1,7 @@
 """Device meshes named after hardware, one logical-axis rules table, and global batches from per-host slices.
 
-A mesh has the axes ("data", "fsdp", "tensor"). Every parameter dimension carries a logical name
-(`param_logical_axes`); `LOGICAL_RULES` maps logical names to mesh axes; `logical_to_sharding` turns
+A mesh has the axes ("data", "fsdp", "tensor"). Every parameter dimension carries a logical name (in
+the backbone's spec table); `LOGICAL_RULES` maps logical names to mesh axes; `logical_to_sharding` turns
 the two into `NamedSharding`s, leaving a dimension replicated where its size does not divide.
 CPU devices may stand in for any preset (tests use XLA_FLAGS=--xla_force_host_platform_device_count=N).
 """
@@ -11,21 +11,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from ivtlr_jax.config import ModelConfig
+from ivtlr_jax.models import spec as sp
 
 logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the leading (batch) axis of activations and inputs is split over these
-DEFAULT_REPLICATE_KEYS = ("pixel_values", "image_grid_thw")  # batch keys whose leading axis is not the batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,98 +187,10 @@ def maybe_initialize_distributed(preset: str | MeshPreset, **kwargs) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- parameters
-def param_logical_axes(cfg: ModelConfig) -> dict:
-    """Logical axis names for every parameter, the same tree as `layout.param_shapes(cfg)`."""
-    L = "layers"
-    vision = {
-        "patch_embed": {"kernel": ("patch", "vision_embed")},
-        "blocks": {
-            "norm1": {"scale": (L, "norm"), "bias": (L, "norm")},
-            "norm2": {"scale": (L, "norm"), "bias": (L, "norm")},
-            "qkv": {"kernel": (L, "vision_embed", "vision_heads"), "bias": (L, "vision_heads")},
-            "proj": {"kernel": (L, "vision_heads", "vision_embed"), "bias": (L, "norm")},
-            "fc1": {"kernel": (L, "vision_embed", "vision_mlp"), "bias": (L, "vision_mlp")},
-            "fc2": {"kernel": (L, "vision_mlp", "vision_embed"), "bias": (L, "norm")},
-        },
-        "merger": {
-            "ln_q": {"scale": ("norm",), "bias": ("norm",)},
-            "fc1": {"kernel": ("vision_embed", "vision_mlp"), "bias": ("vision_mlp",)},
-            "fc2": {"kernel": ("vision_mlp", "embed"), "bias": ("norm",)},
-        },
-    }
-    llm = {
-        "embed": ("vocab", "embed"),
-        "layers": {
-            "input_norm": (L, "norm"),
-            "post_attn_norm": (L, "norm"),
-            "q": {"kernel": (L, "embed", "heads"), "bias": (L, "heads")},
-            "k": {"kernel": (L, "embed", "kv_heads"), "bias": (L, "kv_heads")},
-            "v": {"kernel": (L, "embed", "kv_heads"), "bias": (L, "kv_heads")},
-            "o": {"kernel": (L, "heads", "embed")},
-            "gate": {"kernel": (L, "embed", "mlp")},
-            "up": {"kernel": (L, "embed", "mlp")},
-            "down": {"kernel": (L, "mlp", "embed")},
-        },
-        "norm": ("norm",),
-    }
-    if not cfg.tie_word_embeddings:
-        llm["lm_head"] = ("embed", "vocab")
-    return {"vision": vision, "llm": llm}
-
-
-# Base kernel (input, output) logical axes of the modules LoRA may target.
-_KERNEL_AXES = {
-    "q": ("embed", "heads"), "k": ("embed", "kv_heads"), "v": ("embed", "kv_heads"), "o": ("heads", "embed"),
-    "gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed"),
-    "qkv": ("vision_embed", "vision_heads"), "proj": ("vision_heads", "vision_embed"),
-    "fc1": ("vision_embed", "vision_mlp"), "fc2": ("vision_mlp", "vision_embed"),
-}
-_LORA_A = re.compile(r"(^|_)a$", re.IGNORECASE)
-_LORA_B = re.compile(r"(^|_)b$", re.IGNORECASE)
-
-
-def _key_name(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def _shape_of(x) -> tuple[int, ...]:
     if isinstance(x, tuple) and all(isinstance(d, (int, np.integer)) for d in x):
         return tuple(int(d) for d in x)
     return tuple(np.shape(x))
-
-
-def _is_shape(x) -> bool:
-    return isinstance(x, tuple) and all(isinstance(d, (int, np.integer)) for d in x)
-
-
-def lora_logical_axes(lora_tree) -> Any:
-    """Logical axes for a LoRA tree (leaves: arrays, ShapeDtypeStructs or shape tuples).
-
-    A leaf whose key ends in `a`/`lora_a` under a target module (q, k, v, o, gate, up, down, ...)
-    gets ([layers,] <module input axis>, "lora_rank"); one ending in `b`/`lora_b` gets
-    ([layers,] "lora_rank", <module output axis>). A leading stacked-layer axis is "layers".
-    Anything else is replicated.
-    """
-
-    def axes(path, leaf):
-        names = [_key_name(k) for k in path]
-        rank = len(_shape_of(leaf))
-        module = next((n for n in reversed(names[:-1]) if n in _KERNEL_AXES), None)
-        last = names[-1] if names else ""
-        if module is None or rank < 2:
-            return (None,) * rank
-        kin, kout = _KERNEL_AXES[module]
-        lead = ("layers",) * (rank - 2)
-        if _LORA_A.search(last):
-            return (*lead, kin, "lora_rank")
-        if _LORA_B.search(last):
-            return (*lead, "lora_rank", kout)
-        return (None,) * rank
-
-    return jax.tree_util.tree_map_with_path(axes, lora_tree, is_leaf=_is_shape)
 
 
 def _is_logical(x) -> bool:
@@ -325,11 +235,9 @@ def logical_to_sharding(mesh: Mesh, logical_tree, shapes_tree=None):
                         logical_tree, shapes_tree, is_leaf=_is_logical)
 
 
-def param_shardings(mesh: Mesh, cfg: ModelConfig):
-    """NamedShardings for the full parameter tree of `cfg` (layout.param_shapes)."""
-    from ivtlr_jax.models.layout import param_shapes
-
-    return logical_to_sharding(mesh, param_logical_axes(cfg), param_shapes(cfg))
+def param_shardings(mesh: Mesh, spec):
+    """NamedShardings for every leaf of a spec tree (ParamInfo leaves: the backbone's params or adapters)."""
+    return sp.map_spec(lambda i: NamedSharding(mesh, logical_to_spec(i.axes, mesh, i.shape)), spec)
 
 
 # ---------------------------------------------------------------------------------------- batches
@@ -349,42 +257,31 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_size: int | None = None) -> Name
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), mesh, shape))
 
 
-def _gather_replicated(key: str, value: np.ndarray) -> np.ndarray:
-    """Concatenate a per-host array over hosts (host order) so every host holds the same whole array."""
-    from jax.experimental import multihost_utils
+def host_batch_to_global(mesh: Mesh, local_batch):
+    """Global arrays from this host's slice of a batch pytree (every leaf batch-leading), split over the data axes.
 
-    shapes = np.asarray(multihost_utils.process_allgather(np.asarray(value.shape, np.int64)))
-    if not (shapes == shapes[0]).all():
-        raise ValueError(f"batch key {key!r}: hosts hold different shapes {shapes.tolist()}; "
-                         "a replicated key must have the same shape on every host (pad it)")
-    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
-
-
-def host_batch_to_global(mesh: Mesh, local_batch: Mapping[str, np.ndarray],
-                         replicate_keys: Sequence[str] = DEFAULT_REPLICATE_KEYS) -> dict[str, jax.Array]:
-    """Global arrays from this host's slice of the batch (leading axis), split over the data axes.
-
-    Keys in `replicate_keys` and 0-d values are replicated on every device; with several
-    processes, replicated keys are concatenated over hosts in process order and scalars must agree.
+    With several processes each host passes its own rows; the global batch is their concatenation in
+    process order.
     """
     nproc = jax.process_count()
-    sizes = {k: np.shape(v)[0] for k, v in local_batch.items() if k not in replicate_keys and np.ndim(v) > 0}
-    if len(set(sizes.values())) > 1:
-        raise ValueError(f"batch keys disagree on the leading (batch) size: {sizes}; "
-                         "pass keys whose leading axis is not the batch in replicate_keys")
-    out = {}
-    for key, value in local_batch.items():
+    leaves = jax.tree_util.tree_leaves(local_batch)
+    sizes = {np.shape(v)[0] for v in leaves}
+    if len(sizes) > 1:
+        raise ValueError(f"batch leaves disagree on the leading (batch) size: {sorted(sizes)}")
+
+    def place(value):
         value = np.asarray(value)
-        if key in replicate_keys or value.ndim == 0:
-            if nproc > 1 and key in replicate_keys:
-                value = _gather_replicated(key, value)
-            out[key] = jax.make_array_from_process_local_data(replicated(mesh), value, value.shape)
-            continue
         global_shape = (value.shape[0] * nproc,) + value.shape[1:]
         sharding = batch_sharding(mesh, value.ndim, global_shape[0])
         if nproc > 1 and sharding.spec == PartitionSpec():
-            raise ValueError(f"batch key {key!r}: global batch {global_shape[0]} does not divide over the "
-                             f"data axes {dict((a, mesh.shape[a]) for a in BATCH_AXES if a in mesh.shape)}; "
+            raise ValueError(f"global batch {global_shape[0]} does not divide over the data axes "
+                             f"{dict((a, mesh.shape[a]) for a in BATCH_AXES if a in mesh.shape)}; "
                              "use a per-host batch size that does")
-        out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
-    return out
+        return jax.make_array_from_process_local_data(sharding, value, global_shape)
+
+    return jax.tree.map(place, local_batch)
+
+
+def batch_shardings(mesh: Mesh, batch):
+    """The shardings `host_batch_to_global` gives a batch pytree (arrays or ShapeDtypeStructs)."""
+    return jax.tree.map(lambda v: batch_sharding(mesh, len(v.shape), v.shape[0]), batch)

@@ -27,7 +27,8 @@ from ivtlr_jax.convert import (
     save_checkpoint,
 )
 from ivtlr_jax.convert.safetensors_io import SafetensorsReader
-from ivtlr_jax.models.layout import param_shapes
+from ivtlr_jax.models import backbone_for
+from ivtlr_jax.models import spec as sp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = {
@@ -167,6 +168,8 @@ def reference_params(sd, tie):
 
 
 def flat(tree, prefix=""):
+    if not isinstance(tree, dict):  # the typed params tree
+        return sp.flatten(tree)
     out = {}
     for k, v in tree.items():
         out.update(flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
@@ -174,7 +177,7 @@ def flat(tree, prefix=""):
 
 
 def assert_trees_equal(got, want):
-    got, want = flat(got), flat(want)
+    got, want = flat(got), flat(want)  # same "llm/layers/q/kernel" names for typed trees and nested dicts
     assert sorted(got) == sorted(want)
     for k in want:
         np.testing.assert_array_equal(np.asarray(got[k], np.float32), np.asarray(want[k], np.float32), err_msg=k)
@@ -225,7 +228,7 @@ def test_untied_without_lm_head_uses_embedding(tmp_path):
     summary = convert_hf_to_checkpoint(src, dst, verbose=False)
     _, params = load_checkpoint(dst)
     assert summary["lm_head_from_embedding"]
-    np.testing.assert_array_equal(params["llm"]["lm_head"], sd["model.language_model.embed_tokens.weight"].numpy().T)
+    np.testing.assert_array_equal(params.llm.lm_head, sd["model.language_model.embed_tokens.weight"].numpy().T)
 
 
 def test_bfloat16(tmp_path):
@@ -297,7 +300,7 @@ def test_add_latent_tokens(tmp_path, growth):
     assert (cfg.start_latent_token_id, cfg.end_latent_token_id, cfg.latent_token_id) == tuple(ids)
     assert cfg.vocab_size == (n_tok + 3 if growth else vocab)
     assert summary["latent_init"] == "<<"
-    embed, head = params["llm"]["embed"], params["llm"]["lm_head"]
+    embed, head = params.llm.embed, params.llm.lm_head
     assert embed.shape == (cfg.vocab_size, 64) and head.shape == (64, cfg.vocab_size)
     for i in ids:
         np.testing.assert_array_equal(embed[i], embed[init_id])
@@ -328,7 +331,7 @@ def test_add_latent_tokens_without_init_token_uses_mean(tmp_path, caplog):
     assert summary["latent_init"] == "mean"
     assert "'<<' is not in the tokenizer" in caplog.text and "mean embedding row" in caplog.text
     _, params = load_checkpoint(dst)
-    embed = params["llm"]["embed"]
+    embed = params.llm.embed
     mean = sd["model.language_model.embed_tokens.weight"].numpy().mean(axis=0)
     for i in range(n_tok, n_tok + 3):
         np.testing.assert_allclose(embed[i], mean, rtol=1e-6, atol=1e-7)
@@ -364,7 +367,7 @@ def test_flat_config_latent_tokens_round_trip(tmp_path):
     export_checkpoint_to_hf(dst, out, verbose=False)
     model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(out)
     embed = model.get_input_embeddings().weight.detach().numpy()
-    np.testing.assert_array_equal(embed, params["llm"]["embed"])
+    np.testing.assert_array_equal(embed, params.llm.embed)
     np.testing.assert_array_equal(embed[: len(tok)], sd["model.language_model.embed_tokens.weight"].numpy())
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
@@ -408,11 +411,7 @@ def test_check_params_lists_problems():
                       tie_word_embeddings=True,
                       vision=VisionConfig(depth=1, embed_dim=4, num_heads=1, out_hidden_size=8))
 
-    def zeros_like_layout(shapes):
-        return {k: zeros_like_layout(v) if isinstance(v, dict) else np.zeros(v, np.float32)
-                for k, v in shapes.items()}
-
-    tree = zeros_like_layout(param_shapes(cfg))
+    tree = sp.to_nested_dict(sp.map_spec(lambda i: np.zeros(i.shape, np.float32), backbone_for(cfg).param_spec()))
     check_params(cfg, tree)
     del tree["llm"]["norm"]
     tree["llm"]["lm_head"] = np.zeros((8, 10), np.float32)

@@ -3,6 +3,7 @@
 import jinja2
 import pytest
 
+from experiments.tiny_tokenizer import TINY_SPECIAL_TOKENS, build_tiny_tokenizer
 from ivtlr_jax.data.text import (
     QWEN2VL_CHAT_TEMPLATE,
     build_prompt_ids,
@@ -14,7 +15,6 @@ from ivtlr_jax.data.text import (
     render_chat,
     split_steps,
 )
-from ivtlr_jax.data.tiny_tokenizer import TINY_SPECIAL_TOKENS, build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_data_package_imports_no_jax_or_model_code():
     import sys
 
     code = (
-        "import sys, ivtlr_jax.data, ivtlr_jax.data.tiny_tokenizer, ivtlr_jax.data.synthetic\n"
+        "import sys, ivtlr_jax.data, ivtlr_jax.data.synthetic\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'torch')"
         " or m.startswith(('ivtlr_jax.models', 'ivtlr_jax.latent', 'ivtlr_jax.model')))\n"
         "assert not bad, bad\n"

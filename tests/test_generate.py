@@ -22,6 +22,22 @@ def lm(tiny_pair):
     return IVTLRModel(cfg, m.params)
 
 
+def test_greedy_equals_transformers_generate(tiny_pair, lm):
+    """n = 0 with native M-RoPE positions: our cached greedy decoding equals transformers' generate."""
+    import torch
+
+    hf, _ = tiny_pair
+    ids, mask, pv, grid = prompt_batch(0)
+    res = lm.generate(ids, mask, pv, grid, max_new_tokens=T, position_mode="mrope", eos_token_ids=[299])
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          pixel_values=torch.tensor(pv), image_grid_thw=torch.tensor(grid), max_new_tokens=T,
+                          do_sample=False, eos_token_id=299, pad_token_id=0)
+    want = out[:, ids.shape[1]:].numpy()
+    assert want.shape == (2, T)
+    np.testing.assert_array_equal(res.tokens, want)
+
+
 def prompt_batch(n, grid=GRID, seed=0):
     """Two prompts of different lengths with an image each, n latent tokens, left-padded."""
     pv, grid = image_batch(grid, seed=seed)
@@ -107,12 +123,12 @@ def test_sampling_is_seeded_and_top_p_small_is_greedy(lm):
 def test_one_compilation_per_shape(lm):
     ids, mask, pv, grid = prompt_batch(2)
     lcfg = LatentConfig(k=4)
-    generate(lm.params, lm.config, lcfg, ids, mask, pv, grid, max_new_tokens=3, eos_token_ids=[299])
+    generate(lm.backbone, lm.params, lcfg, ids, mask, pv, grid, max_new_tokens=3, eos_token_ids=[299])
     before = generate_jit._cache_size()
     pv2, _ = image_batch(grid, seed=7)
     ids2 = ids.copy()
     ids2[ids2 == 13] = 40
-    generate(lm.params, lm.config, lcfg, ids2, mask, pv2, grid, max_new_tokens=3, eos_token_ids=[299],
+    generate(lm.backbone, lm.params, lcfg, ids2, mask, pv2, grid, max_new_tokens=3, eos_token_ids=[299],
              sampling=SamplingConfig())
     assert generate_jit._cache_size() == before
 

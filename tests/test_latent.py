@@ -11,8 +11,17 @@ from tiny import image_batch, image_run
 
 from ivtlr_jax import IVTLRModel
 from ivtlr_jax.config import LatentConfig
-from ivtlr_jax.latent import latent_forward, latent_forward_jit, prepare
-from ivtlr_jax.models import qwen2_vl as q
+from ivtlr_jax.latent import (
+    chunked_cross_entropy,
+    latent_forward,
+    latent_forward_jit,
+    latent_loss,
+    latent_start,
+    latent_step,
+    make_latent_batch,
+    suffix_hidden,
+    to_device,
+)
 
 LATENT, EOS = 296, 299
 GRID = [[1, 20, 20], [1, 20, 24]]  # 100 and 120 image tokens: rows select over their own images
@@ -105,56 +114,111 @@ def test_n0_equals_plain_forward(lm):
     assert abs(out.loss - nll[keep].mean()) <= 1e-5 * out.loss
 
 
+def coconut_oracle(hf, ids, mask, labels, pv, grid):
+    """Coconut with torch: each <|latent|> slot, in turn, becomes the last hidden state before it."""
+    import torch
+
+    lm_ = hf.model.language_model
+    with torch.no_grad():
+        emb = hf.model.get_input_embeddings()(torch.tensor(ids))
+        feats = torch.cat(hf.model.get_image_features(torch.tensor(pv), torch.tensor(grid)).pooler_output)
+        img = (torch.tensor(ids) == hf.config.image_token_id).unsqueeze(-1).expand_as(emb)
+        emb = emb.masked_scatter(img, feats)
+        pos = torch.tensor((np.cumsum(mask, 1) - 1).clip(0))
+        for t in np.nonzero(ids[0] == LATENT)[0]:
+            out = lm_(inputs_embeds=emb[:, :t], attention_mask=torch.tensor(mask[:, :t]), position_ids=pos[:, :t])
+            emb[:, t] = out.last_hidden_state[:, -1]
+        out = lm_(inputs_embeds=emb, attention_mask=torch.tensor(mask), position_ids=pos)
+        logits = hf.lm_head(out.last_hidden_state).float()
+    lab = np.where(mask > 0, labels, -100)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             torch.tensor(lab[:, 1:]).reshape(-1).long(), ignore_index=-100)
+    return float(loss), logits.numpy()
+
+
 def test_k0_is_coconut_chunk_of_one(lm):
-    _, m = lm
+    hf, m = lm
     ids, mask, labels, pv, grid = latent_batch(2)
     out = m.latent_forward(ids, mask, labels, pv, grid, k=0)
     assert out.logits.shape[1] == ids.shape[1]  # each latent slot holds exactly h
     assert out.selected.shape == (2, 2, 0)
+    loss, logits = coconut_oracle(hf, ids, mask, labels, pv, grid)
+    valid = mask.astype(bool)
+    assert np.abs(out.logits - logits)[valid].max() <= 1e-4
+    assert abs(out.loss - loss) <= 1e-5 * abs(loss)
 
 
-def _grad_setup(lm, latent_grad):
+def unrolled_loss(m, lcfg, batch):
+    """The latent loss as a function of offsets added to h before every step (production pieces, unrolled)."""
+    bb = m.backbone
+
+    def loss_of(params, offsets):  # offsets (n, B, H)
+        hidden, emb, carry, kv_valid = latent_start(bb, params, lcfg, batch)
+        chunks = []
+        for t in range(batch.n):
+            carry = carry.replace(h=carry.h + offsets[t].astype(carry.h.dtype))
+            carry, (out, _) = latent_step(bb, params, lcfg, batch, emb, kv_valid, carry, t)
+            chunks.append(out)
+        hidden = suffix_hidden(bb, params, batch, jnp.concatenate([hidden, *chunks], 1), carry.cache)
+        return chunked_cross_entropy(bb, params, hidden, batch.labels)
+
+    return loss_of
+
+
+def _grad_setup(lm, latent_grad, n=3):
     _, m = lm
     lcfg = LatentConfig(k=4, latent_grad=latent_grad)
-    ids, mask, labels, pv, grid = latent_batch(2)
-    n, layout, g = prepare(m.config, lcfg, ids, mask, labels, pv, grid)
-    feats = q.encode_images(m.params, m.config, pv, g)
-
-    def loss_of(offset):
-        return latent_forward_jit(m.params, m.config, lcfg, n, layout, feats, offset)[0]
-
-    return loss_of, jnp.zeros((2, m.config.hidden_size))
+    ids, mask, labels, pv, grid = latent_batch(n)
+    batch = to_device(make_latent_batch(m.backbone, lcfg, ids, mask, labels, pv, grid))
+    return m, lcfg, batch, jnp.zeros((n, 2, m.config.hidden_size))
 
 
 def test_stop_gradient_through_latent_state(lm):
-    loss_of, zero = _grad_setup(lm, "stop")
-    g = jax.grad(loss_of)(zero)
-    assert float(jnp.abs(g).max()) == 0.0
+    """With latent_grad="stop" no gradient reaches h at any step; with "full" every step's h gets one."""
+    for mode in ("stop", "full"):
+        m, lcfg, batch, zero = _grad_setup(lm, mode)
+        loss_of = unrolled_loss(m, lcfg, batch)
+        loss, vjp = jax.vjp(lambda off: loss_of(m.params, off), zero)
+        want = latent_loss(m.backbone, m.params, lcfg, batch)
+        assert abs(float(loss) - float(want)) <= 1e-6 * abs(float(want))  # the unrolled pieces are the loop
+        (g,) = vjp(jnp.ones_like(loss))
+        per_step = np.abs(np.asarray(g)).reshape(batch.n, -1).max(1)
+        if mode == "stop":
+            assert (per_step == 0.0).all(), per_step
+        else:
+            assert (per_step > 1e-6).all(), per_step
 
 
 def test_full_gradient_matches_finite_differences(lm):
-    loss_of, zero = _grad_setup(lm, "full")
-    g = jax.grad(loss_of)(zero)
-    assert float(jnp.abs(g).max()) > 1e-6
-    flat = jnp.abs(g).reshape(-1)
-    one_hot = jnp.zeros(g.size).at[jnp.argmax(flat)].set(1.0).reshape(g.shape)
-    for direction in (g / jnp.linalg.norm(g), one_hot):
-        eps = 3e-2
-        fd = (loss_of(eps * direction) - loss_of(-eps * direction)) / (2 * eps)
-        analytic = jnp.vdot(g, direction)
-        assert abs(float(fd - analytic)) <= 3e-2 * abs(float(analytic))
+    """float64: the analytic gradient w.r.t. h at every step equals central differences within ~1e-6."""
+    with jax.enable_x64(True):
+        m, lcfg, batch, zero = _grad_setup(lm, "full")
+        params64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), m.params)
+        loss_of = jax.jit(lambda off: unrolled_loss(m, lcfg, batch)(params64, off))
+        zero = zero.astype(jnp.float64)
+        g = jax.grad(loss_of)(zero)
+        assert g.dtype == jnp.float64 and float(jnp.abs(g).max()) > 1e-6
+        flat = jnp.abs(g).reshape(-1)
+        one_hot = jnp.zeros(g.size, jnp.float64).at[jnp.argmax(flat)].set(1.0).reshape(g.shape)
+        rng = np.random.default_rng(0)
+        rand = jnp.asarray(rng.normal(size=g.shape))
+        for direction in (g / jnp.linalg.norm(g), one_hot, rand / jnp.linalg.norm(rand)):
+            eps = 1e-5
+            fd = (loss_of(eps * direction) - loss_of(-eps * direction)) / (2 * eps)
+            analytic = jnp.vdot(g, direction)
+            assert abs(float(fd - analytic)) <= 1e-6 * max(abs(float(analytic)), 1e-3), (float(fd), float(analytic))
 
 
 def test_same_shapes_do_not_retrace(lm):
     _, m = lm
     ids, mask, labels, pv, grid = latent_batch(1)
     lcfg = LatentConfig(k=4)
-    latent_forward(m.params, m.config, lcfg, ids, mask, labels, pv, grid)
+    latent_forward(m.backbone, m.params, lcfg, ids, mask, labels, pv, grid)
     before = latent_forward_jit._cache_size()
     pv2, _ = image_batch(grid, seed=5)
     labels2 = labels.copy()
     labels2[labels2 == 50] = 60
-    latent_forward(m.params, m.config, lcfg, ids, mask, labels2, pv2, grid)
+    latent_forward(m.backbone, m.params, lcfg, ids, mask, labels2, pv2, grid)
     assert latent_forward_jit._cache_size() == before
 
 
@@ -186,19 +250,15 @@ def test_bad_inputs(lm):
 
 
 def test_chunked_training_loss_equals_full_loss_and_gradient(lm):
-    from ivtlr_jax.latent import latent_loss
-
     _, m = lm
-    lcfg = LatentConfig(k=4)
+    bb, lcfg = m.backbone, LatentConfig(k=4)
     ids, mask, labels, pv, grid = latent_batch(2)
-    n, layout, g = prepare(m.config, lcfg, ids, mask, labels, pv, grid)
-    layout = type(layout)(*map(jnp.asarray, layout))
-    feats = q.encode_images(m.params, m.config, pv, g)
-    full = latent_forward_jit(m.params, m.config, lcfg, n, layout, feats, None)[0]
-    chunked = jax.jit(latent_loss, static_argnums=(1, 2, 3))(m.params, m.config, lcfg, n, layout, feats)
+    batch = to_device(make_latent_batch(bb, lcfg, ids, mask, labels, pv, grid))
+    full = latent_forward_jit(bb, m.params, lcfg, batch)[0]
+    chunked = jax.jit(latent_loss, static_argnums=(0, 2))(bb, m.params, lcfg, batch)
     assert abs(float(full) - float(chunked)) <= 1e-5 * float(full)
-    g_full = jax.jit(jax.grad(lambda p: latent_forward_jit(p, m.config, lcfg, n, layout, feats, None)[0]))(m.params)
-    g_chunk = jax.jit(jax.grad(lambda p: latent_loss(p, m.config, lcfg, n, layout, feats)))(m.params)
+    g_full = jax.jit(jax.grad(lambda p: latent_forward_jit(bb, p, lcfg, batch)[0]))(m.params)
+    g_chunk = jax.jit(jax.grad(lambda p: latent_loss(bb, p, lcfg, batch)))(m.params)
     for a, b in zip(jax.tree_util.tree_leaves(g_full), jax.tree_util.tree_leaves(g_chunk)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
 
@@ -219,6 +279,5 @@ def test_repadded_batch_gives_the_same_loss(lm, mode):
                          position_mode=mode)
     assert abs(a.loss - b.loss) <= 1e-5 * a.loss
     np.testing.assert_array_equal(a.selected, b.selected)
-    _, layout, _ = prepare(m.config, LatentConfig(k=4), ids, mask, labels, pv, grid)
-    valid = layout.kv_valid  # compare real tokens only: pad positions hold no prediction
+    valid = make_latent_batch(m.backbone, LatentConfig(k=4), ids, mask, labels, pv, grid).kv_valid  # real tokens
     np.testing.assert_allclose(b.logits[:, 5:5 + a.logits.shape[1]][valid], a.logits[valid], atol=1e-4)

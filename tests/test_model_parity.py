@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny import image_batch, image_run, left_pad
 
-from ivtlr_jax.models import qwen2_vl as q
+from ivtlr_jax.models.base import sequential_positions
 
 TOL = 1e-4
 GRID = [[1, 20, 20], [1, 14, 10]]  # 280x280 and 196x140 images: 100 and 35 image tokens
@@ -53,7 +53,7 @@ def test_logits_parity(tiny_pair, mode):
     hf, m = tiny_pair
     ids, mask, pv, grid = two_row_batch()
     ours = m.logits(ids, mask, pv, grid, position_mode=mode)
-    pos = q.sequential_positions(mask)[0] if mode == "sequential" else None
+    pos = sequential_positions(mask)[:, 0] if mode == "sequential" else None
     ref = hf_logits(hf, ids, mask, pv, grid, position_ids=pos).logits.numpy()
     valid = mask.astype(bool)
     assert ours.dtype == np.float32 and ours.shape == ref.shape
@@ -74,7 +74,7 @@ def test_mrope_positions_match_hf_rope_index(tiny_pair):
     ids, mask, _, grid = two_row_batch()
     ref, _ = hf.model.get_rope_index(torch.tensor(ids), torch.tensor((ids == 290).astype(np.int64)),
                                      image_grid_thw=torch.tensor(grid), attention_mask=torch.tensor(mask))
-    ours = q.mrope_positions(m.config, ids, mask, grid)
+    ours = m.backbone.positions(ids, mask, grid, "mrope").transpose(1, 0, 2)  # (3, B, S) as HF
     valid = mask.astype(bool)
     np.testing.assert_array_equal(ours[:, valid], ref.numpy()[:, valid])
 
@@ -82,13 +82,12 @@ def test_mrope_positions_match_hf_rope_index(tiny_pair):
 def test_attention_row_parity(tiny_pair):
     hf, m = tiny_pair
     ids, mask, pv, grid = two_row_batch()
-    cfg = m.config
-    feats = m.image_features(pv, grid)
-    emb = q.embed_tokens(m.params, cfg, ids, feats)
-    pos = q.sequential_positions(mask)
-    cache = q.init_cache(cfg, 2, ids.shape[1], emb.dtype)
-    _, _, row = q.decoder(m.params["llm"], cfg, emb, pos, cache, 0, mask.astype(bool), return_attn_row=True)
-    out = hf_logits(hf, ids, mask, pv, grid, position_ids=pos[0])
+    bb = m.backbone
+    emb = bb.embed(m.params, ids, m._images(ids, mask, pv, grid)).embeds
+    pos = bb.positions(ids, mask, grid, "sequential")
+    cache = bb.init_cache(2, ids.shape[1], emb.dtype)
+    _, _, row = bb.decode(m.params, emb, pos, cache, 0, mask.astype(bool), attn_row=True)
+    out = hf_logits(hf, ids, mask, pv, grid, position_ids=pos[:, 0])
     ref = torch.stack(out.attentions).mean((0, 2))[:, -1, :].numpy()  # layers, heads averaged; last query
     assert np.abs(np.asarray(row) - ref).max() <= TOL
     np.testing.assert_allclose(np.asarray(row).sum(-1), 1.0, atol=1e-5)
@@ -98,21 +97,20 @@ def test_attention_row_parity(tiny_pair):
 def test_cached_chunks_equal_full_pass(tiny_pair, mode):
     """Prefill + multi-token chunks + single-token steps through the cache == one full pass."""
     _, m = tiny_pair
-    cfg = m.config
+    bb = m.backbone
     ids, mask, pv, grid = two_row_batch()
     full = m.logits(ids, mask, pv, grid, position_mode=mode)
-    feats = m.image_features(pv, grid)
-    emb = q.embed_tokens(m.params, cfg, ids, feats)
-    pos = q.make_positions(cfg, ids, mask, grid, mode)
+    emb = bb.embed(m.params, ids, m._images(ids, mask, pv, grid)).embeds
+    pos = bb.positions(ids, mask, grid, mode)
     b, s = ids.shape
-    cache = q.init_cache(cfg, b, s + 8, emb.dtype)  # a cache longer than needed
+    cache = bb.init_cache(b, s + 8, emb.dtype)  # a cache longer than needed
     kv_valid = np.zeros((b, s + 8), bool)
     kv_valid[:, :s] = mask.astype(bool)
     cuts = [0, 50, 90, s - 3, s - 2, s - 1, s]
     pieces = []
     for a, z in zip(cuts[:-1], cuts[1:]):
-        h, cache, _ = q.decoder(m.params["llm"], cfg, emb[:, a:z], pos[:, :, a:z], cache, a, kv_valid)
-        pieces.append(np.asarray(q.lm_head(m.params, cfg, h)))
+        h, cache, _ = bb.decode(m.params, emb[:, a:z], pos[:, :, a:z], cache, a, kv_valid)
+        pieces.append(np.asarray(bb.lm_head(m.params, h)))
     chunked = np.concatenate(pieces, 1)
     assert np.abs(chunked - full)[mask.astype(bool)].max() <= TOL
 

@@ -82,12 +82,18 @@ def check_wrong_preset_error():
     assert "tpu_v9" in msg and "tpu_v4_8" in msg, msg
 
 
+def _spec(cfg):
+    from ivtlr_jax.models import backbone_for
+
+    return backbone_for(cfg).param_spec()
+
+
 def check_param_shardings():
     import jax
-    import jax.numpy as jnp
 
     from ivtlr_jax import sharding
-    from ivtlr_jax.models.layout import param_shapes
+    from ivtlr_jax.models import spec as sp
+    from ivtlr_jax.train.lora import lora_spec
 
     meshes = {
         "tpu_v4_8": sharding.make_mesh("tpu_v4_8", devices=jax.devices()[:4]),
@@ -95,13 +101,12 @@ def check_param_shardings():
         "2x2x2": _custom_mesh(2, 2, 2),
         "tensor8": _custom_mesh(1, 1, 8),
     }
-    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)
     for tie in (False, True):
         cfg = _tiny_cfg(tie)
-        shapes = param_shapes(cfg)
+        spec = _spec(cfg)
         for name, mesh in meshes.items():
-            shardings = sharding.param_shardings(mesh, cfg)
-            zeros = jax.tree.map(lambda s: np.zeros(s, np.float32), shapes, is_leaf=is_shape)
+            shardings = sharding.param_shardings(mesh, spec)
+            zeros = sp.map_spec(lambda i: np.zeros(i.shape, np.float32), spec)
             placed = jax.device_put(zeros, shardings)
             flat_sh, _ = jax.tree_util.tree_flatten_with_path(shardings)
             flat_arr = jax.tree.leaves(placed)
@@ -113,34 +118,31 @@ def check_param_shardings():
                     size = int(np.prod([mesh.shape[a] for a in axes]))
                     assert arr.shape[dim] % size == 0, (name, path, arr.shape, sh.spec)
                     sharded += bool(axes)
-                if "layers" in jax.tree_util.keystr(path) or "blocks" in jax.tree_util.keystr(path):
+                if ".layers" in jax.tree_util.keystr(path) or ".blocks" in jax.tree_util.keystr(path):
                     assert len(sh.spec) == 0 or sh.spec[0] is None, (name, path, sh.spec)  # layer axis never split
             assert sharded > 0, name
         # FSDP splits embed; tensor parallel splits heads/mlp/vocab; vocab 300 does not divide by 8
-        sh = sharding.param_shardings(meshes["gpu_8"], cfg)
-        assert tuple(sh["llm"]["layers"]["gate"]["kernel"].spec) == (None, "fsdp"), sh["llm"]["layers"]["gate"]
-        sh = sharding.param_shardings(meshes["2x2x2"], cfg)
-        assert tuple(sh["llm"]["layers"]["up"]["kernel"].spec) == (None, "fsdp", "tensor")
-        assert tuple(sh["llm"]["embed"].spec) == ("tensor", "fsdp")
-        sh = sharding.param_shardings(meshes["tensor8"], cfg)
-        assert tuple(sh["llm"]["embed"].spec) == (), sh["llm"]["embed"]
-        assert tuple(sh["llm"]["layers"]["gate"]["kernel"].spec) == (None, None, "tensor")
+        sh = sharding.param_shardings(meshes["gpu_8"], spec)
+        assert tuple(sh.llm.layers.gate.kernel.spec) == (None, "fsdp"), sh.llm.layers.gate
+        sh = sharding.param_shardings(meshes["2x2x2"], spec)
+        assert tuple(sh.llm.layers.up.kernel.spec) == (None, "fsdp", "tensor")
+        assert tuple(sh.llm.embed.spec) == ("tensor", "fsdp")
+        sh = sharding.param_shardings(meshes["tensor8"], spec)
+        assert tuple(sh.llm.embed.spec) == (), sh.llm.embed
+        assert tuple(sh.llm.layers.gate.kernel.spec) == (None, None, "tensor")
 
-    # a LoRA tree: stacked A/B per target, sharded like its base kernel's input/output
-    cfg = _tiny_cfg()
-    L, h, r = cfg.num_hidden_layers, cfg.hidden_size, 4
-    q, i = cfg.num_attention_heads * cfg.head_dim, cfg.intermediate_size
-    lora = {"llm": {"layers": {"q": {"lora_a": jnp.zeros((L, h, r)), "lora_b": jnp.zeros((L, r, q))},
-                               "down": {"a": jnp.zeros((L, i, r)), "b": jnp.zeros((L, r, h))}}}}
-    axes = sharding.lora_logical_axes(lora)
-    assert axes["llm"]["layers"]["q"]["lora_a"] == ("layers", "embed", "lora_rank")
-    assert axes["llm"]["layers"]["q"]["lora_b"] == ("layers", "lora_rank", "heads")
-    assert axes["llm"]["layers"]["down"]["b"] == ("layers", "lora_rank", "embed")
+    # LoRA adapters: stacked A/B per target kernel, axes derived from the base kernel's input/output
+    aspec = lora_spec(_spec(_tiny_cfg()), 4)
+    assert aspec.llm.layers.q.a.axes == ("layers", "embed", "lora_rank")
+    assert aspec.llm.layers.q.b.axes == ("layers", "lora_rank", "heads")
+    assert aspec.llm.layers.down.b.axes == ("layers", "lora_rank", "embed")
+    assert aspec.vision is None or not jax.tree_util.tree_leaves(aspec.vision, is_leaf=sp.is_info)  # LLM only
+    assert aspec.llm.embed is None and aspec.llm.layers.input_norm is None
     mesh = meshes["2x2x2"]
-    lora_sh = sharding.logical_to_sharding(mesh, axes, lora)
-    placed = jax.device_put(lora, lora_sh)
-    assert tuple(lora_sh["llm"]["layers"]["q"]["lora_a"].spec) == (None, "fsdp")
-    assert placed["llm"]["layers"]["q"]["lora_b"].sharding == lora_sh["llm"]["layers"]["q"]["lora_b"]
+    lora_sh = sharding.param_shardings(mesh, aspec)
+    placed = jax.device_put(sp.map_spec(lambda i: np.zeros(i.shape, np.float32), aspec), lora_sh)
+    assert tuple(lora_sh.llm.layers.q.a.spec) == (None, "fsdp")
+    assert placed.llm.layers.q.b.sharding == lora_sh.llm.layers.q.b
 
 
 def check_host_batch_to_global():
@@ -149,12 +151,10 @@ def check_host_batch_to_global():
     from ivtlr_jax import sharding
 
     rng = np.random.default_rng(0)
-    local = {
+    local = {  # every leaf batch-leading, as a LatentBatch's
         "input_ids": rng.integers(0, 300, (8, 10)).astype(np.int32),
         "attention_mask": np.ones((8, 10), np.int32),
-        "pixel_values": rng.normal(size=(37, 1176)).astype(np.float32),
-        "image_grid_thw": np.array([[1, 4, 4], [1, 2, 2]], np.int64),
-        "prefix_len": np.asarray(6, np.int32),
+        "pixel_values": rng.normal(size=(8, 1, 16, 1176)).astype(np.float32),
     }
     for mesh in (sharding.make_mesh("gpu_8"), sharding.make_mesh("tpu_v4_8", devices=jax.devices()[:4]),
                  _custom_mesh(2, 2, 2)):
@@ -163,20 +163,19 @@ def check_host_batch_to_global():
         for key, value in local.items():
             assert batch[key].shape == value.shape, (key, batch[key].shape)  # one process: global = local
             np.testing.assert_array_equal(np.asarray(batch[key]), value)
+            assert {s.data.shape[0] for s in batch[key].addressable_shards} == {8 // n_batch}, key
         ids = batch["input_ids"]
         assert ids.sharding.is_equivalent_to(sharding.batch_sharding(mesh, 2), 2)
         assert {s.data.shape for s in ids.addressable_shards} == {(8 // n_batch, 10)}
-        assert batch["pixel_values"].sharding.is_fully_replicated
-        assert batch["prefix_len"].sharding.is_fully_replicated
     # a batch of 2 does not divide over 8 devices: replicated instead
     mesh = sharding.make_mesh("gpu_8")
     small = sharding.host_batch_to_global(mesh, {"input_ids": local["input_ids"][:2]})
     assert small["input_ids"].shape == (2, 10) and small["input_ids"].sharding.is_fully_replicated
     try:
-        sharding.host_batch_to_global(mesh, {"input_ids": local["input_ids"], "pixel_values": local["pixel_values"]},
-                                      replicate_keys=())
+        sharding.host_batch_to_global(mesh, {"input_ids": local["input_ids"],
+                                             "pixel_values": local["pixel_values"][:3]})
     except ValueError as e:
-        assert "pixel_values" in str(e) and "replicate_keys" in str(e), e
+        assert "leading (batch) size" in str(e), e
     else:
         raise AssertionError("mismatched leading sizes did not raise")
 
@@ -185,25 +184,24 @@ def check_sharded_matmul_equals_unsharded():
     import jax
 
     from ivtlr_jax import sharding
-    from ivtlr_jax.models.layout import param_shapes
+    from ivtlr_jax.models import spec as sp
 
     cfg = _tiny_cfg()
-    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+    spec = _spec(cfg)
     rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: rng.normal(0, 0.2, s).astype(np.float32), param_shapes(cfg), is_leaf=is_shape)
+    params = sp.map_spec(lambda i: rng.normal(0, 0.2, i.shape).astype(np.float32), spec)
     x = rng.normal(size=(8, 5, cfg.hidden_size)).astype(np.float32)  # (batch, length, embed)
 
     def mlp_logits(p, x):
-        layer = jax.tree.map(lambda a: a[0], p["llm"]["layers"])
-        attn = (x @ layer["q"]["kernel"] + layer["q"]["bias"]) @ layer["o"]["kernel"]
-        y = x + attn
-        y = y + (jax.nn.silu(y @ layer["gate"]["kernel"]) * (y @ layer["up"]["kernel"])) @ layer["down"]["kernel"]
-        return (y * p["llm"]["norm"]) @ p["llm"]["lm_head"]
+        layer = jax.tree.map(lambda a: a[0], p.llm.layers)
+        y = x + layer.o(layer.q(x))
+        y = y + layer.down(jax.nn.silu(layer.gate(y)) * layer.up(y))
+        return (y * p.llm.norm) @ p.llm.lm_head
 
     expected = np.asarray(jax.jit(mlp_logits)(params, x))
     for mesh in (sharding.make_mesh("gpu_8"), sharding.make_mesh("tpu_v4_8", devices=jax.devices()[:4]),
                  _custom_mesh(2, 2, 2)):
-        p_sh = sharding.param_shardings(mesh, cfg)
+        p_sh = sharding.param_shardings(mesh, spec)
         x_sh = sharding.batch_sharding(mesh, 3)
         fn = jax.jit(mlp_logits, in_shardings=(p_sh, x_sh), out_shardings=sharding.batch_sharding(mesh, 3))
         got = fn(jax.device_put(params, p_sh), jax.device_put(x, x_sh))
@@ -251,21 +249,14 @@ def test_on_simulated_devices(child_results, check):
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_param_logical_axes_match_layout(tie):
-    import jax
-
+def test_spec_axes_are_known_rules(tie):
     from ivtlr_jax import sharding
-    from ivtlr_jax.models.layout import param_shapes
+    from ivtlr_jax.models import spec as sp
 
     sys.path.insert(0, HERE)
-    cfg = _tiny_cfg(tie)
-    shapes = param_shapes(cfg)
-    axes = sharding.param_logical_axes(cfg)
-    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)
-    is_axes = lambda x: isinstance(x, tuple) and all(isinstance(d, (str, type(None))) for d in x)
-    assert jax.tree.structure(shapes, is_leaf=is_shape) == jax.tree.structure(axes, is_leaf=is_axes)
-    for s, a in zip(jax.tree.leaves(shapes, is_leaf=is_shape), jax.tree.leaves(axes, is_leaf=is_axes), strict=True):
-        assert len(s) == len(a) and all(name in sharding.LOGICAL_RULES for name in a), (s, a)
+    for name, info in sp.infos(_spec(_tiny_cfg(tie))):
+        assert len(info.shape) == len(info.axes), name
+        assert all(a in sharding.LOGICAL_RULES for a in info.axes), (name, info.axes)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,13 @@ def workdir(tmp_path_factory):
     return root, str(path)
 
 
-def losses(run_dir):
+def records(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def losses(run_dir):
+    return [r for r in records(run_dir) if "loss" in r]
 
 
 def run_cli(args, devices=None):
@@ -102,29 +106,33 @@ def test_lora_trains_only_adapters_and_vision_is_frozen(workdir):
     import jax
 
     from ivtlr_jax.convert import load_checkpoint
+    from ivtlr_jax.models import spec as sp
     from ivtlr_jax.train import Trainer
 
     tcfg = _tcfg(workdir, "lora", finetune="lora", lora_r=4, lora_alpha=8, stages=(1,), max_steps=2, lr=1e-2)
     trainer = Trainer(tcfg)
-    before = jax.tree_util.tree_map(np.asarray, trainer.state["trainable"])
+    before = sp.flatten(jax.tree_util.tree_map(np.asarray, trainer.state.trainable))
     trainer.run()
     _, base = load_checkpoint(tcfg.init)
     frozen = jax.tree_util.tree_map(np.asarray, trainer.frozen)
     for a, b in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(frozen), strict=True):
         np.testing.assert_array_equal(a, b)  # base LLM and vision tower untouched
-    after = jax.tree_util.tree_map(np.asarray, trainer.state["trainable"])
-    assert set(after) == {"q", "k", "v", "o", "gate", "up", "down"}
-    assert all(np.abs(after[t]["b"]).max() > 0 and np.abs(before[t]["b"]).max() == 0 for t in after)
+    after = sp.flatten(jax.tree_util.tree_map(np.asarray, trainer.state.trainable))
+    targets = {f"llm/layers/{t}/{ab}" for t in ("q", "k", "v", "o", "gate", "up", "down") for ab in "ab"}
+    assert set(after) == targets
+    assert all(np.abs(after[n]).max() > 0 and np.abs(before[n]).max() == 0 for n in after if n.endswith("/b"))
 
     full = Trainer(_tcfg(workdir, "full", stages=(0,), max_steps=2))
     vision_before = jax.tree_util.tree_map(np.asarray, full.frozen)
-    llm_before = jax.tree_util.tree_map(np.asarray, full.state["trainable"])
+    llm_before = jax.tree_util.tree_map(np.asarray, full.state.trainable)
     full.run()
     for a, b in zip(jax.tree_util.tree_leaves(vision_before), jax.tree_util.tree_leaves(full.frozen), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
-    assert set(full.frozen) == {"vision"} and set(full.state["trainable"]) == {"llm"}
+    assert {n.split("/")[0] for n in sp.flatten(full.frozen)} == {"vision"}
+    assert {n.split("/")[0] for n in sp.flatten(full.state.trainable)} == {"llm"}
+    assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(full.state.trainable))
     moved = [np.abs(np.asarray(b) - a).max() for a, b in
-             zip(jax.tree_util.tree_leaves(llm_before), jax.tree_util.tree_leaves(full.state["trainable"]))]
+             zip(jax.tree_util.tree_leaves(llm_before), jax.tree_util.tree_leaves(full.state.trainable))]
     assert max(moved) > 0
 
 
@@ -164,21 +172,20 @@ def test_stage_from_previous_stage_checkpoint_and_missing_start(workdir):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypatch):
-    import ivtlr_jax.train.loop as loop
     from ivtlr_jax.train import Trainer, TrainingStopped
     from ivtlr_jax.train.checkpoints import read_checkpoint
 
     calls = {"n": 0}
-    real = loop.host_batch
+    real = Trainer.host_batch
 
-    def poisoned(cfg, lcfg, batch):
+    def poisoned(self, batch):
         calls["n"] += 1
-        hb = real(cfg, lcfg, batch)
+        hb = real(self, batch)
         if calls["n"] == 3:
-            hb.arrays["pixel_values"][:] = np.nan
+            hb.images.pixel_values[:] = np.nan
         return hb
 
-    monkeypatch.setattr(loop, "host_batch", poisoned)
+    monkeypatch.setattr(Trainer, "host_batch", poisoned)
     tcfg = _tcfg(workdir, "nan", stages=(0,), save_every=2)
     trainer = Trainer(tcfg)
     with pytest.raises(TrainingStopped, match="non-finite loss"):
@@ -190,12 +197,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypatch):
 
 
 def test_merge_lora_export_loads_and_matches_adapted_model(workdir):
-    import jax
 
     from ivtlr_jax import IVTLRModel
     from ivtlr_jax.convert import load_checkpoint
     from ivtlr_jax.train import train
-    from ivtlr_jax.train.export import export_trained_checkpoint
+    from ivtlr_jax.train.export import export_trained_checkpoint, trainable_tree
     from ivtlr_jax.train.lora import apply_lora
 
     tcfg = _tcfg(workdir, "merge", finetune="lora", lora_r=4, lora_alpha=8, stages=(0,), max_steps=2, lr=1e-2)
@@ -206,9 +212,10 @@ def test_merge_lora_export_loads_and_matches_adapted_model(workdir):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     merged = IVTLRModel.from_pretrained(dst)
-    trainable, meta = trainable_of(tcfg.out, 2)
+    state, meta = trainable_of(tcfg.out, 2)
     _, base = load_checkpoint(tcfg.init)
-    adapted = IVTLRModel(merged.config, jax.tree_util.tree_map(np.asarray, apply_lora(base, trainable, 8 / 4)))
+    adapters = trainable_tree(merged.backbone, {"trainable": state}, meta)
+    adapted = IVTLRModel(merged.config, apply_lora(base, adapters, 8 / 4))  # the model calls the wrapped layers
     ids = np.array([[20, 21, 22, 23, 24, 25, 26, 27]])  # plain text ids (0-6 are special)
     mask = np.ones_like(ids)
     np.testing.assert_allclose(merged.logits(ids, mask), adapted.logits(ids, mask), atol=1e-4)

@@ -1,8 +1,8 @@
 """The self-contained ivtlr_jax checkpoint folder: orbax params, model config, HF config, tokenizer files.
 
 CKPT_DIR/
-  params/             orbax checkpoint of the parameter pytree (layout: ivtlr_jax.models.layout)
-  ivtlr_config.json   ModelConfig.save
+  params/             orbax checkpoint of the parameter tree as nested dicts (names from the backbone's spec)
+  ivtlr_config.json   the backbone config (`model_type` says which)
   hf_config.json      the source config.json (vocab_size kept in sync), used by the export to HF
   tokenizer*, vocab.json, merges.txt, special_tokens_map.json, preprocessor_config.json,
   chat_template.*, generation_config.json, ...   copied from the source
@@ -15,13 +15,13 @@ import fnmatch
 import json
 import os
 import shutil
-from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-from ivtlr_jax.config import ModelConfig, check_dtype
-from ivtlr_jax.models.layout import param_shapes
+from ivtlr_jax.config import check_dtype, model_config_from_dict
+from ivtlr_jax.models import backbone_for
+from ivtlr_jax.models import spec as sp
 
 PARAMS_DIR = "params"
 CONFIG_NAME = "ivtlr_config.json"
@@ -51,111 +51,24 @@ def np_dtype(dtype: str) -> np.dtype:
     return NP_DTYPES[check_dtype(dtype)]
 
 
-# ---------------------------------------------------------------- tree helpers
-def flatten_tree(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"llm/layers/q/kernel": leaf, ...} for a nested dict (tuples of ints count as leaves)."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten_tree(value, name + "/"))
-        else:
-            flat[name] = value
-    return flat
+# ---------------------------------------------------------------- checks
+format_mismatch = sp.format_mismatch
 
 
-def map_tree(fn, tree: dict) -> dict:
-    """Apply `fn` to every non-dict leaf of a nested dict (shape tuples included)."""
-    return {k: map_tree(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
+def check_params(cfg, params) -> None:
+    """Raise ValueError listing missing, unexpected and mis-shaped parameters of `params` for `cfg`.
+
+    `params` is the backbone's typed tree or the nested-dict layout of a checkpoint.
+    """
+    sp.check_tree(backbone_for(cfg).param_spec(), params, what="params")
 
 
-def _short_list(items: list[str], limit: int = 20) -> str:
-    shown = ", ".join(items[:limit])
-    return f"[{shown}{f', ... {len(items) - limit} more' if len(items) > limit else ''}]"
+def hf_config_for(cfg) -> dict:
+    """A transformers config.json for `cfg`, for checkpoints saved without one."""
+    return backbone_for(cfg).hf_config()
 
 
-def format_mismatch(missing: list[str], unexpected: list[str], misshaped: list[str]) -> str:
-    """One message listing missing, unexpected and mis-shaped keys (empty lists omitted)."""
-    parts = []
-    if missing:
-        parts.append(f"missing {len(missing)}: {_short_list(missing)}")
-    if unexpected:
-        parts.append(f"unexpected {len(unexpected)}: {_short_list(unexpected)}")
-    if misshaped:
-        parts.append(f"mis-shaped {len(misshaped)}: {_short_list(misshaped)}")
-    return "; ".join(parts)
-
-
-def check_params(cfg: ModelConfig, params: dict) -> None:
-    """Raise ValueError listing missing, unexpected and mis-shaped parameters of `params` for `cfg`."""
-    expected = flatten_tree(param_shapes(cfg))
-    got = flatten_tree(params)
-    missing = sorted(k for k in expected if k not in got)
-    unexpected = sorted(k for k in got if k not in expected)
-    misshaped = sorted(
-        f"{k}: shape {list(np.shape(got[k]))}, expected {list(expected[k])}"
-        for k in expected
-        if k in got and tuple(np.shape(got[k])) != tuple(expected[k])
-    )
-    if missing or unexpected or misshaped:
-        raise ValueError(
-            "params do not match the parameter layout of the model config (ivtlr_jax.models.layout): "
-            + format_mismatch(missing, unexpected, misshaped)
-        )
-
-
-# ---------------------------------------------------------------- HF config
-def hf_config_from_model_config(cfg: ModelConfig) -> dict:
-    """A transformers-5 style Qwen2-VL config.json for `cfg`, for checkpoints saved without one."""
-    v = cfg.vision
-    text = {
-        "model_type": "qwen2_vl_text",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "hidden_act": "silu",
-        "max_position_embeddings": 32768,
-        "rope_parameters": {
-            "rope_type": "default",
-            "mrope_section": list(cfg.mrope_section),
-            "rope_theta": cfg.rope_theta,
-        },
-        "use_sliding_window": False,
-        "bos_token_id": None,  # Qwen2-VL has no BOS in use; the class default (151643) can lie outside a small vocab
-        "eos_token_id": list(cfg.eos_token_id) if len(cfg.eos_token_id) > 1 else cfg.eos_token_id[0],
-        "pad_token_id": cfg.pad_token_id,
-    }
-    vision = {
-        "model_type": "qwen2_vl_vision",
-        "depth": v.depth,
-        "embed_dim": v.embed_dim,
-        "hidden_size": v.out_hidden_size,
-        "num_heads": v.num_heads,
-        "mlp_ratio": int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
-        "in_channels": v.in_channels,
-        "patch_size": v.patch_size,
-        "temporal_patch_size": v.temporal_patch_size,
-        "spatial_merge_size": v.spatial_merge_size,
-        "hidden_act": "quick_gelu",
-    }
-    return {
-        "architectures": ["Qwen2VLForConditionalGeneration"],
-        "model_type": "qwen2_vl",
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "image_token_id": cfg.image_token_id,
-        "video_token_id": cfg.video_token_id,
-        "vision_start_token_id": cfg.vision_start_token_id,
-        "vision_end_token_id": cfg.vision_end_token_id,
-        "text_config": text,
-        "vision_config": vision,
-    }
-
-
-def sync_hf_config(hf_config: dict, cfg: ModelConfig, dtype: str | None = None) -> dict:
+def sync_hf_config(hf_config: dict, cfg, dtype: str | None = None) -> dict:
     """A copy of `hf_config` with vocab_size (top level and/or text_config) and dtype taken from `cfg`."""
     out = copy.deepcopy(hf_config)
     text = out.get("text_config")
@@ -206,14 +119,15 @@ def _checkpointer():
 
 def save_checkpoint(
     ckpt_dir: str,
-    cfg: ModelConfig,
-    params: dict,
+    cfg,
+    params,
     hf_config: dict | None = None,
     *,
     overwrite: bool = False,
 ) -> None:
     """Write params (orbax), ivtlr_config.json and hf_config.json into `ckpt_dir`, after `check_params`."""
     check_params(cfg, params)
+    nested = params if isinstance(params, dict) else sp.to_nested_dict(params)
     ckpt_dir = os.path.abspath(ckpt_dir)
     params_dir = os.path.join(ckpt_dir, PARAMS_DIR)
     if os.path.exists(params_dir) and not overwrite:
@@ -222,36 +136,53 @@ def save_checkpoint(
             "choose a new folder or pass overwrite=True (--overwrite)"
         )
     os.makedirs(ckpt_dir, exist_ok=True)
-    _checkpointer().save(params_dir, params, force=overwrite)
+    _checkpointer().save(params_dir, nested, force=overwrite)
     cfg.save(os.path.join(ckpt_dir, CONFIG_NAME))
-    leaf = flatten_tree(params)["llm/embed"]
-    dtype = str(np.dtype(leaf.dtype))
-    hf = sync_hf_config(hf_config if hf_config is not None else hf_config_from_model_config(cfg), cfg, dtype)
+    dtype = str(np.dtype(nested["llm"]["embed"].dtype))
+    hf = sync_hf_config(hf_config if hf_config is not None else hf_config_for(cfg), cfg, dtype)
     with open(os.path.join(ckpt_dir, HF_CONFIG_NAME), "w") as f:
         json.dump(hf, f, indent=2)
 
 
-def load_config(ckpt_dir: str) -> ModelConfig:
-    """The ModelConfig of a checkpoint folder, with a clear error if the folder is not one."""
+def load_config(ckpt_dir: str):
+    """The backbone config of a checkpoint folder, with a clear error if the folder is not one."""
     path = os.path.join(ckpt_dir, CONFIG_NAME)
     if not os.path.isdir(os.path.join(ckpt_dir, PARAMS_DIR)) or not os.path.exists(path):
         raise ValueError(
             f"checkpoint {ckpt_dir!r} has no {PARAMS_DIR}/ and {CONFIG_NAME}; give a folder written by "
             "tools/convert_weights.py or save_checkpoint"
         )
-    return ModelConfig.load(path)
+    with open(path) as f:
+        return model_config_from_dict(json.load(f))
 
 
-def load_checkpoint(ckpt_dir: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, params) of a checkpoint folder; params are numpy arrays, cast to `dtype` if given."""
+def load_checkpoint(ckpt_dir: str, dtype: str | None = None):
+    """(config, params) of a checkpoint folder; params are the backbone's typed tree of numpy arrays.
+
+    `dtype` casts every leaf except those the spec pins (e.g. the VQ encoder stays float32).
+    """
     import orbax.checkpoint as ocp
 
     target = np_dtype(dtype) if dtype is not None else None
     ckpt_dir = os.path.abspath(ckpt_dir)
     cfg = load_config(ckpt_dir)
-    restore_args = map_tree(lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=target), param_shapes(cfg))
-    params = _checkpointer().restore(
-        os.path.join(ckpt_dir, PARAMS_DIR), args=ocp.args.PyTreeRestore(restore_args=restore_args)
-    )
-    check_params(cfg, params)
-    return cfg, params
+    spec = backbone_for(cfg).param_spec()
+    restore = sp.map_spec(lambda i: ocp.RestoreArgs(restore_type=np.ndarray,
+                                                    dtype=None if target is None else i.leaf_dtype(target)), spec)
+    nested = _checkpointer().restore(os.path.join(ckpt_dir, PARAMS_DIR),
+                                     args=ocp.args.PyTreeRestore(restore_args=sp.to_nested_dict(restore)))
+    check_params(cfg, nested)
+    return cfg, sp.from_nested_dict(spec, nested)
+
+
+def restore_sharded(ckpt_dir: str, spec, targets):
+    """The params of a checkpoint folder as jax.Arrays laid out like `targets` (ShapeDtypeStructs with
+    shardings, the spec's tree): each device reads only its own shard, cast to the target dtype."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=t.sharding, dtype=t.dtype,
+                                                       global_shape=t.shape), targets)
+    nested = ocp.PyTreeCheckpointer().restore(os.path.join(os.path.abspath(ckpt_dir), PARAMS_DIR),
+                                              args=ocp.args.PyTreeRestore(restore_args=sp.to_nested_dict(args)))
+    return sp.from_nested_dict(spec, nested)

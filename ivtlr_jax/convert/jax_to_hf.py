@@ -1,4 +1,7 @@
-"""ivtlr_jax checkpoint folder -> Hugging Face folder that `Qwen2VLForConditionalGeneration.from_pretrained` loads."""
+"""ivtlr_jax checkpoint folder -> Hugging Face folder that transformers' `from_pretrained` loads (any backbone).
+
+Names and transforms come from the backbone's spec table, the inverse of the conversion in hf_to_jax.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +16,13 @@ from tqdm.auto import tqdm
 from ivtlr_jax.convert.checkpoint import (
     HF_CONFIG_NAME,
     copy_tokenizer_files,
-    flatten_tree,
-    hf_config_from_model_config,
+    hf_config_for,
     load_checkpoint,
     sync_hf_config,
 )
-from ivtlr_jax.convert.keymap import get_path, hf_entries, tree_to_hf
 from ivtlr_jax.convert.safetensors_io import INDEX_NAME, TensorSpec, write_sharded
+from ivtlr_jax.models import backbone_for
+from ivtlr_jax.models import spec as sp
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
@@ -46,25 +49,26 @@ def export_checkpoint_to_hf(
     for path in existing:
         os.remove(path)
 
-    entries = {e.hf_name: e for e in hf_entries(cfg)}
+    flat = sp.flatten(params)
+    entries = {e.hf_name: e for e in sp.hf_entries(backbone_for(cfg).param_spec())}
 
     def row(name: str) -> np.ndarray:
         e = entries[name]
-        arr = get_path(params, e.path)
-        return tree_to_hf(e, arr[e.layer] if e.layer is not None else arr)
+        arr = flat[e.path]
+        return e.to_hf(arr[e.row] if e.row is not None else arr)
 
-    specs = [TensorSpec(e.hf_name, get_path(params, e.path).dtype, e.hf_shape) for e in entries.values()]
+    specs = [TensorSpec(e.hf_name, flat[e.path].dtype, e.hf_shape) for e in entries.values()]
     bar = tqdm(total=len(specs), desc="exporting", unit="tensor", disable=not verbose)
     files = write_sharded(dst, specs, row, max_shard_bytes, on_tensor=lambda _: bar.update(1))
     bar.close()
 
-    dtype = str(np.dtype(flatten_tree(params)["llm/embed"].dtype))
+    dtype = str(np.dtype(params.llm.embed.dtype))
     hf_path = os.path.join(ckpt_dir, HF_CONFIG_NAME)
     if os.path.exists(hf_path):
         with open(hf_path) as f:
             hf_config = json.load(f)
     else:
-        hf_config = hf_config_from_model_config(cfg)
+        hf_config = hf_config_for(cfg)
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(sync_hf_config(hf_config, cfg, dtype), f, indent=2)
     copied = copy_tokenizer_files(ckpt_dir, dst)

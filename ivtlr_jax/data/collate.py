@@ -43,16 +43,21 @@ def bucket_length(length: int, buckets: Sequence[int] | None, what: str = "lengt
 
 
 def collate(examples: Sequence[dict], pad_id: int, *, prefix_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-            tail_buckets: Sequence[int] | None = DEFAULT_BUCKETS) -> dict[str, np.ndarray]:
+            tail_buckets: Sequence[int] | None = DEFAULT_BUCKETS, min_prefix: int = 0,
+            min_tail: int = 0) -> dict[str, np.ndarray]:
     """Stage examples -> numpy batch.
 
-    Each example: input_ids, labels (L_i,), anchor (int), pixel_values (rows_i, 1176),
-    image_grid_thw (3,) or (images_i, 3); optional example_index (int, -1 = filler row).
+    Each example: input_ids, labels (L_i,), anchor (int), pixel_values (the image processor's output:
+    Qwen2-VL patch rows, or (C, H, W) images), optional image_grid_thw (3,) or (images_i, 3), optional
+    example_index (int, -1 = filler row).
     Row i is left-padded by P - anchor_i so every anchor (first <|latent|>, or prompt end at
     stage 0) lands at P = bucket(max anchor); the tail is right-padded to T = bucket(max
     L_i - anchor_i). Pads: pad_id, attention 0, label -100.
 
-    Returns input_ids, attention_mask, labels (B, P + T) int32; pixel_values (sum rows, 1176)
+    min_prefix / min_tail widen P and T (every host of a multi-host run passes the global batch's
+    widest row, so all hosts collate to the same shape without talking to each other).
+
+    Returns input_ids, attention_mask, labels (B, P + T) int32; pixel_values (sum rows, row size)
     float32 in row order; image_grid_thw (num_images, 3) int32; prefix_len () int32 = P;
     num_latent () int32; example_index (B,) int32.
     """
@@ -63,8 +68,9 @@ def collate(examples: Sequence[dict], pad_id: int, *, prefix_buckets: Sequence[i
     n_latent = {int(e.get("num_latent", 0)) for e in examples}
     if len(n_latent) > 1:
         raise ValueError(f"rows of one batch must share num_latent, got {sorted(n_latent)}")
-    prefix = bucket_length(max(anchors), prefix_buckets, "prefix length")
-    tail = bucket_length(max(n - a for n, a in zip(lengths, anchors, strict=True)), tail_buckets, "tail length")
+    prefix = bucket_length(max(max(anchors), min_prefix), prefix_buckets, "prefix length")
+    tail = bucket_length(max(max(n - a for n, a in zip(lengths, anchors, strict=True)), min_tail), tail_buckets,
+                         "tail length")
     batch, width = len(examples), prefix + tail
     input_ids = np.full((batch, width), pad_id, dtype=np.int32)  # (B, P + T)
     labels = np.full((batch, width), IGNORE_INDEX, dtype=np.int32)  # (B, P + T)
@@ -75,13 +81,15 @@ def collate(examples: Sequence[dict], pad_id: int, *, prefix_buckets: Sequence[i
         labels[i, start:start + lengths[i]] = e["labels"]
         mask[i, start:start + lengths[i]] = 1
     pixel_values = np.concatenate([np.asarray(e["pixel_values"], dtype=np.float32) for e in examples])
-    grids = np.concatenate([np.asarray(e["image_grid_thw"], dtype=np.int32).reshape(-1, 3) for e in examples])
+    grids = None
+    if examples[0].get("image_grid_thw") is not None:
+        grids = np.concatenate([np.asarray(e["image_grid_thw"], dtype=np.int32).reshape(-1, 3) for e in examples])
     return {
         "input_ids": input_ids,
         "attention_mask": mask,
         "labels": labels,
-        "pixel_values": pixel_values,  # (sum rows, 1176)
-        "image_grid_thw": grids,  # (num_images, 3)
+        "pixel_values": pixel_values,  # (sum rows, row size), or (images, C, H, W)
+        "image_grid_thw": grids,  # (num_images, 3) or None
         "prefix_len": np.asarray(prefix, dtype=np.int32),
         "num_latent": np.asarray(n_latent.pop(), dtype=np.int32),
         "example_index": np.asarray([int(e.get("example_index", i)) for i, e in enumerate(examples)], np.int32),

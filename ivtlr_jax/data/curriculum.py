@@ -89,6 +89,15 @@ def latent_plan(stage: int, num_steps: int, options: CurriculumOptions) -> tuple
     return stage, min(stage, num_steps)
 
 
+def stage_extent(encoding: TextEncoding, stage: int, options: CurriculumOptions) -> tuple[int, int]:
+    """(anchor, length) of `build_stage_example`'s row without building it."""
+    n, n_skip = latent_plan(stage, len(encoding.step_ids), options)
+    markers = 2 if options.latent_markers and n > 0 else 0
+    tail = sum(len(s) for s in encoding.step_ids[n_skip:]) + len(encoding.answer_ids)
+    anchor = len(encoding.prompt_ids) + (1 if markers else 0)
+    return anchor, len(encoding.prompt_ids) + n + markers + tail
+
+
 def build_stage_example(encoding: TextEncoding, stage: int, latent_id: int,
                         options: CurriculumOptions = CurriculumOptions(), *,
                         start_latent_id: int | None = None, end_latent_id: int | None = None) -> dict:

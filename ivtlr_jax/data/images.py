@@ -14,6 +14,7 @@ from PIL import Image
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 RESIZE_MODES = ("reference", "smart")
+PROCESSORS = ("qwen2_vl", "chameleon")
 # uint8 value -> normalised float32 per channel, computed as HF does: float64 rescale by 1/255,
 # cast to float32, then (x - mean) / std in float32. Shape (3, 256).
 _NORMALISED = ((np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)[None, :]
@@ -24,6 +25,7 @@ _NORMALISED = ((np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
 class ImageOptions:
     """How images become patches. reference: fixed size (280x280 -> grid (1, 20, 20))."""
 
+    processor: str = "qwen2_vl"  # the model's image processor: qwen2_vl | chameleon
     resize_mode: str = "reference"
     reference_size: tuple[int, int] = (280, 280)  # (height, width)
     min_pixels: int = 56 * 56
@@ -33,6 +35,8 @@ class ImageOptions:
     temporal_patch_size: int = 2
 
     def __post_init__(self):
+        if self.processor not in PROCESSORS:
+            raise ValueError(f"processor must be one of {PROCESSORS}, got {self.processor!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         factor = self.patch_size * self.merge_size

@@ -12,8 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ivtlr_jax.config import QWEN2VL_PROMPT, PromptFormat
 from ivtlr_jax.data.collate import DEFAULT_BUCKETS, collate
-from ivtlr_jax.data.curriculum import IGNORE_INDEX, CurriculumOptions, TextEncoding, build_stage_example
+from ivtlr_jax.data.curriculum import (
+    IGNORE_INDEX,
+    CurriculumOptions,
+    TextEncoding,
+    build_stage_example,
+    stage_extent,
+)
 from ivtlr_jax.data.images import ImageOptions, num_image_tokens, process_image, target_size
 from ivtlr_jax.data.text import (
     IMAGE_PAD_TOKEN,
@@ -57,9 +64,12 @@ def _grid_for(image_bytes: bytes, options: ImageOptions) -> np.ndarray:
 
 
 def encode_split(dataset, tokenizer, image_options: ImageOptions | None = None, *,
-                 chat_template: str | None = None, max_length: int | None = None) -> EncodedSplit:
+                 prompt: PromptFormat = QWEN2VL_PROMPT, chat_template: str | None = None,
+                 max_length: int | None = None) -> EncodedSplit:
     """Tokenise every row of a normalised split (batched; same ids as curriculum.encode_text)."""
     options = image_options or ImageOptions()
+    if prompt.style != "chat":
+        raise ValueError(f"prompt style {prompt.style!r} is not supported by encode_split yet")
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token; set it (Qwen2-VL-Instruct: <|im_end|>)")
     cols = dataset.select_columns(["id", "question", "choices", "rationale", "answer", "domain"]).to_dict()
@@ -158,6 +168,11 @@ class BatchIterator:
             self._orders = {epoch: order}
         return self._orders[epoch]
 
+    def global_rows(self, epoch: int, step: int) -> np.ndarray:
+        """Row indices of the whole global batch at (epoch, step), over all hosts."""
+        g = self.global_batch_size
+        return self.epoch_order(epoch)[step * g:(step + 1) * g]
+
     def host_rows(self, epoch: int, step: int) -> np.ndarray:
         """Row indices this host reads at (epoch, step); fewer than batch_size only in a short last batch."""
         g = self.global_batch_size
@@ -239,7 +254,11 @@ class BatchIterator:
             filler["labels"] = np.full_like(filler["labels"], IGNORE_INDEX)
             filler["example_index"] = -1
             examples.append(filler)
-        batch = collate(examples, self.pad_id, prefix_buckets=self.prefix_buckets, tail_buckets=self.tail_buckets)
+        # The widest row of the whole global batch (every host knows every row's text): one shape on all hosts.
+        extents = [stage_extent(self.split.encodings[int(r)], stage, self.curriculum)
+                   for r in self.global_rows(epoch, step)]
+        batch = collate(examples, self.pad_id, prefix_buckets=self.prefix_buckets, tail_buckets=self.tail_buckets,
+                        min_prefix=max(a for a, _ in extents), min_tail=max(n - a for a, n in extents))
         shape = batch["input_ids"].shape
         if shape not in self.shapes_seen:
             self.shapes_seen.add(shape)

@@ -1,81 +1,71 @@
-"""Ahead-of-time compile of the train step on abstract arrays: per-device memory before renting a pod."""
+"""Ahead-of-time compile of the train step on abstract arrays: per-device memory before renting a pod.
+
+The state layout is the one `create_train_state` materialises (`state_layout`), so the state figures here
+are the ones a real start reports; the batch is laid out by the same `make_latent_batch` as training.
+"""
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ivtlr_jax import sharding as sh
-from ivtlr_jax.config import ModelConfig, TrainConfig
-from ivtlr_jax.models.layout import param_shapes
-from ivtlr_jax.train.step import compute_dtype, make_optimizer, make_train_step, split_params
+from ivtlr_jax.config import TrainConfig
+from ivtlr_jax.latent import LatentBatch, make_latent_batch
+from ivtlr_jax.models.base import Backbone
+from ivtlr_jax.train.state import state_layout
+from ivtlr_jax.train.step import compute_dtype, make_optimizer, make_train_step
+
+DRY_RUN_TEXT = 124  # prompt text tokens around the image (the reference prompt: ~124 + 100 image tokens)
+DRY_RUN_TAIL = 256  # labelled tokens after the latent steps
 
 
-def _bytes_per_device(tree, shardings) -> int:
-    """Bytes one device holds of a sharded tree (shard shape x itemsize, summed)."""
-    total = 0
-    for leaf, s in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings), strict=True):
-        shard = s.shard_shape(tuple(leaf.shape))
-        total += int(np.prod(shard)) * jnp.dtype(leaf.dtype).itemsize
-    return total
+def example_batch(bb: Backbone, lcfg, rows: int, text: int = DRY_RUN_TEXT, tail: int = DRY_RUN_TAIL,
+                  n: int = 3) -> LatentBatch:
+    """A numpy LatentBatch of `rows` rows of [text, one reference image, text] + n latents + tail."""
+    cfg = bb.config
+    pixel_values, grid, n_img = bb.example_image()
+    row = [1] * (text // 2) + [cfg.image_token_id] * n_img + [1] * (text - text // 2)
+    row += [cfg.latent_token_id] * n + [1] * tail
+    ids = np.tile(np.asarray(row, np.int32), (rows, 1))
+    labels = np.where(np.arange(ids.shape[1]) >= ids.shape[1] - tail, ids, -100)
+    pv = np.concatenate([pixel_values] * rows)
+    grids = None if grid is None else np.concatenate([grid] * rows)
+    return make_latent_batch(bb, lcfg, ids, np.ones_like(ids), labels, pv, grids)
 
 
-def abstract_batch(cfg: ModelConfig, batch: int, prefix: int, tail: int, n: int, k: int, grid=(1, 20, 20)):
-    """ShapeDtypeStructs of one train-step batch (one image of `grid` per row)."""
-    chunk = k + 1
-    total = prefix + n * chunk + tail
-    npatch = int(np.prod(grid))
-    n_img = npatch // cfg.vision.spatial_merge_size**2
-    s = jax.ShapeDtypeStruct
-    return {
-        "prefix_ids": s((batch, prefix), jnp.int32), "suffix_ids": s((batch, tail), jnp.int32),
-        "kv_valid": s((batch, total), jnp.bool_), "positions": s((batch, 3, total), jnp.int32),
-        "labels": s((batch, total), jnp.int32), "image_pos": s((batch, n_img), jnp.int32),
-        "image_valid": s((batch, n_img), jnp.bool_),
-        "pixel_values": s((batch, npatch, cfg.vision.patch_dim), jnp.float32),
-        "vision_cos": s((npatch, cfg.vision.head_dim), jnp.float32),
-        "vision_sin": s((npatch, cfg.vision.head_dim), jnp.float32),
-    }
-
-
-def dry_run(cfg: ModelConfig, tcfg: TrainConfig, prefix: int = 224, tail: int = 256, n: int = 3,
+def dry_run(bb: Backbone, tcfg: TrainConfig, text: int = DRY_RUN_TEXT, tail: int = DRY_RUN_TAIL, n: int = 3,
             platform: str = "tpu") -> dict:
-    """Lower and compile the train step for `cfg` on the preset's mesh without loading weights.
+    """Lower and compile the train step on the preset's mesh without loading weights.
 
-    Returns per-device bytes of frozen params, trainable params, optimiser state, and the compiler's
-    memory analysis (arguments, outputs, temporaries) for one micro-batch of batch_size / grad_accum rows.
+    Returns per-device bytes of frozen params, trainable params, optimiser state, the train state's
+    total (`state_bytes_total`), and the compiler's memory analysis for one micro-batch.
     """
-    from ivtlr_jax.train.loop import state_shardings
-
     mesh = sh.make_mesh(tcfg.mesh)
     dtype = compute_dtype(tcfg, platform)
-    shapes = param_shapes(cfg)
-    abstract = jax.tree_util.tree_map(lambda shp: jax.ShapeDtypeStruct(shp, dtype), shapes,
-                                      is_leaf=lambda x: isinstance(x, tuple))
-    trainable, frozen = jax.eval_shape(lambda p: split_params(p, tcfg, jax.random.PRNGKey(0)), abstract)
     tx, schedule = make_optimizer(tcfg, 1000)
-    state = jax.eval_shape(lambda t: {"step": jnp.zeros((), jnp.int32), "trainable": t, "opt_state": tx.init(t),
-                                      "rng": jax.random.PRNGKey(0)}, trainable)
-    frozen_sh, state_sh = state_shardings(mesh, cfg, tcfg, state, frozen)
+    layout = state_layout(bb, tcfg, mesh, tx, dtype)
     micro = tcfg.batch_size // tcfg.grad_accum
-    batch = abstract_batch(cfg, micro, prefix, tail, n, tcfg.k)
-    rep = sh.replicated(mesh)
-    batch_sh = {key: (rep if key.startswith("vision_") else sh.batch_sharding(mesh, len(v.shape), micro))
-                for key, v in batch.items()}
     lcfg = tcfg.latent()
-    fn = make_train_step(cfg, lcfg, tcfg, tx, schedule, n, dtype)
-    jitted = jax.jit(fn, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, rep),
-                     donate_argnums=(0,))
-    lowered = jitted.lower(state, frozen, batch)
+    one = example_batch(bb, lcfg, 1, text, tail, n)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((micro,) + x.shape[1:], x.dtype), one)
+    batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch,
+                         sh.batch_shardings(mesh, batch))
+    fn = make_train_step(bb, lcfg, tcfg, tx, schedule, dtype)
+    jitted = jax.jit(fn, in_shardings=(layout.state_shardings, layout.frozen_shardings, None),
+                     out_shardings=(layout.state_shardings, sh.replicated(mesh)), donate_argnums=(0,))
+    lowered = jitted.lower(layout.state, layout.frozen, batch)
     compiled = lowered.compile()
     mem = compiled.memory_analysis()
+    report = layout.report()
     out = {
-        "mesh": sh.describe(mesh), "finetune": tcfg.finetune, "compute_dtype": str(dtype),
-        "micro_batch": micro, "seq_len": prefix + n * (tcfg.k + 1) + tail,
-        "frozen_params_bytes_per_device": _bytes_per_device(frozen, frozen_sh),
-        "trainable_params_bytes_per_device": _bytes_per_device(state["trainable"], state_sh["trainable"]),
-        "optimizer_state_bytes_per_device": _bytes_per_device(state["opt_state"], state_sh["opt_state"]),
+        "mesh": sh.describe(mesh), "finetune": tcfg.finetune, "compute_dtype": str(dtype), "remat": tcfg.remat,
+        "micro_batch": micro, "seq_len": int(one.kv_valid.shape[1]),
+        "frozen_params_bytes_per_device": report["frozen_bytes_per_device"],
+        "trainable_params_bytes_per_device": report["trainable_bytes_per_device"],
+        "optimizer_state_bytes_per_device": report["optimizer_bytes_per_device"],
+        "state_bytes_total": report["state_bytes_total"],
+        "state_bytes_per_device": report["state_bytes_per_device"],
     }
     if mem is not None:
         for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
@@ -85,10 +75,6 @@ def dry_run(cfg: ModelConfig, tcfg: TrainConfig, prefix: int = 224, tail: int = 
                                                   + out["compiler_output_size_in_bytes"]
                                                   - out["compiler_alias_size_in_bytes"]
                                                   + out["compiler_temp_size_in_bytes"])
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    if cost:
-        out["flops_per_step"] = float(cost.get("flops", 0.0))
     return out
 
 
@@ -108,6 +94,5 @@ def format_dry_run(results: list[dict]) -> str:
                      f"{(total or 0) / gib:>19.2f}{detail}")
     first = results[0]
     lines.append(f"per device, on {first['mesh']}; micro-batch {first['micro_batch']} rows of "
-                 f"{first['seq_len']} tokens, {first['compute_dtype']} compute")
+                 f"{first['seq_len']} tokens, {first['compute_dtype']} compute, remat {first['remat']}")
     return "\n".join(lines)
-

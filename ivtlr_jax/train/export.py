@@ -7,21 +7,32 @@ import os
 
 import numpy as np
 
+from ivtlr_jax.models import backbone_for
+from ivtlr_jax.models import spec as sp
 from ivtlr_jax.train.checkpoints import read_checkpoint
-from ivtlr_jax.train.lora import merge_lora
+from ivtlr_jax.train.lora import lora_spec, merge_lora
 
 
-def trained_params(state: dict, meta: dict, base_params: dict) -> dict:
-    """Base params with the run's trainable part applied (LoRA folded in, or the trained LLM)."""
-    trainable = state["trainable"]
+def trainable_tree(bb, state: dict, meta: dict):
+    """The run's trainable part as the backbone's typed tree: LoRA adapters, or the trained leaves (None elsewhere)."""
+    spec = bb.param_spec()
+    if meta.get("finetune") == "lora":
+        aspec = lora_spec(spec, int(meta["lora_r"]))
+        return sp.from_named(aspec, sp.unnest(state["trainable"], [n for n, _ in sp.infos(aspec)]))
+    names = [n for n, i in sp.infos(spec) if i.trainable]
+    return sp.from_named(spec, sp.unnest(state["trainable"], names))
+
+
+def trained_params(bb, state: dict, meta: dict, base_params):
+    """Base params with the run's trainable part applied (LoRA folded in, or the trained leaves)."""
+    trainable = trainable_tree(bb, state, meta)
     if meta.get("finetune") == "lora":
         return merge_lora(base_params, trainable, float(meta["lora_alpha"]) / float(meta["lora_r"]))
-    dtype = np.asarray(base_params["llm"]["embed"]).dtype
-    llm = {"llm": trainable["llm"]}
-    import jax
-
-    llm = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), llm)
-    return {**base_params, **llm}
+    spec = bb.param_spec()
+    base = sp.named_leaves(spec, base_params)
+    got = sp.named_leaves(spec, trainable)
+    return sp.from_named(spec, {n: (np.asarray(got[n]).astype(base[n].dtype) if got[n] is not None else base[n])
+                                for n in base})
 
 
 def export_trained_checkpoint(ckpt_path: str, dst: str, base: str | None = None, overwrite: bool = False,
@@ -35,7 +46,7 @@ def export_trained_checkpoint(ckpt_path: str, dst: str, base: str | None = None,
     if not base or not os.path.isdir(base):
         raise ValueError(f"--merge-lora: the run's base checkpoint {base!r} is not a folder; pass --src BASE_CKPT_DIR")
     cfg, params = load_checkpoint(base)
-    params = trained_params(state, meta, params)
+    params = trained_params(backbone_for(cfg), state, meta, params)
     hf_config = None
     if os.path.exists(os.path.join(base, HF_CONFIG_NAME)):
         with open(os.path.join(base, HF_CONFIG_NAME)) as f:

@@ -14,18 +14,11 @@ import numpy as np
 
 from ivtlr_jax import sharding as sh
 from ivtlr_jax.config import TrainConfig
+from ivtlr_jax.latent import LatentBatch, make_latent_batch
+from ivtlr_jax.models import backbone_for
 from ivtlr_jax.train.checkpoints import RunCheckpoints
-from ivtlr_jax.train.step import (
-    REPLICATED_KEYS,
-    compute_dtype,
-    host_batch,
-    init_state,
-    make_optimizer,
-    make_train_step,
-    model_flops,
-    path_matched_shardings,
-    split_params,
-)
+from ivtlr_jax.train.state import create_train_state
+from ivtlr_jax.train.step import compute_dtype, make_optimizer, make_train_step, model_flops
 
 logger = logging.getLogger("ivtlr_jax.train")
 
@@ -45,19 +38,6 @@ def peak_flops(tcfg: TrainConfig) -> float | None:
         if name in kind:
             return tflops * 1e12
     return None
-
-
-def state_shardings(mesh, cfg, tcfg: TrainConfig, state, frozen):
-    """(frozen shardings, state shardings) by the logical-axis rules; arrays or ShapeDtypeStructs."""
-    axes = sh.param_logical_axes(cfg)
-    frozen_axes = axes if tcfg.finetune == "lora" else {"vision": axes["vision"]}
-    frozen_sh = sh.logical_to_sharding(mesh, frozen_axes, frozen)
-    trainable = state["trainable"]
-    trainable_axes = sh.lora_logical_axes(trainable) if tcfg.finetune == "lora" else {"llm": axes["llm"]}
-    trainable_sh = sh.logical_to_sharding(mesh, trainable_axes, trainable)
-    rep = sh.replicated(mesh)
-    opt_sh = path_matched_shardings(state["opt_state"], trainable, trainable_sh, rep)
-    return frozen_sh, {"step": rep, "trainable": trainable_sh, "opt_state": opt_sh, "rng": rep}
 
 
 def resolve_start(tcfg: TrainConfig, ckpts: RunCheckpoints, first_stage: int) -> tuple[str, int | None]:
@@ -86,8 +66,8 @@ class Trainer:
     def __init__(self, tcfg: TrainConfig):
         from transformers import AutoTokenizer
 
-        from ivtlr_jax.convert import load_checkpoint
-        from ivtlr_jax.data import CurriculumOptions, encode_split, load_split
+        from ivtlr_jax.convert.checkpoint import load_config
+        from ivtlr_jax.data import CurriculumOptions, ImageOptions, encode_split, load_split
 
         self.tcfg = tcfg
         sh.maybe_initialize_distributed(tcfg.mesh)
@@ -105,7 +85,8 @@ class Trainer:
         if init is None or not os.path.isdir(init):
             raise ValueError(f"--init {init!r} is not a checkpoint folder")
         self.init = init
-        self.cfg, params = load_checkpoint(init)
+        self.cfg = load_config(init)
+        self.bb = backbone_for(self.cfg)
         if self.cfg.latent_token_id is None and max(self.stages) > 0:
             raise ValueError(f"--init {init!r} has no <|latent|> token; convert it with --add-latent-tokens")
         self.lcfg = tcfg.latent()
@@ -113,7 +94,9 @@ class Trainer:
         dataset = load_split(tcfg.data, tcfg.train_split, source=tcfg.data_source)
         if tcfg.limit:
             dataset = dataset.select(range(min(tcfg.limit, len(dataset))))
-        self.split = encode_split(dataset, self.tokenizer, max_length=tcfg.max_length)
+        self.image_options = ImageOptions(**self.bb.image_options())
+        self.split = encode_split(dataset, self.tokenizer, self.image_options, prompt=self.bb.prompt,
+                                  max_length=tcfg.max_length)
         self.curriculum = CurriculumOptions(max_latent_stage=tcfg.max_latent_stage,
                                             epochs_per_stage=tcfg.epochs_per_stage,
                                             pad_latent_to_max=tcfg.pad_latent_to_max,
@@ -122,8 +105,16 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.split) / tcfg.batch_size)
         total = len(self.stages) * tcfg.epochs_per_stage * self.steps_per_epoch // tcfg.grad_accum
         self.tx, self.schedule = make_optimizer(tcfg, total)
-        self._place(params)
-        self._steps = {}
+        self.resume_meta = None
+        restore = None
+        if self.start_kind in ("resume", "stage_end"):
+            def restore(like):
+                state, self.resume_meta = self.ckpts.restore(self.start_at, like, stage=self.start_kind == "stage_end")
+                return state
+        self.state, self.frozen, self.state_report, self.layout = create_train_state(
+            self.bb, tcfg, self.mesh, self.tx, self.dtype, init, restore_state=restore)
+        self.state_sh, self.frozen_sh = self.layout.state_shardings, self.layout.frozen_shardings
+        self._step = None
         self._stop_signal = None
         self.history: list[dict] = []
         self.metrics_path = os.path.join(tcfg.out, "metrics.jsonl")
@@ -140,50 +131,22 @@ class Trainer:
                 return json.load(f).get("init")
         return None
 
-    def _place(self, params) -> None:
-        """Cast, shard and place frozen params, trainable params and the optimiser state."""
-        tcfg = self.tcfg
-        trainable, frozen = split_params(params, tcfg, jax.random.PRNGKey(tcfg.seed + 1))
-        frozen = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(self.dtype), frozen)
-        state = init_state(trainable, self.tx, tcfg.seed)
-        self.frozen_sh, self.state_sh = state_shardings(self.mesh, self.cfg, tcfg, state, frozen)
-        self.frozen = jax.device_put(frozen, self.frozen_sh)
-        self.state = jax.device_put(state, self.state_sh)
+    def step_fn(self):
+        """The jitted train step (one compilation per batch shape and n)."""
+        if self._step is None:
+            fn = make_train_step(self.bb, self.lcfg, self.tcfg, self.tx, self.schedule, self.dtype)
+            self._step = jax.jit(fn, in_shardings=(self.state_sh, self.frozen_sh, None),
+                                 out_shardings=(self.state_sh, sh.replicated(self.mesh)), donate_argnums=(0,))
+        return self._step
 
-    def _step_fn(self, n: int, batch):
-        if n not in self._steps:
-            fn = make_train_step(self.cfg, self.lcfg, self.tcfg, self.tx, self.schedule, n, self.dtype)
-            batch_sh = {k: v.sharding for k, v in batch.items()}
-            rep = sh.replicated(self.mesh)
-            self._steps[n] = jax.jit(fn, in_shardings=(self.state_sh, self.frozen_sh, batch_sh),
-                                     out_shardings=(self.state_sh, rep), donate_argnums=(0,))
-        return self._steps[n]
+    def host_batch(self, collated: dict) -> LatentBatch:
+        """A collated numpy batch -> the checked LatentBatch (this host's rows)."""
+        return make_latent_batch(self.bb, self.lcfg, collated["input_ids"], collated["attention_mask"],
+                                 collated["labels"], collated["pixel_values"], collated.get("image_grid_thw"))
 
-    def _step_flops(self, batch) -> float:
-        b, length = batch["kv_valid"].shape
-        npatch = batch["pixel_values"].shape[1]
-        return model_flops(self.cfg, self.tcfg, b, length, b, npatch)
-
-    def agree_on_shape(self, batch: dict) -> dict:
-        """Multi-host: pad every host's batch to the largest prefix and tail any host has (same shapes)."""
-        if self.nproc == 1:
-            return batch
-        from jax.experimental import multihost_utils
-
-        from ivtlr_jax.data import repad
-
-        prefix = int(batch["prefix_len"])
-        mine = np.array([prefix, batch["input_ids"].shape[1] - prefix], np.int32)
-        widest = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2).max(0)
-        return repad(batch, int(widest[0]), int(widest[1]), self.tokenizer.pad_token_id)
-
-    def device_batch(self, batch: dict):
-        hb = host_batch(self.cfg, self.lcfg, self.agree_on_shape(batch))
-        arrays = sh.host_batch_to_global(self.mesh, hb.arrays, replicate_keys=())
-        rep = sh.replicated(self.mesh)
-        for key in REPLICATED_KEYS:  # identical on every host: placed, not gathered
-            arrays[key] = jax.device_put(hb.replicated[key], rep)
-        return hb, arrays
+    def device_batch(self, collated: dict):
+        hb = self.host_batch(collated)
+        return hb, sh.host_batch_to_global(self.mesh, hb)
 
     # ------------------------------------------------------------------ signals
     def _install_signals(self):
@@ -235,11 +198,11 @@ class Trainer:
         from ivtlr_jax.data import BatchIterator
 
         tcfg = self.tcfg
-        resume_meta = None
-        if self.start_kind in ("resume", "stage_end"):
-            from_stage = self.start_kind == "stage_end"
-            self.state, resume_meta = self.ckpts.restore(self.start_at, self.state, stage=from_stage)
-            logger.info("restored %s %s (step %d)", self.start_kind, self.start_at, int(self.state["step"]))
+        resume_meta = self.resume_meta
+        if resume_meta is not None:
+            logger.info("restored %s %s (step %d)", self.start_kind, self.start_at, int(self.state.step))
+        self._log({"event": "state", "step": int(self.state.step), "finetune": tcfg.finetune,
+                   "mesh": sh.describe(self.mesh), **self.state_report})
         stages = self.stages
         if self.start_kind == "resume":
             stages = [s for s in stages if s >= resume_meta["stage"]]
@@ -248,7 +211,7 @@ class Trainer:
         peak = peak_flops(tcfg)
         ndev = self.mesh.devices.size
         summary = {"stages": {}, "stopped": None}
-        last_saved = int(self.state["step"])
+        last_saved = int(self.state.step)
         try:
             for stage in stages:
                 it = BatchIterator(self.split, batch_size=tcfg.batch_size // self.nproc,
@@ -258,7 +221,7 @@ class Trainer:
                                    start_epoch=stage * tcfg.epochs_per_stage, process_index=self.pid,
                                    process_count=self.nproc, num_workers=tcfg.num_workers,
                                    start_latent_id=self.cfg.start_latent_token_id,
-                                   end_latent_id=self.cfg.end_latent_token_id)
+                                   end_latent_id=self.cfg.end_latent_token_id, image_options=self.image_options)
                 if resume_meta is not None and self.start_kind == "resume" and resume_meta["stage"] == stage \
                         and resume_meta.get("iterator"):
                     it.load_state_dict(resume_meta["iterator"])
@@ -275,12 +238,12 @@ class Trainer:
                         bar_epoch = epoch
                     t0 = time.perf_counter()
                     hb, arrays = self.device_batch(batch)
-                    fn = self._step_fn(hb.n, arrays)
-                    flops = self._step_flops(arrays)
-                    self.state, metrics = fn(self.state, self.frozen, arrays)
+                    flops = model_flops(self.bb, tcfg, arrays)
+                    self.state, metrics = self.step_fn()(self.state, self.frozen, arrays)
                     loss = float(metrics["loss"])
                     dt = time.perf_counter() - t0
-                    step = int(self.state["step"])
+                    step = int(self.state.step)
+                    tokens = hb.num_tokens()
                     bar.update(1)
                     if not math.isfinite(loss):
                         summary["stopped"] = f"non-finite loss {loss} at step {step} (stage {stage})"
@@ -290,8 +253,8 @@ class Trainer:
                     stage_losses.append(loss)
                     record = {"step": step, "stage": stage, "epoch": epoch, "loss": loss,
                               "lr": float(metrics["lr"]), "grad_norm": float(metrics["grad_norm"]),
-                              "n_latent": hb.n, "tokens": hb.tokens * self.nproc,
-                              "tokens_per_s": hb.tokens * self.nproc / dt, "step_time_s": dt,
+                              "n_latent": hb.n, "tokens": tokens * self.nproc,
+                              "tokens_per_s": tokens * self.nproc / dt, "step_time_s": dt,
                               "mfu": (flops / dt / (peak * ndev)) if (flops and peak) else None}
                     self._log(record)
                     bar.set_postfix(loss=f"{loss:.4f}")
@@ -317,7 +280,7 @@ class Trainer:
                 if summary["stopped"]:
                     break
                 self.ckpts.save_stage_end(stage, self.state, self._meta(stage, None))
-                step = int(self.state["step"])
+                step = int(self.state.step)
                 if step != last_saved:
                     self.ckpts.save(step, self.state, self._meta(stage + 1, None))
                     last_saved = step
@@ -326,13 +289,14 @@ class Trainer:
             self._restore_signals()
             if getattr(self, "_tb", None) is not None:
                 self._tb.close()
-        summary["step"] = int(self.state["step"])
+        summary["step"] = int(self.state.step)
         self.plot_losses()
         return summary
 
     def plot_losses(self) -> str | None:
         """RUN_DIR/loss.png from the run's metrics (skipped without matplotlib)."""
-        if self.pid != 0 or not self.history:
+        history = [r for r in self.history if "loss" in r]
+        if self.pid != 0 or not history:
             return None
         try:
             import matplotlib
@@ -343,10 +307,10 @@ class Trainer:
             logger.info("matplotlib not installed: no loss plot")
             return None
         fig, ax = plt.subplots(figsize=(7, 4))
-        steps = [r["step"] for r in self.history]
-        ax.plot(steps, [r["loss"] for r in self.history], lw=1)
-        for stage in sorted({r["stage"] for r in self.history}):
-            first = min(r["step"] for r in self.history if r["stage"] == stage)
+        steps = [r["step"] for r in history]
+        ax.plot(steps, [r["loss"] for r in history], lw=1)
+        for stage in sorted({r["stage"] for r in history}):
+            first = min(r["step"] for r in history if r["stage"] == stage)
             ax.axvline(first, color="grey", lw=0.5, ls="--")
             ax.text(first, ax.get_ylim()[1], f" stage {stage}", va="top", fontsize=8)
         ax.set_xlabel("step")

@@ -1,50 +1,106 @@
-"""LoRA adapters on the LLM's q, k, v, o, gate, up, down projections (stacked over layers)."""
+"""LoRA adapters, owned by the trainer: the model only ever calls its linear layers.
+
+The adapters mirror the params tree: a `LoRAAdapter` (A (L, in, r), B (L, r, out), float32) where the
+backbone's spec marks a kernel as a LoRA target (q, k, v, o, gate, up, down of the LLM), None elsewhere.
+`apply_lora` swaps those `Linear`s for `LoRALinear`s, which compute x W + b + s (dropout(x) A) B.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+from ivtlr_jax.models import spec as sp
+from ivtlr_jax.models.layers import Linear
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the backbones' spec marks these kernels
 
 
-def init_lora(params, rank: int, key, targets=LORA_TARGETS) -> dict:
-    """{target: {"a": (L, in, r), "b": (L, r, out)}} in float32; b starts at zero so the model is unchanged."""
+@struct.dataclass
+class LoRAAdapter:
+    a: Any  # (L, in, r)
+    b: Any  # (L, r, out)
+
+
+@struct.dataclass
+class LoRALinear:
+    """A base Linear plus its adapter; called exactly like a Linear (inside the layer scan: one layer's slice)."""
+
+    base: Linear
+    a: Any
+    b: Any
+    key: Any = None  # dropout key per layer, or None (no dropout)
+    scale: float = struct.field(pytree_node=False, default=1.0)
+    rate: float = struct.field(pytree_node=False, default=0.0)
+
+    def __call__(self, x):
+        y = self.base(x)
+        xa = x
+        if self.key is not None and self.rate > 0.0:  # LoRA dropout on the adapter's input
+            keep = jax.random.bernoulli(self.key, 1.0 - self.rate, x.shape)
+            xa = jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+        return y + ((xa @ self.a.astype(x.dtype)) @ self.b.astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
+
+
+def _is_linear(x) -> bool:
+    return isinstance(x, Linear)
+
+
+def lora_spec(spec, rank: int):
+    """Adapter spec mirroring the params spec: A/B ParamInfos where a kernel is a LoRA target, None elsewhere."""
     if rank < 1:
         raise ValueError(f"lora rank r={rank} must be >= 1")
-    layers = params["llm"]["layers"]
-    lora = {}
-    for i, name in enumerate(targets):
-        if name not in layers:
-            raise ValueError(f"LoRA target {name!r} is not an LLM projection; valid: {list(LORA_TARGETS)}")
-        n_layers, d_in, d_out = layers[name]["kernel"].shape
-        bound = 1.0 / np.sqrt(d_in)  # kaiming-uniform(a=sqrt(5)) bound, as PEFT initialises A
-        a = jax.random.uniform(jax.random.fold_in(key, i), (n_layers, d_in, rank), jnp.float32, -bound, bound)
-        lora[name] = {"a": a, "b": jnp.zeros((n_layers, rank, d_out), jnp.float32)}
-    return lora
+
+    def one(node):
+        if not _is_linear(node) or not node.kernel.lora:
+            return None
+        k = node.kernel
+        *lead, din, dout = k.shape
+        *lead_axes, ax_in, ax_out = k.axes
+        return LoRAAdapter(
+            a=sp.ParamInfo((*lead, din, rank), (*lead_axes, ax_in, "lora_rank"), init="fan_in_uniform",
+                           dtype="float32", stacked=k.stacked),
+            b=sp.ParamInfo((*lead, rank, dout), (*lead_axes, "lora_rank", ax_out), init="zeros", dtype="float32",
+                           stacked=k.stacked))
+
+    out = jax.tree.map(one, spec, is_leaf=lambda x: _is_linear(x) or sp.is_info(x))
+    if not jax.tree_util.tree_leaves(out, is_leaf=sp.is_info):
+        raise ValueError("the backbone's spec marks no LoRA target kernels")
+    return out
 
 
-def apply_lora(params, lora, scale: float, dropout: float = 0.0, key=None):
-    """A params tree whose LLM projections carry the adapters (used inside the train step)."""
-    layers = dict(params["llm"]["layers"])
-    for i, (name, ab) in enumerate(sorted(lora.items())):
-        entry = dict(layers[name])
-        entry["lora_a"] = ab["a"]
-        entry["lora_b"] = ab["b"] * scale
+def init_lora(spec, rank: int, key):
+    """Adapters in float32 (A kaiming-uniform as PEFT, B zero so the model starts unchanged)."""
+    return sp.init_params(lora_spec(spec, rank), key, "float32")
+
+
+def apply_lora(params, adapters, scale: float, dropout: float = 0.0, key=None):
+    """A params tree whose target Linears carry their adapters (used inside the train step)."""
+    counter = iter(range(10**6))
+
+    def wrap(p, ad):
+        if ad is None:
+            return p
+        keys = None
         if dropout > 0.0 and key is not None:
-            n_layers = ab["a"].shape[0]
-            entry["lora_key"] = jax.random.split(jax.random.fold_in(key, i), n_layers)
-            entry["lora_rate"] = jnp.full((n_layers,), dropout, jnp.float32)
-        layers[name] = entry
-    return {**params, "llm": {**params["llm"], "layers": layers}}
+            keys = jax.random.split(jax.random.fold_in(key, next(counter)), ad.a.shape[0])
+        return LoRALinear(p, ad.a, ad.b, keys, scale=float(scale), rate=float(dropout) if keys is not None else 0.0)
+
+    return jax.tree.map(wrap, params, adapters, is_leaf=_is_linear)
 
 
-def merge_lora(params, lora, scale: float):
-    """Fold the adapters into the kernels: W + scale * A @ B (numpy, in the kernels' dtype)."""
-    layers = dict(params["llm"]["layers"])
-    for name, ab in lora.items():
-        kernel = np.asarray(layers[name]["kernel"])
-        delta = np.einsum("lir,lro->lio", np.asarray(ab["a"], np.float32), np.asarray(ab["b"], np.float32))
-        layers[name] = {**layers[name], "kernel": (kernel.astype(np.float32) + scale * delta).astype(kernel.dtype)}
-    return {**params, "llm": {**params["llm"], "layers": layers}}
+def merge_lora(params, adapters, scale: float):
+    """Fold the adapters into the kernels: W + scale * A @ B in float32, stored in the kernels' dtype (numpy)."""
+
+    def fold(p, ad):
+        if ad is None:
+            return p
+        kernel = np.asarray(p.kernel)
+        delta = np.einsum("...ir,...ro->...io", np.asarray(ad.a, np.float32), np.asarray(ad.b, np.float32))
+        return p.replace(kernel=(kernel.astype(np.float32) + scale * delta).astype(kernel.dtype))
+
+    return jax.tree.map(fold, params, adapters, is_leaf=_is_linear)

@@ -1,21 +1,28 @@
-"""The sharded train step: LoRA or full fine-tuning of the LLM on the IVT-LR latent loss."""
+"""The sharded train step: LoRA or full fine-tuning of the LLM on the IVT-LR latent loss, for any backbone."""
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 
-from ivtlr_jax.config import LatentConfig, ModelConfig, TrainConfig
-from ivtlr_jax.latent import LatentLayout, latent_loss, prepare
-from ivtlr_jax.models import qwen2_vl as q
-from ivtlr_jax.train.lora import apply_lora, init_lora
+from ivtlr_jax.config import LatentConfig, TrainConfig
+from ivtlr_jax.latent import LatentBatch, latent_loss
+from ivtlr_jax.models import spec as sp
+from ivtlr_jax.models.base import Backbone
+from ivtlr_jax.train.lora import apply_lora
 
-REPLICATED_KEYS = ("vision_cos", "vision_sin")
+
+@struct.dataclass
+class TrainState:
+    step: Any  # () int32: micro-steps taken
+    trainable: Any  # LoRA adapters, or the params tree with only the trainable leaves (None elsewhere), float32
+    opt_state: Any
+    rng: Any
 
 
 def compute_dtype(tcfg: TrainConfig, platform: str | None = None):
@@ -46,133 +53,84 @@ def make_optimizer(tcfg: TrainConfig, total_steps: int):
     return tx, schedule
 
 
-def split_params(params, tcfg: TrainConfig, key):
-    """(trainable, frozen): LoRA adapters over all weights, or the LLM in float32 beside the frozen vision."""
-    if tcfg.finetune == "lora":
-        return init_lora(params, tcfg.lora_r, key), params
-    trainable = {"llm": jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params["llm"])}
-    return trainable, {"vision": params["vision"]}
+# ----------------------------------------------------------------------------- trainable / frozen
+def split_params(spec, params, finetune: str):
+    """(trainable, frozen) for full fine-tuning: the spec's trainable leaves vs the rest (None placeholders)."""
+    if finetune != "full":
+        raise ValueError("split_params is for full fine-tuning; LoRA trains adapters beside the frozen params")
+    trainable = jax.tree.map(lambda i, x: x if i.trainable else None, spec, params, is_leaf=sp.is_info)
+    frozen = jax.tree.map(lambda i, x: None if i.trainable else x, spec, params, is_leaf=sp.is_info)
+    return trainable, frozen
 
 
-def assemble_params(trainable, frozen, tcfg: TrainConfig, dtype, key=None):
-    """The model's params tree in the compute dtype (LoRA adapters stay float32 until used)."""
-    cast = functools.partial(jax.tree_util.tree_map, lambda x: x.astype(dtype))
+def combine(spec, trainable, frozen):
+    """Inverse of `split_params`."""
+    return jax.tree.map(lambda i, t, f: t if i.trainable else f, spec, trainable, frozen, is_leaf=sp.is_info)
+
+
+def cast_params(spec, params, dtype):
+    """Params in the compute dtype, except leaves the spec pins (e.g. a float32 image tokenizer)."""
+    return jax.tree.map(lambda i, x: None if x is None else x.astype(i.leaf_dtype(dtype)), spec, params,
+                        is_leaf=sp.is_info)
+
+
+def assemble_params(bb: Backbone, trainable, frozen, tcfg: TrainConfig, dtype, key=None):
+    """The model's params in the compute dtype (LoRA adapters stay float32 until used)."""
+    spec = bb.param_spec()
     if tcfg.finetune == "lora":
         dropout = tcfg.lora_dropout if key is not None else 0.0
-        return apply_lora(cast(frozen), trainable, tcfg.lora_alpha / tcfg.lora_r, dropout, key)
-    return {"vision": cast(frozen["vision"]), "llm": cast(trainable["llm"])}
+        return apply_lora(cast_params(spec, frozen, dtype), trainable, tcfg.lora_alpha / tcfg.lora_r, dropout, key)
+    return cast_params(spec, combine(spec, trainable, frozen), dtype)
 
 
-class HostBatch(NamedTuple):
-    n: int  # latent steps (static)
-    arrays: dict  # batch-leading numpy arrays (layout, pixel_values), sharded over the data axes
-    replicated: dict  # REPLICATED_KEYS: the same on every host
-    tokens: int  # real tokens in the final sequences (for tokens/s)
+def batch_loss(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, remat: str = "none"):
+    """Mean cross-entropy of one (device) batch; the image encoder runs forward only (it is frozen)."""
+    return latent_loss(bb, params, lcfg, batch, remat)
 
 
-def host_batch(cfg: ModelConfig, lcfg: LatentConfig, batch: dict) -> HostBatch:
-    """Collated numpy batch -> checked, batch-leading arrays for the train step (one image per row)."""
-    grid = np.asarray(batch["image_grid_thw"])
-    ids = np.asarray(batch["input_ids"])
-    if grid.shape[0] != ids.shape[0] or (grid != grid[:1]).any():
-        raise ValueError(
-            f"training needs one image per row and one image grid per batch; got {grid.shape[0]} images "
-            f"for {ids.shape[0]} rows with grids {np.unique(grid, axis=0).tolist()}; use the reference "
-            "280x280 resize (ImageOptions(resize_mode='reference'))"
-        )
-    n, layout, grid = prepare(cfg, lcfg, ids, batch["attention_mask"], batch["labels"], batch["pixel_values"], grid)
-    vin = q.prepare_vision_inputs(cfg.vision, grid[:1])
-    b = ids.shape[0]
-    arrays = {
-        "prefix_ids": layout.prefix_ids, "suffix_ids": layout.suffix_ids, "kv_valid": layout.kv_valid,
-        "positions": np.ascontiguousarray(layout.positions.transpose(1, 0, 2)), "labels": layout.labels,
-        "image_pos": layout.image_pos, "image_valid": layout.image_valid,
-        "pixel_values": np.asarray(batch["pixel_values"], np.float32).reshape(b, -1, cfg.vision.patch_dim),
-    }
-    replicated = {"vision_cos": vin.cos[0], "vision_sin": vin.sin[0]}
-    return HostBatch(n, arrays, replicated, int(layout.kv_valid.sum()))
-
-
-def batch_loss(params, cfg: ModelConfig, lcfg: LatentConfig, n: int, batch: dict):
-    """Mean cross-entropy of one device batch (vision features computed in-graph, not differentiated)."""
-    dtype = params["llm"]["embed"].dtype
-    feats = q.vision_forward_uniform(params["vision"], cfg.vision, batch["pixel_values"], batch["vision_cos"],
-                                     batch["vision_sin"], dtype)
-    feats = jax.lax.stop_gradient(feats)
-    layout = LatentLayout(batch["prefix_ids"], batch["suffix_ids"], batch["kv_valid"],
-                          jnp.transpose(batch["positions"], (1, 0, 2)), batch["labels"], batch["image_pos"],
-                          batch["image_valid"])
-    return latent_loss(params, cfg, lcfg, n, layout, feats)
-
-
-def make_train_step(cfg: ModelConfig, lcfg: LatentConfig, tcfg: TrainConfig, tx, schedule, n: int, dtype):
-    """state, frozen, batch -> new state, metrics. State: step, trainable, opt_state, rng (all arrays)."""
+def make_train_step(bb: Backbone, lcfg: LatentConfig, tcfg: TrainConfig, tx, schedule, dtype):
+    """(state, frozen, batch) -> (new state, metrics). One function for every n (n is static in the batch)."""
 
     def loss_fn(trainable, frozen, batch, key):
-        params = assemble_params(trainable, frozen, tcfg, dtype, key)
-        with q.remat_policy(tcfg.remat):  # read while tracing
-            return batch_loss(params, cfg, lcfg, n, batch)
+        params = assemble_params(bb, trainable, frozen, tcfg, dtype, key)
+        return batch_loss(bb, params, lcfg, batch, tcfg.remat)
 
-    def step(state, frozen, batch):
-        rng, key = jax.random.split(state["rng"])
-        loss, grads = jax.value_and_grad(loss_fn)(state["trainable"], frozen, batch, key)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
-        trainable = optax.apply_updates(state["trainable"], updates)
-        micro = state["step"]
-        opt_steps = micro // tcfg.grad_accum
-        new = {"step": micro + 1, "trainable": trainable, "opt_state": opt_state, "rng": rng}
+    def step(state: TrainState, frozen, batch: LatentBatch):
+        rng, key = jax.random.split(state.rng)
+        loss, grads = jax.value_and_grad(loss_fn)(state.trainable, frozen, batch, key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        opt_steps = state.step // tcfg.grad_accum
+        new = TrainState(state.step + 1, trainable, opt_state, rng)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(opt_steps)}
         return new, metrics
 
     return step
 
 
-def init_state(trainable, tx, seed: int):
-    return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable),
-            "rng": jax.random.PRNGKey(seed)}
-
-
-def path_matched_shardings(tree, reference_tree, reference_shardings, default):
-    """Shardings for a tree (e.g. optimiser state) by matching key-path suffixes and shapes to a reference."""
-    ref = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(reference_tree)[0]:
-        ref[_keys(path)] = leaf
-    ref_sh = {_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(reference_shardings)[0]}
-
-    def pick(path, leaf):
-        keys = _keys(path)
-        for start in range(len(keys)):
-            suffix = keys[start:]
-            if suffix in ref and tuple(ref[suffix].shape) == tuple(np.shape(leaf)):
-                return ref_sh[suffix]
-        return default
-
-    return jax.tree_util.tree_map_with_path(pick, tree)
-
-
-def _keys(path) -> tuple:
-    out = []
-    for k in path:
-        out.append(getattr(k, "key", getattr(k, "name", getattr(k, "idx", str(k)))))
-    return tuple(out)
-
-
-def model_flops(cfg: ModelConfig, tcfg: TrainConfig, batch: int, seq_len: int, n_images: int,
-                patches_per_image: int = 400) -> float:
+def model_flops(bb: Backbone, tcfg: TrainConfig, batch: LatentBatch) -> float:
     """Model FLOPs of one train step (the MFU numerator; remat recomputation not counted).
 
     LLM: 2 * matmul params per token forward plus causal attention (2 * layers * hidden * seq per token);
     backward doubles it for full fine-tuning (activation and weight gradients) and adds one forward's
-    worth for LoRA (activation gradients only). The frozen vision tower runs forward only.
+    worth for LoRA (activation gradients only). The frozen image encoder runs forward only.
     XLA's own count is not used: it counts a scanned layer once, not once per layer.
     """
-    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    per_token = layers * (h * (q + 2 * kv) + q * h + 3 * h * i) + h * cfg.vocab_size
-    fwd = batch * seq_len * (2 * per_token + 2 * layers * h * seq_len)
+    d = bb.dims
+    b, seq_len = batch.kv_valid.shape
+    q, kv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+    per_token = d.num_layers * (d.hidden_size * (q + 2 * kv) + q * d.hidden_size
+                                + 3 * d.hidden_size * d.intermediate_size) + d.hidden_size * d.vocab_size
+    fwd = b * seq_len * (2 * per_token + 2 * d.num_layers * d.hidden_size * seq_len)
     llm = fwd * (3.0 if tcfg.finetune == "full" else 2.0)
-    v = cfg.vision
-    vis_params = v.depth * (4 * v.embed_dim**2 + 2 * v.embed_dim * v.mlp_dim) + v.patch_dim * v.embed_dim
-    vis_params += (v.embed_dim * 4) ** 2 + v.embed_dim * 4 * cfg.hidden_size
-    vis = n_images * patches_per_image * (2 * vis_params + 4 * v.depth * v.embed_dim * patches_per_image)
-    return float(llm + vis)
+    return float(llm + (bb.image_flops(batch.images) if batch.images is not None else 0.0))
+
+
+def tree_bytes_per_device(tree, shardings) -> int:
+    """Bytes the most loaded device holds of a sharded tree (shard shape x itemsize, summed per device)."""
+    per_device: dict = {}
+    for leaf, s in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings), strict=True):
+        nbytes = int(np.prod(s.shard_shape(tuple(leaf.shape)))) * jnp.dtype(leaf.dtype).itemsize
+        for dev in s.device_set:
+            per_device[dev.id] = per_device.get(dev.id, 0) + nbytes
+    return max(per_device.values(), default=0)

@@ -1,4 +1,4 @@
-"""A small, deterministic byte-level BPE tokenizer with Qwen2-VL's special tokens, for tests.
+"""A small, deterministic byte-level BPE tokenizer with Qwen2-VL's special tokens (embedded default, tests).
 
 It stands in for the Qwen2-VL tokenizer where no checkpoint is available: same special
 tokens, same chat-template structure, the ordinary token ``<<`` (latent-token init copies

@@ -1,0 +1,205 @@
+"""The backbone interface: what `latent.py`, `generate.py`, `train/`, `convert/` and `sharding.py` may ask of a model.
+
+A backbone is a frozen dataclass holding its config (hashable, so it is a static jit argument). It gives
+its spec table, a host step that lays out images per row, an on-device `embed` that also returns the
+image tokens latent vision may select from, the shared decoder entry point (prefill, latent chunk,
+suffix, decode through the KV cache, attention row on request), the LM head, its position rule and its
+prompt conventions. The shared parts live here; a backbone overrides what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from ivtlr_jax.config import PromptFormat
+from ivtlr_jax.models import layers as ly
+from ivtlr_jax.models import spec as sp
+
+
+@struct.dataclass
+class Embedded:
+    """Input embeddings plus the image tokens latent vision selects from (per row, in sequence order)."""
+
+    embeds: Any  # (B, S, H)
+    image_pos: Any  # (B, I) int32: sequence index of the row's j-th image token (0 where invalid)
+    image_valid: Any  # (B, I) bool
+    image_embeds: Any  # (B, I, H): rows of `embeds` at image_pos
+
+
+def rows_of_images(input_ids, attention_mask, image_token_id: int, tokens_per_image: list[int]) -> list[list[int]]:
+    """Which images (in order) fill each row's image tokens; a clear error when counts disagree."""
+    ids, mask = np.asarray(input_ids), np.asarray(attention_mask).astype(bool)
+    counts = ((ids == image_token_id) & mask).sum(1).tolist()
+    rows, i = [], 0
+    for b, count in enumerate(counts):
+        mine = []
+        while count > 0:
+            if i >= len(tokens_per_image):
+                raise ValueError(
+                    f"row {b}: input_ids hold more image tokens (id {image_token_id}) than the images give "
+                    f"({sum(tokens_per_image)} in all for {len(tokens_per_image)} image(s)); expand each image "
+                    "placeholder to its token count and pass one image per placeholder"
+                )
+            if tokens_per_image[i] > count:
+                raise ValueError(
+                    f"row {b}: its {counts[b]} image tokens end inside image {i} ({tokens_per_image[i]} tokens); "
+                    "images cannot span rows: expand each image placeholder to its full token count"
+                )
+            count -= tokens_per_image[i]
+            mine.append(i)
+            i += 1
+        rows.append(mine)
+    if i != len(tokens_per_image):
+        raise ValueError(
+            f"{len(tokens_per_image)} image(s) given but input_ids hold image tokens for only {i} "
+            f"({sum(counts)} image tokens, id {image_token_id}); pass exactly one image per placeholder"
+        )
+    return rows
+
+
+def feature_index(rows: list[list[int]], tokens_per_image: list[int], slot_tokens: int) -> np.ndarray:
+    """(B, I) index into a row's (M * slot_tokens) feature slots for its j-th image token."""
+    width = max(1, max(sum(tokens_per_image[i] for i in r) for r in rows) if rows else 1)
+    out = np.zeros((len(rows), width), np.int32)
+    for b, r in enumerate(rows):
+        parts = [m * slot_tokens + np.arange(tokens_per_image[i]) for m, i in enumerate(r)]
+        if parts:
+            idx = np.concatenate(parts)
+            out[b, : len(idx)] = idx
+    return out
+
+
+def sequential_positions(attention_mask, rows: int = 1) -> np.ndarray:
+    """(B, rows, S) positions counting real tokens only (pads get 0), the same on every row."""
+    mask = np.asarray(attention_mask).astype(np.int64)
+    pos = np.clip(np.cumsum(mask, -1) - 1, 0, None).astype(np.int32)
+    return np.ascontiguousarray(np.broadcast_to(pos[:, None], (pos.shape[0], rows, pos.shape[1])))
+
+
+class Backbone:
+    """Base class of every backbone; subclasses are frozen dataclasses with a `config` field."""
+
+    model_type: ClassVar[str]
+    position_modes: ClassVar[tuple[str, ...]] = ("sequential",)
+    native_position_mode: ClassVar[str] = "sequential"  # what `IVTLRModel.logits` uses by default
+    position_rows: ClassVar[int] = 1  # rows of the positions array (3: M-RoPE sections)
+    trainable_root: ClassVar[str] = "llm"  # the subtree full fine-tuning trains
+    config: Any
+
+    # ------------------------------------------------------------------ static facts
+    @property
+    def dims(self) -> ly.DecoderDims:
+        raise NotImplementedError
+
+    @property
+    def prompt(self) -> PromptFormat:
+        raise NotImplementedError
+
+    def param_spec(self):
+        """The typed params tree with ParamInfo leaves: the one spec table."""
+        raise NotImplementedError
+
+    def hf_name(self, stored: str) -> str:
+        """A stored Hugging Face name in the spec's layout (other transformers layouts are mapped here)."""
+        return stored
+
+    def hf_ignored(self, name: str) -> bool:
+        """Stored tensors that hold no parameters (rotary buffers, ...)."""
+        return name.endswith(("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq"))
+
+    # ------------------------------------------------------------------ host side
+    def prepare_images(self, input_ids, attention_mask, pixel_values, image_grid_thw=None):
+        """HF-processor image inputs -> this backbone's batch-leading image pytree (numpy) or None."""
+        raise NotImplementedError
+
+    def image_token_counts(self, pixel_values, image_grid_thw=None) -> list[int]:
+        """LLM image tokens of each image given (validating the image inputs)."""
+        raise NotImplementedError
+
+    def count_check(self, input_ids, attention_mask) -> None:
+        """Validate ids/mask shapes and vocabulary range."""
+        ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids has shape {ids.shape}; expected (batch, seq_len)")
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {mask.shape}; it must equal input_ids' {ids.shape}")
+        vocab = self.dims.vocab_size
+        if (ids < 0).any() or (ids >= vocab).any():
+            raise ValueError(f"input_ids hold ids outside [0, vocab_size={vocab})")
+
+    def positions(self, input_ids, attention_mask, image_grid_thw, mode: str) -> np.ndarray:
+        """(B, R, S) int32 positions by the backbone's position rule."""
+        self.check_position_mode(mode)
+        return sequential_positions(attention_mask, self.position_rows)
+
+    def check_position_mode(self, mode: str) -> str:
+        if mode not in self.position_modes:
+            raise ValueError(f"position_mode={mode!r} is not valid for {self.model_type}; use one of "
+                             f"{list(self.position_modes)}")
+        return mode
+
+    # ------------------------------------------------------------------ device side
+    def image_features(self, params, images):
+        """(B, I, H) embeddings of each row's image tokens, in order."""
+        raise NotImplementedError
+
+    def embed(self, params, input_ids, images) -> Embedded:
+        """Token embeddings with each row's image tokens replaced, in order, by its image embeddings."""
+        tok = params.llm.embed[input_ids]  # (B, S, H)
+        b = input_ids.shape[0]
+        if images is None:
+            zero = jnp.zeros((b, 1), jnp.int32)
+            return Embedded(tok, zero, zero.astype(bool), jnp.zeros((b, 1, tok.shape[-1]), tok.dtype))
+        feats = self.image_features(params, images).astype(tok.dtype)  # (B, I, H)
+        n_img = feats.shape[1]
+        is_img = input_ids == self.config.image_token_id  # (B, S)
+        j = jnp.clip(jnp.cumsum(is_img, 1) - 1, 0, n_img - 1)
+        embeds = jnp.where(is_img[..., None], jnp.take_along_axis(feats, j[..., None], 1), tok)
+        order = jnp.argsort(~is_img, axis=1, stable=True)[:, :n_img].astype(jnp.int32)  # image positions first
+        valid = jnp.arange(n_img)[None] < is_img.sum(1, keepdims=True)
+        pos = jnp.where(valid, order, 0)
+        return Embedded(embeds, pos, valid, feats)
+
+    def init_cache(self, batch: int, max_len: int, dtype) -> ly.KVCache:
+        return ly.init_cache(self.dims, batch, max_len, dtype)
+
+    def decode(self, params, embeds, positions, cache, cache_index, kv_valid, *, attn_row: bool = False,
+               remat: str = "none"):
+        """The one decoder entry point (see layers.decoder); positions (B, R, T)."""
+        return ly.decoder(params.llm, self.dims, embeds, positions, cache, cache_index, kv_valid,
+                          attn_row=attn_row, remat_policy=remat)
+
+    def lm_head(self, params, hidden):
+        """Logits in float32 (B, T, V)."""
+        return ly.lm_logits(params.llm, self.dims, hidden)
+
+    def token_embed(self, params, ids):
+        return params.llm.embed[ids]
+
+    # ------------------------------------------------------------------ derived from the spec
+    def abstract_params(self, dtype="float32"):
+        return sp.abstract(self.param_spec(), dtype)
+
+    def init_params(self, key, dtype="float32"):
+        return sp.init_params(self.param_spec(), key, dtype)
+
+    def random_params(self, seed: int = 0, dtype="float32"):
+        """Host (numpy) random params from the spec's initializers."""
+        return sp.init_params_numpy(self.param_spec(), seed, dtype)
+
+    def replace_config(self, **changes):
+        return dataclasses.replace(self, config=dataclasses.replace(self.config, **changes))
+
+
+def param_dtype(params) -> jnp.dtype:
+    return params.llm.embed.dtype
+
+
+def tree_bytes(tree) -> int:
+    return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
