@@ -194,13 +194,15 @@ def _shape_of(x) -> tuple[int, ...]:
 
 
 def _is_logical(x) -> bool:
-    return isinstance(x, tuple) and all(isinstance(e, (str, type(None))) for e in x)
+    return isinstance(x, tuple) and all(isinstance(e, (str, tuple, type(None))) for e in x)
 
 
 def logical_to_spec(logical: Sequence[str | None], mesh: Mesh, shape: Sequence[int] | None = None) -> PartitionSpec:
     """PartitionSpec for one array: each logical name through LOGICAL_RULES.
 
-    A mesh axis is used at most once per array (first dimension wins); mesh axes of size 1 are
+    A dimension's logical name may be a tuple of names: their mesh axes in turn (e.g. a LoRA factor's
+    ("heads", "embed") is split over tensor, then fsdp). A mesh axis is used at most once per array
+    (first dimension wins); mesh axes of size 1 are
     dropped; where `shape` is given, a dimension keeps the longest prefix of its mesh axes whose
     product divides its size (none: replicated).
     """
@@ -208,10 +210,14 @@ def logical_to_spec(logical: Sequence[str | None], mesh: Mesh, shape: Sequence[i
         raise ValueError(f"logical axes {tuple(logical)} have rank {len(logical)} but the shape is {tuple(shape)}")
     used: set[str] = set()
     spec = []
-    for i, name in enumerate(logical):
-        if name not in LOGICAL_RULES:
-            raise ValueError(f"logical axis {name!r} is not in LOGICAL_RULES; known: {sorted(map(str, LOGICAL_RULES))}")
-        axes = [a for a in (LOGICAL_RULES[name] or ()) if a in mesh.shape and a not in used and mesh.shape[a] > 1]
+    for i, entry in enumerate(logical):
+        axes = []
+        for name in entry if isinstance(entry, tuple) else (entry,):
+            if name not in LOGICAL_RULES:
+                raise ValueError(f"logical axis {name!r} is not in LOGICAL_RULES; known: "
+                                 f"{sorted(map(str, LOGICAL_RULES))}")
+            axes += [a for a in (LOGICAL_RULES[name] or ()) if a in mesh.shape and a not in used
+                     and mesh.shape[a] > 1 and a not in axes]
         if shape is not None:
             while axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
                 axes.pop()

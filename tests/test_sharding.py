@@ -133,15 +133,16 @@ def check_param_shardings():
 
     # LoRA adapters: stacked A/B per target kernel, axes derived from the base kernel's input/output
     aspec = lora_spec(_spec(_tiny_cfg()), 4)
-    assert aspec.llm.layers.q.a.axes == ("layers", "embed", "lora_rank")
-    assert aspec.llm.layers.q.b.axes == ("layers", "lora_rank", "heads")
-    assert aspec.llm.layers.down.b.axes == ("layers", "lora_rank", "embed")
+    assert aspec.llm.layers.q.a.axes == ("layers", ("embed", "embed"), "lora_rank")
+    assert aspec.llm.layers.q.b.axes == ("layers", "lora_rank", ("heads", "embed"))
+    assert aspec.llm.layers.down.b.axes == ("layers", "lora_rank", ("embed", "embed"))
     assert aspec.vision is None or not jax.tree_util.tree_leaves(aspec.vision, is_leaf=sp.is_info)  # LLM only
     assert aspec.llm.embed is None and aspec.llm.layers.input_norm is None
     mesh = meshes["2x2x2"]
     lora_sh = sharding.param_shardings(mesh, aspec)
     placed = jax.device_put(sp.map_spec(lambda i: np.zeros(i.shape, np.float32), aspec), lora_sh)
     assert tuple(lora_sh.llm.layers.q.a.spec) == (None, "fsdp")
+    assert tuple(lora_sh.llm.layers.q.b.spec) == (None, None, ("tensor", "fsdp"))  # heads, then FSDP
     assert placed.llm.layers.q.b.sharding == lora_sh.llm.layers.q.b
 
 
@@ -257,6 +258,8 @@ def test_spec_axes_are_known_rules(tie):
     for name, info in sp.infos(_spec(_tiny_cfg(tie))):
         assert len(info.shape) == len(info.axes), name
         assert all(a in sharding.LOGICAL_RULES for a in info.axes), (name, info.axes)
+    with pytest.raises(ValueError, match="'nope' is not in LOGICAL_RULES"):
+        sharding.logical_to_spec(("embed", ("heads", "nope")), sharding.make_mesh("cpu"))
 
 
 if __name__ == "__main__":

@@ -61,11 +61,12 @@ def lora_spec(spec, rank: int):
         k = node.kernel
         *lead, din, dout = k.shape
         *lead_axes, ax_in, ax_out = k.axes
+        # The kernel's own axis, then FSDP's: a factor has no other large dimension to shard.
         return LoRAAdapter(
-            a=sp.ParamInfo((*lead, din, rank), (*lead_axes, ax_in, "lora_rank"), init="fan_in_uniform",
+            a=sp.ParamInfo((*lead, din, rank), (*lead_axes, (ax_in, "embed"), "lora_rank"), init="fan_in_uniform",
                            dtype="float32", stacked=k.stacked),
-            b=sp.ParamInfo((*lead, rank, dout), (*lead_axes, "lora_rank", ax_out), init="zeros", dtype="float32",
-                           stacked=k.stacked))
+            b=sp.ParamInfo((*lead, rank, dout), (*lead_axes, "lora_rank", (ax_out, "embed")), init="zeros",
+                           dtype="float32", stacked=k.stacked))
 
     out = jax.tree.map(one, spec, is_leaf=lambda x: _is_linear(x) or sp.is_info(x))
     if not jax.tree_util.tree_leaves(out, is_leaf=sp.is_info):

@@ -105,6 +105,7 @@ def make_train_step(bb: Backbone, lcfg: LatentConfig, tcfg: TrainConfig, tx, sch
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(opt_steps)}
         return new, metrics
 
+    step.loss_fn = loss_fn  # (trainable, frozen, batch, key) -> loss: what the step differentiates
     return step
 
 
