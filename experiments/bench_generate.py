@@ -44,10 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--backbone", default="qwen2_vl", choices=["qwen2_vl", "chameleon"],
+                   help="qwen2_vl (one 280x280 image, 100 tokens) or chameleon (one 64x64 image through a small VQ "
+                        "tokenizer, 1024 tokens; k defaults to 64)")
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default: 1,8,32)")
     p.add_argument("--new-tokens", type=int, default=12, help="answer tokens generated per row (default: 12)")
     p.add_argument("--n-latent", type=int, default=3, help="latent steps (default: 3)")
-    p.add_argument("--k", type=int, default=32, help="image embeddings per latent step (default: 32)")
+    p.add_argument("--k", type=int, default=None, help="image embeddings per latent step (default: 32; chameleon 64)")
     p.add_argument("--hidden", type=int, default=512, help="LLM hidden size (default: 512)")
     p.add_argument("--layers", type=int, default=8, help="LLM layers (default: 8)")
     p.add_argument("--vocab", type=int, default=16384, help="vocabulary size (default: 16384)")
@@ -57,8 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
     p.add_argument("--torch-device", default=None, help="device for the PyTorch reference (default: cuda if "
                                                           "available, else cpu)")
-    p.add_argument("--out", default="bench_generate.json", help="JSON results (default: bench_generate.json)")
+    p.add_argument("--out", default=None, help="JSON results (default: bench_generate[_chameleon].json)")
     return p
+
+
+def build_chameleon(args, root: str):
+    """Random HF Chameleon saved + converted; returns (hf eager, hf sdpa, IVTLRModel with a latent id, device)."""
+    import torch
+    from transformers import ChameleonForConditionalGeneration
+
+    from experiments.small_model import small_chameleon_models
+
+    hf_e, m = small_chameleon_models(root, attn="eager", vocab=args.vocab, hidden=args.hidden, layers=args.layers,
+                                     dtype=args.dtype)
+    tdtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
+    dev = args.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    hf = os.path.join(root, "hf")
+    load = ChameleonForConditionalGeneration.from_pretrained
+    models = [load(hf, attn_implementation=impl, dtype=tdtype).eval().to(dev) for impl in ("eager", "sdpa")]
+    return models[0], models[1], m, dev
 
 
 def build_models(args, root: str):
@@ -87,6 +107,16 @@ def build_models(args, root: str):
 def make_batch(cfg, batch: int, n: int, text_tokens: int, seed: int = 0):
     """Same-length prompts (random text, one image each) ending with n latent tokens; pixel values, grid."""
     rng = np.random.default_rng(seed)
+    if cfg.model_type == "chameleon":
+        res, codes = cfg.vq.resolution, cfg.vq.tokens_per_image
+        first_code = min(cfg.image_vocab)
+        rows = []
+        for _ in range(batch):
+            text = rng.integers(10, first_code - 1, size=text_tokens).tolist()
+            rows.append(text[: text_tokens // 3] + [cfg.image_start_token_id] + [cfg.image_token_id] * codes
+                        + [cfg.image_end_token_id] + text[text_tokens // 3:] + [cfg.latent_token_id] * n)
+        ids = np.asarray(rows, np.int32)
+        return ids, np.ones_like(ids), rng.uniform(-1, 1, size=(batch, 3, res, res)).astype(np.float32), None
     t, h, w = IMAGE_GRID
     n_img = t * h * w // cfg.vision.spatial_merge_size**2
     before = text_tokens // 3
@@ -130,16 +160,21 @@ def reference_generate(hf_eager, hf_sdpa, ids, pv, grid, latent_id: int, k: int,
     """
     import torch
 
-    lm_e, lm_s = hf_eager.model.language_model, hf_sdpa.model.language_model
+    chameleon = hf_eager.config.model_type == "chameleon"
+    lm_e, lm_s = ((hf_eager.model, hf_sdpa.model) if chameleon else
+                  (hf_eager.model.language_model, hf_sdpa.model.language_model))
     cache_kw = _cache_kwarg(lm_s)
     with torch.no_grad():
         ids_t = torch.as_tensor(ids, device=dev).long()
         n = int((ids_t[0] == latent_id).sum())
         p = ids.shape[1] - n
         emb = hf_eager.model.get_input_embeddings()(ids_t[:, :p])
-        feats = hf_eager.model.get_image_features(torch.as_tensor(pv, device=dev).to(emb.dtype),
-                                                  torch.as_tensor(grid, device=dev))
-        feats = torch.cat(getattr(feats, "pooler_output", feats))
+        if chameleon:  # the VQ codes' token embeddings
+            feats = hf_eager.model.get_image_features(torch.as_tensor(pv, device=dev)).pooler_output[0]
+        else:
+            feats = hf_eager.model.get_image_features(torch.as_tensor(pv, device=dev).to(emb.dtype),
+                                                      torch.as_tensor(grid, device=dev))
+            feats = torch.cat(getattr(feats, "pooler_output", feats))
         img = ids_t[:, :p] == hf_eager.config.image_token_id
         emb = emb.masked_scatter(img.unsqueeze(-1).expand_as(emb), feats.to(emb.dtype))
         image_pos = torch.nonzero(img[0])[:, 0]
@@ -147,7 +182,14 @@ def reference_generate(hf_eager, hf_sdpa, ids, pv, grid, latent_id: int, k: int,
         seq = emb
 
         def positions(length, start=0):
-            return (torch.arange(length, device=dev) + start).view(1, 1, -1).expand(3, 1, -1)
+            pos = (torch.arange(length, device=dev) + start).view(1, 1, -1)
+            return pos[0] if chameleon else pos.expand(3, 1, -1)
+
+        def head(hidden):
+            logits = hf_sdpa.lm_head(hidden)
+            if chameleon:
+                logits[..., hf_sdpa.model.vocabulary_mapping.image_tokens] = torch.finfo(logits.dtype).min
+            return logits
 
         for _ in range(n):
             out = lm_e(inputs_embeds=seq, position_ids=positions(seq.shape[1]), output_attentions=True)
@@ -158,14 +200,14 @@ def reference_generate(hf_eager, hf_sdpa, ids, pv, grid, latent_id: int, k: int,
             seq = torch.cat([seq, emb[:, image_pos[pick]], out.last_hidden_state[:, -1:]], 1)
         out = lm_s(inputs_embeds=seq, position_ids=positions(seq.shape[1]), use_cache=True)
         cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-        tok = hf_sdpa.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
+        tok = head(out.last_hidden_state[:, -1]).argmax(-1)
         generated = [tok]
         length = seq.shape[1]
         for t in range(new_tokens - 1):
             e = hf_sdpa.model.get_input_embeddings()(tok[:, None])
             out = lm_s(inputs_embeds=e, position_ids=positions(1, length + t), use_cache=True, **{cache_kw: cache})
             cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-            tok = hf_sdpa.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
+            tok = head(out.last_hidden_state[:, -1]).argmax(-1)
             generated.append(tok)
         return torch.cat(generated).cpu().numpy()
 
@@ -177,8 +219,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     t_start = time.perf_counter()
+    if args.k is None:
+        args.k = 64 if args.backbone == "chameleon" else 32
+    if args.out is None:
+        args.out = "bench_generate_chameleon.json" if args.backbone == "chameleon" else "bench_generate.json"
     with tempfile.TemporaryDirectory() as root:
-        hf_e, hf_s, m, dev = build_models(args, root)
+        hf_e, hf_s, m, dev = (build_chameleon if args.backbone == "chameleon" else build_models)(args, root)
     cfg = m.config
     gen_kw = dict(max_new_tokens=args.new_tokens, k=args.k, eos_token_ids=[-1])  # no EOS: fixed length
     results: dict = {"ours": {}, "ours_no_cot": {}}

@@ -1,10 +1,13 @@
-"""Latent forward (n=3, k=32, one 280x280 image) in JAX against the release-style recompute in PyTorch.
+"""Latent forward in JAX against the release-style recompute in PyTorch, for Qwen2-VL or Chameleon.
 
+Qwen2-VL: n=3, k=32, one 280x280 image (100 tokens). Chameleon (`--backbone chameleon`): n=3, k=64, one
+64x64 image through a small VQ tokenizer (1024 tokens, as the 7B model's 512x512 images give).
 The recompute is tests/oracle.py on transformers' model with eager attention under torch.no_grad():
 every latent step re-runs the whole growing sequence, then one more full pass gives the logits.
-Also times one plain JAX forward over a sequence of the same final length (the ideal cost).
-CPU, float32, median of repeated runs after compilation. Writes JSON and prints a table.
-Usage: python -m experiments.bench_latent [--out FILE] [--batches 1 4] [--repeats N]
+Also times one plain JAX forward over a sequence of the same final length (the ideal cost) and one
+single-token decode step: the floor is that pass plus n decode steps (each latent chunk reads the
+weights once). CPU, float32, median of repeated runs after compilation. Writes JSON, prints a table.
+Usage: python -m experiments.bench_latent [--backbone qwen2_vl|chameleon] [--out FILE] [--batches 1 4]
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="bench_latent.json", help="JSON file for the results")
+    ap.add_argument("--backbone", default="qwen2_vl", choices=["qwen2_vl", "chameleon"], help="model family")
+    ap.add_argument("--out", default=None, help="JSON file for the results (default: bench_latent[_BACKBONE].json)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="batch sizes to time")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
     ap.add_argument("--n", type=int, default=3, help="latent steps")
-    ap.add_argument("--k", type=int, default=32, help="image embeddings per step")
+    ap.add_argument("--k", type=int, default=None, help="image embeddings per step (default 32; chameleon 64)")
     ap.add_argument("--tail", type=int, default=16, help="suffix tokens after the latent tokens")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     args = ap.parse_args(argv)
@@ -40,52 +44,72 @@ def main(argv=None):
     import jax
     import torch
 
-    from experiments.small_model import prompt_batch, small_models, special_ids, timeit
+    from experiments import small_model as sm
 
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from oracle import oracle_latent_forward
 
+    chameleon = args.backbone == "chameleon"
+    k = args.k if args.k is not None else (64 if chameleon else 32)
+    out_path = args.out or ("bench_latent_chameleon.json" if chameleon else "bench_latent.json")
+    build, batch_of = ((sm.small_chameleon_models, sm.chameleon_prompt_batch) if chameleon
+                       else (sm.small_models, sm.prompt_batch))
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        hf, m = small_models(tmp, attn="eager")
+        hf, m = build(tmp, attn="eager")
+    latent_id = m.config.latent_token_id
     rows = []
     for b in args.batches:
-        ids, mask, pv, grid = prompt_batch(b, n_latent=args.n, tail=args.tail)
+        ids, mask, pv, grid = batch_of(b, n_latent=args.n, tail=args.tail)
         labels = np.where(np.arange(ids.shape[1]) >= ids.shape[1] - args.tail, ids, -100)
 
         def run_jax():
-            out = m.latent_forward(ids, mask, labels, pv, grid, k=args.k)
-            return out
+            return m.latent_forward(ids, mask, labels, pv, grid, k=k)
 
         def run_ref():
-            return oracle_latent_forward(hf, special_ids(8192)["latent"], ids, mask, labels, pv, grid, args.k)
+            return oracle_latent_forward(hf, latent_id, ids, mask, labels, pv, grid, k)
 
         out, ref = run_jax(), run_ref()
         final_len = out.logits.shape[1]
         diff = float(np.abs(out.logits - ref[1]).max())
-        # one plain forward over a sequence of the same final length, vision tower included
-        pids, pmask, _, _ = prompt_batch(b, n_latent=0, text_len=final_len - 102)
+        same_picks = bool((out.selected == ref[2]).all())
+        # one plain forward over a sequence of the same final length, image encoder included
+        image_len = ids.shape[1] - args.n - args.tail - 128  # the prompt's image run (with markers)
+        pids, pmask, _, _ = batch_of(b, n_latent=0, text_len=final_len - image_len)
         assert pids.shape[1] == final_len
 
         def run_plain():
             return m.logits(pids, pmask, pv, grid, position_mode="sequential")
 
+        steps = 16  # one decode step: (generate 1 + steps tokens - generate 1 token) / steps, same prompt
+
+        def gen(t):
+            return lambda: m.generate(pids, pmask, pv, grid, max_new_tokens=t, eos_token_ids=[-1])
+
         row = {
-            "batch": b, "final_len": int(final_len), "n": args.n, "k": args.k, "max_abs_logit_diff": diff,
-            "jax_latent": timeit(run_jax, args.repeats, warmup=2),
-            "jax_plain_same_len": timeit(run_plain, args.repeats, warmup=2),
-            "torch_recompute": timeit(run_ref, max(2, args.repeats // 2), warmup=1),
+            "batch": b, "final_len": int(final_len), "n": args.n, "k": k, "max_abs_logit_diff": diff,
+            "selections_equal_reference": same_picks,
+            "jax_latent": sm.timeit(run_jax, args.repeats, warmup=2),
+            "jax_plain_same_len": sm.timeit(run_plain, args.repeats, warmup=2),
+            "torch_recompute": sm.timeit(run_ref, max(2, args.repeats // 2), warmup=1),
         }
+        g1, gs = sm.timeit(gen(1), args.repeats, warmup=1), sm.timeit(gen(1 + steps), args.repeats, warmup=1)
+        row["jax_decode_step"] = max(gs["median_s"] - g1["median_s"], 0.0) / steps
+        floor = row["jax_plain_same_len"]["median_s"] + args.n * row["jax_decode_step"]
+        row["floor_s"] = floor
         row["speedup_vs_recompute"] = row["torch_recompute"]["median_s"] / row["jax_latent"]["median_s"]
         row["latent_over_plain"] = row["jax_latent"]["median_s"] / row["jax_plain_same_len"]["median_s"]
+        row["latent_over_floor"] = row["jax_latent"]["median_s"] / floor
         rows.append(row)
+    print(f"{args.backbone}: n={args.n}, k={k}")
     print(f"{'batch':>5}{'L_final':>8}{'jax latent s':>14}{'jax plain s':>13}{'torch recompute s':>19}"
-          f"{'speed-up':>10}{'latent/plain':>14}")
+          f"{'speed-up':>10}{'latent/plain':>14}{'latent/floor':>14}")
     for r in rows:
         print(f"{r['batch']:>5}{r['final_len']:>8}{r['jax_latent']['median_s']:>14.4f}"
               f"{r['jax_plain_same_len']['median_s']:>13.4f}{r['torch_recompute']['median_s']:>19.4f}"
-              f"{r['speedup_vs_recompute']:>9.2f}x{r['latent_over_plain']:>13.2f}x")
-    res = {"device": str(jax.devices()[0]), "torch_threads": args.threads, "rows": rows}
+              f"{r['speedup_vs_recompute']:>9.2f}x{r['latent_over_plain']:>13.2f}x{r['latent_over_floor']:>13.2f}x")
+    res = {"backbone": args.backbone, "device": str(jax.devices()[0]), "torch_threads": args.threads, "rows": rows}
+    args.out = out_path
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
     return res

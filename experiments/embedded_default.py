@@ -17,7 +17,8 @@ import logging
 import os
 import time
 
-DEFAULT_OUT = os.environ.get("IVTLR_DEFAULT_OUT", "runs/tiny_default")
+DEFAULT_OUT = os.environ.get("IVTLR_DEFAULT_OUT")  # default: runs/tiny_default (runs/tiny_chameleon_default)
+CONFIGS = {"qwen2_vl": "tiny.yaml", "chameleon": "tiny_chameleon.yaml"}  # the embedded default per backbone
 
 
 def _table(rows: list[dict]) -> str:
@@ -29,8 +30,9 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_embedded_default(out: str = DEFAULT_OUT, train_rows: int | None = None, eval_rows: int | None = None) -> dict:
-    """Run it; train_rows / eval_rows default to tiny.yaml's `limit` / `eval_limit`."""
+def run_embedded_default(out: str | None = DEFAULT_OUT, train_rows: int | None = None, eval_rows: int | None = None,
+                         backbone: str = "qwen2_vl") -> dict:
+    """Run it; train_rows / eval_rows default to the backbone's tiny YAML's `limit` / `eval_limit`."""
     import yaml
 
     from experiments import evaluate as ev
@@ -42,7 +44,10 @@ def run_embedded_default(out: str = DEFAULT_OUT, train_rows: int | None = None, 
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.time()
-    with open(os.path.join(CONFIG_DIR, "tiny.yaml")) as f:
+    if backbone not in CONFIGS:
+        raise SystemExit(f"--backbone {backbone!r}: use one of {sorted(CONFIGS)}")
+    out = out or ("runs/tiny_default" if backbone == "qwen2_vl" else f"runs/tiny_{backbone}_default")
+    with open(os.path.join(CONFIG_DIR, CONFIGS[backbone])) as f:
         values = yaml.safe_load(f)
     model = values.pop("model", None)
     train_rows = train_rows or values["limit"]
@@ -55,9 +60,10 @@ def run_embedded_default(out: str = DEFAULT_OUT, train_rows: int | None = None, 
     tcfg = TrainConfig(**values)
     if os.path.exists(os.path.join(out, "stage_ends")) or os.path.exists(os.path.join(out, "checkpoints")):
         raise SystemExit(f"{out} already holds a run; remove it (or set IVTLR_DEFAULT_OUT) to start over")
-    print(f"[2/4] building the tiny model: {out}/hf (Hugging Face layout) -> {out}/init (converted)")
+    print(f"[2/4] building the tiny {backbone} model: {out}/hf (Hugging Face layout) -> {out}/init (converted)")
     prepare_auto_tiny(tcfg, model)
-    print("[3/4] training stages 0..3 (full fine-tuning of the tiny LLM; vision tower frozen)")
+    encoder = "VQ image tokenizer" if backbone == "chameleon" else "vision tower"
+    print(f"[3/4] training stages 0..3 (full fine-tuning of the tiny LLM; {encoder} frozen)")
     summary = Trainer(tcfg).run()
     if summary["stopped"]:
         raise SystemExit(f"training stopped: {summary['stopped']}")

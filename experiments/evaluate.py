@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cache-len", type=int, default=8192,
                    help="rows whose prompt + latent chunks + max_new_tokens exceed this are skipped and counted "
                         "(default: 8192)")
-    p.add_argument("--position-mode", default="sequential", choices=["sequential", "mrope"],
-                   help="positions of the final sequence (default: sequential, the release's)")
+    p.add_argument("--position-mode", default=None, choices=["sequential", "mrope"],
+                   help="positions of the final sequence (default: the checkpoint's recorded rule, else sequential, "
+                        "the release's)")
     p.add_argument("--selection-order", default="position", choices=["position", "score"],
                    help="order of the selected image embeddings inside a latent chunk (default: position)")
     p.add_argument("--answer-format", default="auto", choices=list(ANSWER_FORMATS),
@@ -139,15 +140,15 @@ def method_settings(args) -> tuple[int, int, bool]:
     return args.n_latent, args.k, args.method != "no-latent-text"
 
 
-def _prompt_text(tok, ids, image_pad_id: int) -> str:
-    """Prompt as text with the image-pad run shown once with its count."""
+def _prompt_text(tok, ids, image_pad_id: int, image_token: str = "<|image_pad|>") -> str:
+    """Prompt as text with the image-placeholder run shown once with its count."""
     out, run = [], 0
     for t in list(ids) + [-1]:
         if t == image_pad_id:
             run += 1
             continue
         if run:
-            out.append(f"<|image_pad|>x{run}")
+            out.append(f"{image_token}x{run}")
             run = 0
         if t != -1:
             out.append(tok.decode([t], skip_special_tokens=False))
@@ -272,10 +273,9 @@ def evaluate(args) -> dict:
         encode_split,
         load_split_with_summary,
         make_buckets,
+        model_view,
         process_image,
-        resize_image,
     )
-    from ivtlr_jax.data.images import decode_image
     from ivtlr_jax.generate import latent_prompt
 
     if args.batch_size < 1:
@@ -289,6 +289,7 @@ def evaluate(args) -> dict:
 
     model = IVTLRModel.from_pretrained(args.ckpt, dtype=args.dtype)
     cfg, bb = model.config, model.backbone
+    args.position_mode = model.resolve_position_mode(args.position_mode)  # the checkpoint's default when not given
     latent_prompt(cfg, [], n)  # a checkpoint without <|latent|> asked for latent steps: stop here
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.ckpt)
     if tok.eos_token_id is None and not cfg.eos_token_id:
@@ -350,7 +351,8 @@ def evaluate(args) -> dict:
         while len(examples) < args.batch_size:  # filler rows keep one shape per bucket; outputs dropped
             examples.append(examples[0])
         batch = collate(examples, pad_id, prefix_buckets=buckets, tail_buckets=None)
-        shape = (batch["input_ids"].shape, tuple(map(tuple, batch["image_grid_thw"].tolist())))
+        grids = batch["image_grid_thw"]
+        shape = (batch["input_ids"].shape, None if grids is None else tuple(map(tuple, grids.tolist())))
         res = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                              batch["image_grid_thw"], max_new_tokens=max_new, k=k, latent_text=latent_text,
                              position_mode=args.position_mode, selection_order=args.selection_order,
@@ -369,17 +371,23 @@ def evaluate(args) -> dict:
             correct_so_far += ok
             records.append({
                 "id": split.ids[i], "domain": split.domains[i], "topic": topics[i],
-                "prompt": _prompt_text(tok, split.encodings[i].prompt_ids, image_pad_id), "n_latent": n,
+                "prompt": _prompt_text(tok, split.encodings[i].prompt_ids, image_pad_id, bb.prompt.image_token),
+                "n_latent": n,
                 "generated": texts[r], "extracted": pred, "gold": gold, "correct": bool(ok),
                 "generated_tokens": int(res.lengths[r]), "ar_steps": int(res.lengths[r]) + n,
                 "selected": res.selected[:, r].tolist() if n and k else None,
             })
             if selections_left > 0 and n and k:
-                pixels_u8 = resize_image(decode_image(split.images([i])[0]), options)
+                pixels_u8 = model_view(split.images([i])[0], options)
                 safe = re.sub(r"[^A-Za-z0-9_.-]", "_", split.ids[i])
-                draw_selections(os.path.join(args.save_selections, f"{safe}.png"), pixels_u8,
-                                batch["image_grid_thw"][r], res.selected[:, r], merge=options.merge_size,
-                                patch=options.patch_size, title=f"{split.ids[i]}: gold {gold}, predicted {pred}")
+                if options.processor == "chameleon":  # a side x side grid of codes over the square image
+                    side = int(round(options.tokens_per_image ** 0.5))
+                    grid, merge, patch = (1, side, side), 1, options.reference_size[0] // side
+                else:
+                    grid, merge, patch = batch["image_grid_thw"][r], options.merge_size, options.patch_size
+                draw_selections(os.path.join(args.save_selections, f"{safe}.png"), pixels_u8, grid,
+                                res.selected[:, r], merge=merge, patch=patch,
+                                title=f"{split.ids[i]}: gold {gold}, predicted {pred}")
                 selections_left -= 1
         bar.update(real)
         bar.set_postfix(acc=f"{correct_so_far / max(len(records), 1):.3f}")

@@ -92,3 +92,70 @@ def timeit(fn, repeats: int, warmup: int = 1) -> dict:
         fn()
         times.append(time.perf_counter() - t0)
     return {"median_s": float(np.median(times)), "min_s": float(np.min(times)), "repeats": repeats}
+
+
+# ----------------------------------------------------------------------------- Chameleon
+CHAMELEON_VQ = dict(embed_dim=32, num_embeddings=1024, latent_channels=32, resolution=64, base_channels=64,
+                    channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[])  # 1024 codes per 64x64 image
+
+
+def chameleon_ids(vocab: int) -> dict:
+    """Token ids of the Chameleon benchmark model: the image codes sit in the middle of the vocabulary."""
+    return {"latent": vocab - 5, "image_end": vocab - 4, "image_start": vocab - 3, "image": vocab - 2,
+            "eos": vocab - 1, "first_code": vocab // 2}
+
+
+def small_chameleon_config(vocab: int = 8192, hidden: int = 512, layers: int = 8):
+    """transformers' ChameleonConfig of the small benchmark model (head_dim 64, GQA 4:1, 1024 codes per image)."""
+    from transformers import ChameleonConfig
+
+    ids = chameleon_ids(vocab)
+    vmap = {"<image>": ids["image"], "<racm3:break>": ids["image_start"], "<eoss>": ids["image_end"]}
+    for c in range(CHAMELEON_VQ["num_embeddings"]):
+        vmap["IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(c)) + "Z"] = ids["first_code"] + c
+    heads = hidden // 64
+    return ChameleonConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), vocabulary_map=vmap,
+                           vq_config=CHAMELEON_VQ, eos_token_id=ids["eos"], bos_token_id=None, pad_token_id=0)
+
+
+def small_chameleon_models(workdir: str, attn: str = "eager", seed: int = 0, vocab: int = 8192, hidden: int = 512,
+                           layers: int = 8, dtype: str = "float32"):
+    """(torch Chameleon in float32, IVTLRModel) with the same random weights; the JAX side knows <|latent|>."""
+    import dataclasses
+
+    import torch
+    from transformers import ChameleonForConditionalGeneration
+
+    from ivtlr_jax import IVTLRModel
+    from ivtlr_jax.convert import convert_hf_to_checkpoint
+
+    cfg = small_chameleon_config(vocab, hidden, layers)
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    hf = ChameleonForConditionalGeneration(cfg).eval()
+    hf_dir, ckpt = os.path.join(workdir, "hf"), os.path.join(workdir, "ckpt")
+    hf.save_pretrained(hf_dir)
+    convert_hf_to_checkpoint(hf_dir, ckpt, dtype=dtype, verbose=False)
+    m = IVTLRModel.from_pretrained(ckpt, dtype=dtype)
+    m.config = dataclasses.replace(m.config, latent_token_id=chameleon_ids(vocab)["latent"])
+    return hf, m
+
+
+def chameleon_prompt_batch(batch: int, n_latent: int = 0, text_len: int = 128, tail: int = 0, seed: int = 0,
+                           vocab: int = 8192):
+    """Rows of [text, one 64x64 image (1024 tokens with its markers), text] + n latents + tail;
+    pixels (B, 3, 64, 64)."""
+    ids_ = chameleon_ids(vocab)
+    rng = np.random.default_rng(seed)
+    res = CHAMELEON_VQ["resolution"]
+    pixel_values = rng.uniform(-1, 1, size=(batch, 3, res, res)).astype(np.float32)
+    half, codes = text_len // 2, (res // 2) ** 2
+    rows = []
+    for _ in range(batch):
+        text = rng.integers(10, ids_["first_code"] - 1, size=text_len).tolist()
+        rows.append(text[:half] + [ids_["image_start"]] + [ids_["image"]] * codes + [ids_["image_end"]]
+                    + text[half:] + [ids_["latent"]] * n_latent
+                    + rng.integers(10, ids_["first_code"] - 1, size=tail).tolist())
+    ids = np.array(rows, np.int64)
+    return ids, np.ones_like(ids), pixel_values, None

@@ -85,3 +85,33 @@ def build_tiny_tokenizer(
     )
     tok.chat_template = QWEN2VL_CHAT_TEMPLATE
     return tok
+
+
+CHAMELEON_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>", "<racm3:break>", "<eoss>"]
+
+
+def image_code_name(code: int) -> str:
+    """Chameleon's vocabulary name of image code `code`: IMGIMG + digits written A..J + a closing Z."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+def build_tiny_chameleon_tokenizer(num_codes: int, corpus: list[str] | None = None,
+                                   vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE wrapped like Chameleon's: <s> BOS, </s> EOS, <pad>, the image placeholder and its
+    start/end markers, and one IMGIMG token per VQ code (ids right after the learned vocabulary)."""
+    texts = list(_BUILTIN_CORPUS if corpus is None else corpus) + ["<<"] * 64
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=CHAMELEON_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(texts, trainer=trainer)
+    if backend.token_to_id("<<") is None:
+        raise ValueError(f"vocab_size={vocab_size} did not learn the token '<<'; raise vocab_size")
+    backend.add_special_tokens([image_code_name(c) for c in range(num_codes)])
+    from tokenizers.processors import TemplateProcessing
+
+    backend.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                special_tokens=[("<s>", backend.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   extra_special_tokens=CHAMELEON_SPECIAL_TOKENS[3:], model_max_length=32768)

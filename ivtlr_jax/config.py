@@ -13,6 +13,11 @@ from typing import Any
 import numpy as np
 
 SUPPORTED_DTYPES = ("float32", "bfloat16")
+# attention implementation: auto = cudnn on CUDA GPUs (bf16/fp16), pallas on one TPU chip, xla elsewhere;
+# dense = the plain einsum over the cache (the reference every implementation is tested against)
+ATTENTION_CHOICES = ("auto", "xla", "cudnn", "pallas", "dense")
+# layer rematerialisation: auto = by model size (models.layers.resolve_remat); full keeps least memory
+REMAT_CHOICES = ("auto", "full", "dots_except_mlp", "dots", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +100,9 @@ class ModelConfig:
     latent_token_id: int | None = None
     start_latent_token_id: int | None = None
     end_latent_token_id: int | None = None
+    # the checkpoint's default position rule when a caller gives none (None: the backbone's native "mrope");
+    # a model imported from the authors' release records "sequential", the positions it was trained with
+    position_mode: str | None = None
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
 
     @property
@@ -117,6 +125,9 @@ class ModelConfig:
                 f"mrope_section={list(self.mrope_section)} must have 3 entries summing to "
                 f"head_dim/2 = {self.head_dim // 2} (head_dim = hidden_size / num_attention_heads)"
             )
+        if self.position_mode not in (None, "sequential", "mrope"):
+            raise ValueError(f"position_mode={self.position_mode!r} is not valid; use 'sequential', 'mrope' or None "
+                             "(the native rule)")
         if self.vision.out_hidden_size != self.hidden_size:
             raise ValueError(
                 f"vision_config.hidden_size={self.vision.out_hidden_size} must equal the LLM "
@@ -258,7 +269,7 @@ def image_vocabulary(vocabulary_map: dict[str, int]) -> tuple[int, ...]:
     """Codebook index -> BPE id from the `IMGIMG...` names (as transformers' ChameleonImageVocabularyMapping).
 
     A name is IMGIMG + the code written with letters A..J for digits 0..9 + one trailing character.
-    Codes without a name map to 0, as transformers' lookup table does.
+    Every code from 0 to the largest must have a name.
     """
     digits = {chr(ord("A") + i): str(i) for i in range(10)}
     img2bpe = {}
@@ -267,10 +278,11 @@ def image_vocabulary(vocabulary_map: dict[str, int]) -> tuple[int, ...]:
             img2bpe[int("".join(digits.get(c, c) for c in name[len("IMGIMG") : -1]))] = int(bpe)
     if not img2bpe:
         return ()
-    table = [0] * (max(img2bpe) + 1)
-    for code, bpe in img2bpe.items():
-        table[code] = bpe
-    return tuple(table)
+    missing = sorted(set(range(max(img2bpe) + 1)) - set(img2bpe))
+    if missing:
+        raise ValueError(f"config.json: vocabulary_map names image codes up to {max(img2bpe)} but not {missing[:10]}"
+                         f"{' ...' if len(missing) > 10 else ''}; every code needs its IMGIMG entry")
+    return tuple(img2bpe[c] for c in range(len(img2bpe)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +310,7 @@ class ChameleonConfig:
     latent_token_id: int | None = None
     start_latent_token_id: int | None = None
     end_latent_token_id: int | None = None
+    position_mode: str | None = None  # the checkpoint's default position rule (None: native, i.e. sequential)
     vq: VQConfig = dataclasses.field(default_factory=VQConfig)
 
     def __post_init__(self):
@@ -305,6 +318,9 @@ class ChameleonConfig:
             object.__setattr__(self, "image_vocab", tuple(int(v) for v in self.image_vocab))
         if not isinstance(self.eos_token_id, tuple):
             object.__setattr__(self, "eos_token_id", tuple(np.atleast_1d(self.eos_token_id).tolist()))
+        if self.position_mode not in (None, "sequential"):
+            raise ValueError(f"position_mode={self.position_mode!r} is not valid for Chameleon; use 'sequential' or "
+                             "None (1-D RoPE has no other rule)")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_attention_heads="
                              f"{self.num_attention_heads}")
@@ -467,7 +483,8 @@ class TrainConfig:
     batch_size: int = 64  # global batch (rows per optimiser step, before accumulation)
     grad_accum: int = 1
     compute_dtype: str = "auto"  # auto: bfloat16 on accelerators, float32 on CPU
-    remat: str = "full"  # layer rematerialisation: full (least memory) | dots | none
+    remat: str = "auto"  # layer rematerialisation: auto (by model size) | full | dots_except_mlp | dots | none
+    attention: str = "auto"  # attention kernel: auto | xla | cudnn | pallas | dense (see ATTENTION_CHOICES)
     max_length: int | None = 1024
     seed: int = 0
     max_steps: int | None = None
@@ -487,8 +504,10 @@ class TrainConfig:
             raise ValueError(f"finetune={self.finetune!r} is not valid; use 'lora' or 'full'")
         if self.schedule not in ("constant", "cosine", "linear"):
             raise ValueError(f"schedule={self.schedule!r} is not valid; use constant, cosine or linear")
-        if self.remat not in ("full", "dots", "none"):
-            raise ValueError(f"remat={self.remat!r} is not valid; use full, dots or none")
+        if self.remat not in REMAT_CHOICES:
+            raise ValueError(f"remat={self.remat!r} is not valid; use one of {', '.join(REMAT_CHOICES)}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention={self.attention!r} is not valid; use one of {', '.join(ATTENTION_CHOICES)}")
         if self.compute_dtype not in ("auto",) + SUPPORTED_DTYPES:
             raise ValueError(f"compute_dtype={self.compute_dtype!r} is not valid; use auto, float32 or bfloat16")
         for name in ("batch_size", "grad_accum", "epochs_per_stage", "log_every", "save_every", "keep"):

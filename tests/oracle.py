@@ -1,4 +1,4 @@
-"""A slow, obviously correct IVT-LR reference on the transformers PyTorch model.
+"""A slow, obviously correct IVT-LR reference on the transformers PyTorch models (Qwen2-VL and Chameleon).
 
 For every latent step it re-runs the whole growing sequence from position 0 with eager attention,
 averages the attention maps over layers and heads, takes the top-k image tokens not used yet, and
@@ -9,10 +9,16 @@ import numpy as np
 import torch
 
 
+def _is_chameleon(hf) -> bool:
+    return hf.config.model_type == "chameleon"
+
+
 def _positions(hf, ids_prefix, mask_prefix, grid, valid, mode):
-    """(3, B, L) positions for the sequence built so far (prefix + whatever follows it)."""
+    """Positions for the sequence built so far (prefix + whatever follows it): (3, B, L) or (B, L)."""
     if mode == "sequential":
         pos = (np.cumsum(valid, 1) - 1).clip(0)
+        if _is_chameleon(hf):
+            return torch.tensor(pos).long()
         return torch.tensor(np.broadcast_to(pos[None], (3,) + pos.shape).copy()).long()
     mm = torch.tensor((ids_prefix == hf.config.image_token_id).astype(np.int64))
     pre, _ = hf.model.get_rope_index(torch.tensor(ids_prefix), mm, image_grid_thw=torch.tensor(grid),
@@ -27,16 +33,37 @@ def _positions(hf, ids_prefix, mask_prefix, grid, valid, mode):
     return torch.tensor(out)
 
 
+def _embed(hf, ids, pv, grid):
+    """Token embeddings with the image tokens replaced by the image features (transformers' own functions)."""
+    ids_t = torch.tensor(ids)
+    emb = hf.model.get_input_embeddings()(ids_t)
+    if pv is None:
+        return emb
+    if _is_chameleon(hf):
+        feats = hf.model.get_image_features(torch.tensor(pv)).pooler_output.reshape(-1, emb.shape[-1])
+    else:
+        feats = torch.cat(hf.model.get_image_features(torch.tensor(pv), torch.tensor(grid)).pooler_output)
+    img_mask = (ids_t == hf.config.image_token_id).unsqueeze(-1).expand_as(emb)
+    return emb.masked_scatter(img_mask, feats.to(emb.dtype))
+
+
+def _decoder(hf):
+    return hf.model if _is_chameleon(hf) else hf.model.language_model
+
+
+def _logits(hf, hidden):
+    logits = hf.lm_head(hidden).float()
+    if _is_chameleon(hf):  # image-token columns at the minimum, as ChameleonForConditionalGeneration does
+        logits[:, :, hf.model.vocabulary_mapping.image_tokens] = torch.finfo(logits.dtype).min
+    return logits
+
+
 def oracle_latent_forward(hf, latent_id, ids, mask, labels, pv, grid, k, latent_text=True,
                           position_mode="sequential", selection_order="position"):
     """Returns (loss, logits (B, L_final, V), selected (n, B, k), valid (B, L_final))."""
-    lm = hf.model.language_model
-    ids_t = torch.tensor(ids)
+    lm = _decoder(hf)
     with torch.no_grad():
-        emb = hf.model.get_input_embeddings()(ids_t)
-        feats = torch.cat(hf.model.get_image_features(torch.tensor(pv), torch.tensor(grid)).pooler_output)
-        img_mask = (ids_t == hf.config.image_token_id).unsqueeze(-1).expand_as(emb)
-        emb = emb.masked_scatter(img_mask, feats)
+        emb = _embed(hf, ids, pv, grid)
     lat = ids == latent_id
     n = int(lat[0].sum())
     p = int(lat[0].argmax()) if n else ids.shape[1]
@@ -73,7 +100,7 @@ def oracle_latent_forward(hf, latent_id, ids, mask, labels, pv, grid, k, latent_
     pos = _positions(hf, ids[:, :p], mask[:, :p], grid, valid, position_mode)
     with torch.no_grad():
         out = lm(inputs_embeds=seq, attention_mask=torch.tensor(valid), position_ids=pos)
-        logits = hf.lm_head(out.last_hidden_state).float()
+        logits = _logits(hf, out.last_hidden_state)
     c = seq.shape[1] - ids.shape[1] + n
     lab = np.concatenate([labels[:, :p], np.full((bsz, c), -100), labels[:, p + n :]], 1)
     lab = np.where(valid > 0, lab, -100)

@@ -16,6 +16,7 @@ from ivtlr_jax.data.curriculum import (
 from ivtlr_jax.data.images import (
     ImageOptions,
     decode_image,
+    model_view,
     num_image_tokens,
     patchify,
     process_image,
@@ -44,6 +45,7 @@ __all__ = [
     "bucket_length", "build_prompt_ids", "build_prompt_text", "build_stage_example", "collate",
     "decode_image", "encode_answer", "encode_row", "encode_split", "encode_steps", "encode_text",
     "format_question", "index_to_letter", "latent_plan", "load_split", "load_split_with_summary",
-    "make_buckets", "normalise_row", "repad", "num_image_tokens", "patchify", "process_image", "render_chat",
+    "make_buckets", "model_view", "normalise_row", "repad", "num_image_tokens", "patchify", "process_image",
+    "render_chat",
     "resize_image", "smart_resize", "split_steps", "to_rgb",
 ]

@@ -1,6 +1,10 @@
-"""Qwen2-VL image preprocessing in numpy + PIL (same output as transformers' Qwen2-VL image
-processor with the PIL backend): RGB, bicubic resize, rescale, CLIP normalisation, patchify
-into HF-layout ``pixel_values`` rows of temporal_patch * 3 * 14 * 14 = 1176 values."""
+"""Image preprocessing in numpy + PIL, the same output as transformers' PIL image processors.
+
+qwen2_vl: RGB, bicubic resize, rescale, CLIP normalisation, patchify into HF-layout ``pixel_values``
+rows of temporal_patch * 3 * patch * patch values (1176 for Qwen2-VL).
+chameleon: transparency onto white, shortest edge to the VQ resolution (LANCZOS), centre crop,
+pixel = x * 0.0078 - 1, channels first: (3, R, R).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,9 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 RESIZE_MODES = ("reference", "smart")
 PROCESSORS = ("qwen2_vl", "chameleon")
+CHAMELEON_RESCALE = 0.0078  # the release's (and transformers') rescale factor: not 1/127.5
+# uint8 value -> Chameleon pixel, as transformers computes it: float64 rescale, cast to float32, minus mean 1.
+_CHAMELEON = (np.arange(256, dtype=np.float64) * CHAMELEON_RESCALE).astype(np.float32) - np.float32(1.0)
 # uint8 value -> normalised float32 per channel, computed as HF does: float64 rescale by 1/255,
 # cast to float32, then (x - mean) / std in float32. Shape (3, 256).
 _NORMALISED = ((np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)[None, :]
@@ -23,7 +30,8 @@ _NORMALISED = ((np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
 
 @dataclass(frozen=True)
 class ImageOptions:
-    """How images become patches. reference: fixed size (280x280 -> grid (1, 20, 20))."""
+    """How images become model inputs. qwen2_vl reference: fixed size (280x280 -> grid (1, 20, 20));
+    chameleon: reference_size is the VQ tokenizer's square input and tokens_per_image its code count."""
 
     processor: str = "qwen2_vl"  # the model's image processor: qwen2_vl | chameleon
     resize_mode: str = "reference"
@@ -33,14 +41,22 @@ class ImageOptions:
     patch_size: int = 14
     merge_size: int = 2
     temporal_patch_size: int = 2
+    tokens_per_image: int | None = None  # chameleon: codes per image (1024 for 512x512)
 
     def __post_init__(self):
         if self.processor not in PROCESSORS:
             raise ValueError(f"processor must be one of {PROCESSORS}, got {self.processor!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
-        factor = self.patch_size * self.merge_size
         h, w = self.reference_size
+        if self.processor == "chameleon":
+            if h != w or h <= 0 or not self.tokens_per_image or self.resize_mode != "reference":
+                raise ValueError(
+                    f"chameleon images are square (reference_size={self.reference_size}), resized in reference "
+                    f"mode (got {self.resize_mode!r}), with tokens_per_image set (got {self.tokens_per_image})"
+                )
+            return
+        factor = self.patch_size * self.merge_size
         if h % factor or w % factor or h <= 0 or w <= 0:
             raise ValueError(
                 f"reference_size must be positive multiples of patch_size*merge_size={factor}, "
@@ -156,10 +172,47 @@ def patchify(pixels: np.ndarray, options: ImageOptions) -> tuple[np.ndarray, np.
     return rows.reshape(gh * gw, 3 * tp * p * p), np.array([1, gh, gw], dtype=np.int64)
 
 
-def process_image(value, options: ImageOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Any image value -> (pixel_values (rows, 1176) float32, image_grid_thw (3,) int64)."""
+def chameleon_crop(image: Image.Image, size: int) -> np.ndarray:
+    """RGB PIL image -> uint8 (size, size, 3): shortest edge to `size` (LANCZOS), then the centre crop."""
+    h, w = image.height, image.width
+    short, long = min(h, w), max(h, w)
+    new_long = int(size * long / short)
+    new_h, new_w = (size, new_long) if h <= w else (new_long, size)
+    if (new_h, new_w) != (h, w):
+        image = image.resize((new_w, new_h), resample=Image.Resampling.LANCZOS)
+    x = np.asarray(image, dtype=np.uint8)
+    top, left = int((new_h - size) / 2), int((new_w - size) / 2)
+    return x[top : top + size, left : left + size]
+
+
+def chameleon_pixels(image: Image.Image, size: int) -> np.ndarray:
+    """RGB PIL image -> (3, size, size) float32: shortest edge to `size` (LANCZOS), centre crop, x * 0.0078 - 1."""
+    return np.ascontiguousarray(_CHAMELEON[chameleon_crop(image, size)].transpose(2, 0, 1))
+
+
+def model_view(value, options: ImageOptions) -> np.ndarray:
+    """uint8 (H, W, 3): the image as the model sees it (resized, and for chameleon centre-cropped)."""
+    image = decode_image(value)
+    if options.processor == "chameleon":
+        return chameleon_crop(image, options.reference_size[0])
+    return resize_image(image, options)
+
+
+def process_image(value, options: ImageOptions | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Any image value -> the model's pixel inputs: qwen2_vl (pixel_values (rows, 1176) float32,
+    image_grid_thw (3,) int64); chameleon ((1, 3, R, R) float32, None)."""
     options = options or ImageOptions()
-    return patchify(resize_image(decode_image(value), options), options)
+    image = decode_image(value)
+    if options.processor == "chameleon":
+        return chameleon_pixels(image, options.reference_size[0])[None], None
+    return patchify(resize_image(image, options), options)
+
+
+def image_token_count(grid_thw, options: ImageOptions) -> int:
+    """LLM tokens of one image under these options (grid_thw unused for chameleon)."""
+    if options.processor == "chameleon":
+        return int(options.tokens_per_image)
+    return num_image_tokens(grid_thw, options.merge_size)
 
 
 def num_image_tokens(grid_thw, merge_size: int = 2) -> int:

@@ -21,15 +21,14 @@ from ivtlr_jax.data.curriculum import (
     build_stage_example,
     stage_extent,
 )
-from ivtlr_jax.data.images import ImageOptions, num_image_tokens, process_image, target_size
+from ivtlr_jax.data.images import ImageOptions, image_token_count, process_image, target_size
 from ivtlr_jax.data.text import (
-    IMAGE_PAD_TOKEN,
     _token_id,
     answer_text,
     expand_image_pads,
-    format_question,
-    render_chat,
+    prompt_text,
     split_steps,
+    tokenize_prompts,
     truncate_steps,
 )
 
@@ -68,35 +67,34 @@ def encode_split(dataset, tokenizer, image_options: ImageOptions | None = None, 
                  max_length: int | None = None) -> EncodedSplit:
     """Tokenise every row of a normalised split (batched; same ids as curriculum.encode_text)."""
     options = image_options or ImageOptions()
-    if prompt.style != "chat":
-        raise ValueError(f"prompt style {prompt.style!r} is not supported by encode_split yet")
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token; set it (Qwen2-VL-Instruct: <|im_end|>)")
     cols = dataset.select_columns(["id", "question", "choices", "rationale", "answer", "domain"]).to_dict()
     n = len(cols["id"])
-    if options.resize_mode == "reference":
+    if options.processor == "chameleon":  # one fixed square per image: no grid
+        grids = np.zeros((n, 3), np.int64)
+    elif options.resize_mode == "reference":
         grids = np.tile(_grid_for(b"", options), (n, 1))
     else:
         grids = np.stack([_grid_for(b, options) for b in dataset.select_columns(["image"])["image"]]) if n else \
             np.zeros((0, 3), np.int64)
-    merge = options.merge_size
-    prompts = [render_chat(tokenizer, format_question(q, c), chat_template)
+    prompts = [prompt_text(tokenizer, q, c, prompt, chat_template)
                for q, c in zip(cols["question"], cols["choices"], strict=True)]
     steps = [split_steps(r) for r in cols["rationale"]]
     flat_steps = [s + "\n" for row in steps for s in row]
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if n else []
+    prompt_ids = tokenize_prompts(tokenizer, prompts, prompt)
     step_ids = tokenizer(flat_steps, add_special_tokens=False)["input_ids"] if flat_steps else []
-    answer_ids = tokenizer([answer_text(a) for a in cols["answer"]], add_special_tokens=False)["input_ids"] if n \
-        else []
-    pad_id, eos = _token_id(tokenizer, IMAGE_PAD_TOKEN), int(tokenizer.eos_token_id)
+    answer_ids = tokenizer([answer_text(a, prompt.answer_format) for a in cols["answer"]],
+                           add_special_tokens=False)["input_ids"] if n else []
+    pad_id, eos = _token_id(tokenizer, prompt.image_token), int(tokenizer.eos_token_id)
     encodings, k = [], 0
     for i in range(n):
-        prompt = expand_image_pads(prompt_ids[i], pad_id, [num_image_tokens(grids[i], merge)])
+        prompt_i = expand_image_pads(prompt_ids[i], pad_id, [image_token_count(grids[i], options)])
         row_steps = [list(map(int, s)) for s in step_ids[k:k + len(steps[i])]]
         k += len(steps[i])
         answer = [int(t) for t in answer_ids[i]] + [eos]
-        row_steps = truncate_steps(len(prompt), row_steps, len(answer), max_length)
-        encodings.append(TextEncoding(tuple(prompt), tuple(tuple(s) for s in row_steps), tuple(answer)))
+        row_steps = truncate_steps(len(prompt_i), row_steps, len(answer), max_length)
+        encodings.append(TextEncoding(tuple(prompt_i), tuple(tuple(s) for s in row_steps), tuple(answer)))
     return EncodedSplit(dataset, encodings, grids, list(cols["id"]), list(cols["domain"]), list(cols["answer"]))
 
 

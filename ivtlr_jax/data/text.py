@@ -90,9 +90,42 @@ def format_question(question: str, choices: Sequence[str]) -> str:
     return f"[Question]:{{{question.strip()}}}\n[Options]:\n{options}\nAnswer:\n"
 
 
-def answer_text(answer: str) -> str:
-    """The supervised target before EOS: "Therefore, the answer is X"."""
-    return ANSWER_PREFIX + str(answer)
+def answer_text(answer: str, answer_format: str = "letter") -> str:
+    """The supervised target before EOS: "Therefore, the answer is X" (X the letter, or its 0-based index)."""
+    answer = str(answer)
+    if answer_format == "index":
+        if len(answer) != 1 or not answer.isalpha():
+            raise ValueError(f"answer {answer!r} is not an option letter; cannot render it as an index")
+        answer = str(string.ascii_uppercase.index(answer.upper()))
+    return ANSWER_PREFIX + answer
+
+
+def format_plain_question(question: str, choices: Sequence[str], image_text: str) -> str:
+    """The release's Chameleon prompt: "[Question]:{<image>question}\n[Options]:\n(A).{c0}...\nAnswer:"."""
+    if not isinstance(question, str):
+        raise ValueError(f"question must be a string, got {type(question).__name__}: {question!r}")
+    if not 1 <= len(choices) <= MAX_CHOICES:
+        raise ValueError(f"choices must hold 1..{MAX_CHOICES} options, got {len(choices)}: {choices!r}")
+    options = "\n".join(
+        f"({string.ascii_uppercase[i]}).{{{str(choice).strip()}}}" for i, choice in enumerate(choices)
+    )
+    return f"[Question]:{{{image_text}{question.strip()}}}\n[Options]:\n{options}\nAnswer:"
+
+
+def prompt_text(tokenizer, question: str, choices: Sequence[str], fmt=None, chat_template: str | None = None) -> str:
+    """The prompt as text with ONE image placeholder (expanded to its token count after tokenising)."""
+    if fmt is None or fmt.style == "chat":
+        return render_chat(tokenizer, format_question(question, choices), chat_template)
+    image = (fmt.image_start or "") + fmt.image_token + (fmt.image_end or "")
+    return format_plain_question(question, choices, image)
+
+
+def tokenize_prompts(tokenizer, texts: Sequence[str], fmt=None) -> list[list[int]]:
+    """Token ids of prompt texts: a chat template writes its own specials; a plain prompt gets the tokenizer's BOS."""
+    if not texts:
+        return []
+    plain = fmt is not None and fmt.style == "plain"
+    return [list(map(int, ids)) for ids in tokenizer(list(texts), add_special_tokens=plain)["input_ids"]]
 
 
 def render_chat(tokenizer, user_text: str, chat_template: str | None = None) -> str:
@@ -111,7 +144,7 @@ def render_chat(tokenizer, user_text: str, chat_template: str | None = None) -> 
 def _token_id(tokenizer, token: str) -> int:
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or token_id == getattr(tokenizer, "unk_token_id", None):
-        raise ValueError(f"tokenizer has no token {token!r}; a Qwen2-VL tokenizer is required")
+        raise ValueError(f"tokenizer has no token {token!r}; use the model's own tokenizer (the checkpoint's)")
     return int(token_id)
 
 
@@ -145,14 +178,15 @@ def build_prompt_text(
 
 def build_prompt_ids(
     tokenizer, question: str, choices: Sequence[str], num_image_tokens: int,
-    chat_template: str | None = None,
+    chat_template: str | None = None, fmt=None,
 ) -> list[int]:
-    """Prompt token ids (training and inference alike), image pad expanded to num_image_tokens."""
+    """Prompt token ids (training and inference alike), image placeholder expanded to num_image_tokens."""
     if int(num_image_tokens) < 1:
         raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
-    text = render_chat(tokenizer, format_question(question, choices), chat_template)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return expand_image_pads(ids, _token_id(tokenizer, IMAGE_PAD_TOKEN), [int(num_image_tokens)])
+    text = prompt_text(tokenizer, question, choices, fmt, chat_template)
+    ids = tokenize_prompts(tokenizer, [text], fmt)[0]
+    token = IMAGE_PAD_TOKEN if fmt is None else fmt.image_token
+    return expand_image_pads(ids, _token_id(tokenizer, token), [int(num_image_tokens)])
 
 
 def encode_steps(tokenizer, steps: Sequence[str]) -> list[list[int]]:
@@ -163,11 +197,11 @@ def encode_steps(tokenizer, steps: Sequence[str]) -> list[list[int]]:
     return [list(map(int, ids)) for ids in batch]
 
 
-def encode_answer(tokenizer, answer: str) -> list[int]:
+def encode_answer(tokenizer, answer: str, answer_format: str = "letter") -> list[int]:
     """Tokens of "Therefore, the answer is X" followed by EOS."""
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token; set it (Qwen2-VL-Instruct: <|im_end|>)")
-    ids = tokenizer(answer_text(answer), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(answer_text(answer, answer_format), add_special_tokens=False)["input_ids"]
     return [int(t) for t in ids] + [int(tokenizer.eos_token_id)]
 
 
