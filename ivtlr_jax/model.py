@@ -42,7 +42,10 @@ class IVTLRModel:
 
     @classmethod
     def from_pretrained(cls, ckpt_dir: str, dtype: str = "float32") -> IVTLRModel:
-        """Load a CKPT_DIR written by `tools/convert_weights.py` (or the trainer's merged export)."""
+        """Load a CKPT_DIR written by `tools/convert_weights.py` (or the trainer's merged export).
+
+        A folder with unmerged LoRA adapters (`--from-release --keep-lora`) loads with them folded in (float32).
+        """
         from ivtlr_jax.convert import load_checkpoint
 
         check_dtype(dtype)
@@ -55,6 +58,16 @@ class IVTLRModel:
     @property
     def dtype(self):
         return self.params.llm.embed.dtype
+
+    def resolve_position_mode(self, mode: str | None = None, native: bool = False) -> str:
+        """The position rule to use: `mode` if given, else the checkpoint's recorded default (an imported release:
+        "sequential"), else the backbone's native rule (native=True, a plain forward) or "sequential" (latent)."""
+        if mode is not None:
+            return mode
+        recorded = getattr(self.config, "position_mode", None)
+        if recorded is not None:
+            return recorded
+        return self.backbone.native_position_mode if native else "sequential"
 
     def _images(self, input_ids, attention_mask, pixel_values, image_grid_thw):
         images = self.backbone.prepare_images(input_ids, attention_mask, pixel_values, image_grid_thw)
@@ -82,30 +95,31 @@ class IVTLRModel:
                position_mode: str | None = None) -> np.ndarray:
         """One full forward pass; returns float32 logits (B, S, V) as a numpy array.
 
-        position_mode defaults to the backbone's native rule (Qwen2-VL: "mrope"; Chameleon: "sequential").
+        position_mode defaults to the checkpoint's recorded rule (an imported release: "sequential"), else the
+        backbone's native one (Qwen2-VL: "mrope"; Chameleon: "sequential").
         """
         bb = self.backbone
         bb.count_check(input_ids, attention_mask)
         images = self._images(input_ids, attention_mask, pixel_values, image_grid_thw)
         ids, mask = np.asarray(input_ids).astype(np.int32), np.asarray(attention_mask).astype(np.int32)
-        pos = bb.positions(ids, mask, image_grid_thw, position_mode or bb.native_position_mode)
+        pos = bb.positions(ids, mask, image_grid_thw, self.resolve_position_mode(position_mode, native=True))
         out = forward_logits(bb, self.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos), images)
         return np.asarray(out)
 
     def latent_forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None,
-                       k: int = 32, latent_text: bool = True, position_mode: str = "sequential",
+                       k: int = 32, latent_text: bool = True, position_mode: str | None = None,
                        selection_order: str = "position", latent_grad: str = "stop"):
         """IVT-LR forward with the latent steps the `<|latent|>` tokens ask for; loss, logits, selections."""
         from ivtlr_jax.latent import LatentOutput, latent_forward
 
-        lcfg = LatentConfig(k=k, latent_text=latent_text, position_mode=position_mode,
+        lcfg = LatentConfig(k=k, latent_text=latent_text, position_mode=self.resolve_position_mode(position_mode),
                             selection_order=selection_order, latent_grad=latent_grad)
         out = latent_forward(self.backbone, self.params, lcfg, input_ids, attention_mask, labels, pixel_values,
                              image_grid_thw)
         return LatentOutput(float(out.loss), np.asarray(out.logits), np.asarray(out.selected))
 
     def generate(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, max_new_tokens: int = 64,
-                 k: int = 32, latent_text: bool = True, position_mode: str = "sequential",
+                 k: int = 32, latent_text: bool = True, position_mode: str | None = None,
                  selection_order: str = "position", temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  eos_token_ids=None, pad_token_id: int | None = None, max_cache_len: int | None = None):
         """KV-cached decoding after the latent steps of the prompt's trailing `<|latent|>` tokens (greedy default).
@@ -115,7 +129,7 @@ class IVTLRModel:
         """
         from ivtlr_jax.generate import SamplingConfig, generate
 
-        lcfg = LatentConfig(k=k, latent_text=latent_text, position_mode=position_mode,
+        lcfg = LatentConfig(k=k, latent_text=latent_text, position_mode=self.resolve_position_mode(position_mode),
                             selection_order=selection_order)
         sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
         return generate(self.backbone, self.params, lcfg, input_ids, attention_mask, pixel_values, image_grid_thw,

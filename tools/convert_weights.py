@@ -1,7 +1,9 @@
-"""Convert Qwen2-VL weights between a Hugging Face folder and an ivtlr_jax checkpoint folder.
+"""Convert weights between a Hugging Face folder (Qwen2-VL, Chameleon) and an ivtlr_jax checkpoint folder,
+or import the authors' released IVT-LR checkpoint.
 
   python tools/convert_weights.py --src HF_DIR --dst CKPT_DIR [--dtype float32|bfloat16] [--add-latent-tokens]
   python tools/convert_weights.py --to-hf --src CKPT_DIR --dst HF_DIR
+  python tools/convert_weights.py --from-release FILE.pth --base HF_BASE_DIR --dst CKPT_DIR [--keep-lora]
 """
 
 from __future__ import annotations
@@ -19,16 +21,19 @@ except ImportError:  # run as a script from a checkout without installing
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=(
-            "Hugging Face Qwen2-VL (safetensors, single or sharded, old hub or transformers-5 key layout) "
-            "-> self-contained ivtlr_jax checkpoint folder (orbax params/, ivtlr_config.json, hf_config.json, "
-            "tokenizer and processor files); with --to-hf the reverse."
+            "Hugging Face Qwen2-VL or Chameleon (safetensors, single or sharded, old hub or transformers-5 key "
+            "layout) -> self-contained ivtlr_jax checkpoint folder (orbax params/, ivtlr_config.json, "
+            "hf_config.json, tokenizer and processor files); with --to-hf the reverse; with --from-release the "
+            "authors' trained IVT-LR state dict (.pth or safetensors, PEFT LoRA merged or kept)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "examples:\n"
             "  python tools/convert_weights.py --src Qwen2-VL-2B-Instruct --dst ckpt/qwen2vl2b --add-latent-tokens\n"
             "  python tools/convert_weights.py --to-hf --src ckpt/qwen2vl2b --dst export/qwen2vl2b\n"
-            "  python tools/convert_weights.py --merge-lora runs/m3cot/stage_ends/3 --dst ckpt/ivtlr-m3cot"
+            "  python tools/convert_weights.py --merge-lora runs/m3cot/stage_ends/3 --dst ckpt/ivtlr-m3cot\n"
+            "  python tools/convert_weights.py --from-release epoch_16_full_model_fp32.pth --base Qwen2-VL-7B-Instruct "
+            "--dst ckpt/ivtlr-release --dtype bfloat16"
         ),
     )
     parser.add_argument("--src",
@@ -52,6 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a training checkpoint (RUN_DIR/checkpoints/<step> or RUN_DIR/stage_ends/<stage>): "
                              "fold its LoRA adapters (or trained LLM) into the base weights and write a full "
                              "checkpoint to --dst that IVTLRModel.from_pretrained loads and --to-hf exports")
+    release = parser.add_argument_group("the authors' release (--from-release)")
+    release.add_argument("--from-release", metavar="FILE",
+                         help="the authors' trained state dict (epoch_N_full_model_fp32.pth, read with "
+                              "torch.load(weights_only=True, mmap=True); needs the extra ivtlr_jax[torch]) or a "
+                              "safetensors file holding the same dict; keys with or without `module.`, transformers "
+                              "4.51 or >= 4.52 names")
+    release.add_argument("--base", metavar="HF_BASE_DIR",
+                         help="with --from-release: the Hugging Face folder of the model it was trained from "
+                              "(config.json, tokenizer, processor files; its weights are not read)")
+    release.add_argument("--keep-lora", action="store_true",
+                         help="with --from-release: keep the base weights unmerged and write the adapters as a LoRA "
+                              "training state (python -m experiments.train --init CKPT --finetune lora continues "
+                              "them); IVTLRModel.from_pretrained folds them in on load")
+    release.add_argument("--lora-alpha", type=float, default=16.0,
+                         help="with --from-release: LoRA alpha (scale = alpha / r, r read from the file; default 16, "
+                              "the release's)")
     parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint or weights already in --dst")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     return parser
@@ -61,6 +82,22 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     from ivtlr_jax.convert import convert_hf_to_checkpoint, export_checkpoint_to_hf
 
+    if args.from_release:
+        from ivtlr_jax.convert import convert_release_to_checkpoint
+
+        clash = [flag for flag, on in (("--src", args.src), ("--to-hf", args.to_hf), ("--merge-lora", args.merge_lora),
+                                       ("--add-latent-tokens", args.add_latent_tokens)) if on]
+        if clash:
+            raise SystemExit(f"--from-release takes --base and --dst, not {', '.join(clash)} (the latent tokens are "
+                             "added from the base tokenizer anyway)")
+        if not args.base:
+            raise SystemExit("--from-release needs --base HF_BASE_DIR: the Hugging Face folder of the model the "
+                             "release was trained from (Qwen2-VL-7B-Instruct, chameleon-7b)")
+        return convert_release_to_checkpoint(args.from_release, args.base, args.dst, dtype=args.dtype,
+                                             keep_lora=args.keep_lora, lora_alpha=args.lora_alpha,
+                                             overwrite=args.overwrite, verbose=not args.quiet)
+    if args.base or args.keep_lora:
+        raise SystemExit("--base and --keep-lora go with --from-release FILE")
     if args.merge_lora:
         from ivtlr_jax.train.export import export_trained_checkpoint
 

@@ -1,13 +1,15 @@
-"""Hugging Face <-> ivtlr_jax weight conversion and the self-contained checkpoint folder."""
+"""Hugging Face / release files <-> ivtlr_jax weight conversion and the self-contained checkpoint folder."""
 
 from ivtlr_jax.convert.checkpoint import check_params, load_checkpoint, save_checkpoint
 from ivtlr_jax.convert.hf_to_jax import LATENT_TOKENS, convert_hf_to_checkpoint
 from ivtlr_jax.convert.jax_to_hf import export_checkpoint_to_hf
+from ivtlr_jax.convert.release import convert_release_to_checkpoint
 
 __all__ = [
     "LATENT_TOKENS",
     "check_params",
     "convert_hf_to_checkpoint",
+    "convert_release_to_checkpoint",
     "export_checkpoint_to_hf",
     "load_checkpoint",
     "save_checkpoint",

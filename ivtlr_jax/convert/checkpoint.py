@@ -6,6 +6,8 @@ CKPT_DIR/
   hf_config.json      the source config.json (vocab_size kept in sync), used by the export to HF
   tokenizer*, vocab.json, merges.txt, special_tokens_map.json, preprocessor_config.json,
   chat_template.*, generation_config.json, ...   copied from the source
+  lora/, lora_config.json   optional: LoRA adapters kept unmerged over params/ (r, alpha, targets);
+                            load_checkpoint folds them in unless asked for the base weights
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from ivtlr_jax.models import spec as sp
 PARAMS_DIR = "params"
 CONFIG_NAME = "ivtlr_config.json"
 HF_CONFIG_NAME = "hf_config.json"
+# Optional: unmerged LoRA adapters over params/ (an imported release with --keep-lora), in the trainer's layout.
+LORA_DIR = "lora"
+LORA_CONFIG_NAME = "lora_config.json"
 
 # Tokenizer, processor and generation files that travel with the weights.
 TOKENIZER_PATTERNS = (
@@ -136,6 +141,7 @@ def save_checkpoint(
             "choose a new folder or pass overwrite=True (--overwrite)"
         )
     os.makedirs(ckpt_dir, exist_ok=True)
+    remove_lora(ckpt_dir)  # adapters of the params being replaced would no longer fit them
     _checkpointer().save(params_dir, nested, force=overwrite)
     cfg.save(os.path.join(ckpt_dir, CONFIG_NAME))
     dtype = str(np.dtype(nested["llm"]["embed"].dtype))
@@ -156,23 +162,121 @@ def load_config(ckpt_dir: str):
         return model_config_from_dict(json.load(f))
 
 
-def load_checkpoint(ckpt_dir: str, dtype: str | None = None):
+def load_checkpoint(ckpt_dir: str, dtype: str | None = None, *, lora: str = "merge"):
     """(config, params) of a checkpoint folder; params are the backbone's typed tree of numpy arrays.
 
     `dtype` casts every leaf except those the spec pins (e.g. the VQ encoder stays float32).
+    A folder with unmerged LoRA adapters (lora/): lora="merge" folds them into the kernels in float32
+    (the model the folder holds); lora="base" returns the base weights they apply to.
     """
     import orbax.checkpoint as ocp
 
+    if lora not in ("merge", "base"):
+        raise ValueError(f"lora={lora!r} is not valid; use 'merge' or 'base'")
     target = np_dtype(dtype) if dtype is not None else None
     ckpt_dir = os.path.abspath(ckpt_dir)
     cfg = load_config(ckpt_dir)
-    spec = backbone_for(cfg).param_spec()
-    restore = sp.map_spec(lambda i: ocp.RestoreArgs(restore_type=np.ndarray,
-                                                    dtype=None if target is None else i.leaf_dtype(target)), spec)
+    bb = backbone_for(cfg)
+    spec = bb.param_spec()
+    adapters = load_lora(ckpt_dir, bb) if lora == "merge" else None
+    # With adapters the kernels are read as stored, folded in float32, then cast.
+    restore = sp.map_spec(lambda i: ocp.RestoreArgs(
+        restore_type=np.ndarray, dtype=None if target is None or (adapters and i.lora) else i.leaf_dtype(target)),
+        spec)
     nested = _checkpointer().restore(os.path.join(ckpt_dir, PARAMS_DIR),
                                      args=ocp.args.PyTreeRestore(restore_args=sp.to_nested_dict(restore)))
     check_params(cfg, nested)
-    return cfg, sp.from_nested_dict(spec, nested)
+    params = sp.from_nested_dict(spec, nested)
+    if adapters:
+        tree, meta = adapters
+        params = fold_adapters(params, tree, float(meta["alpha"]) / int(meta["r"]), target)
+    return cfg, params
+
+
+# ---------------------------------------------------------------- unmerged LoRA adapters
+def fold_lora(kernel, a, b, scale: float) -> np.ndarray:
+    """kernel (in, out) + scale * a (in, r) @ b (r, out) in float32: the one merge rule, used by every path."""
+    delta = np.matmul(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    delta *= np.float32(scale)
+    delta += np.asarray(kernel).astype(np.float32)
+    return delta
+
+
+def fold_adapters(params, adapters, scale: float, dtype=None):
+    """params with each adapted kernel replaced by fold_lora of it, layer by layer, in `dtype` (or its own)."""
+    import jax
+
+    from ivtlr_jax.models.layers import Linear
+
+    def fold(p, ad):
+        if ad is None:
+            return p
+        kernel = np.asarray(p.kernel)
+        out = np.empty(kernel.shape, dtype if dtype is not None else kernel.dtype)
+        a, b = np.asarray(ad.a), np.asarray(ad.b)
+        for idx in np.ndindex(kernel.shape[:-2]):  # one (in, out) matrix at a time
+            out[idx] = fold_lora(kernel[idx], a[idx], b[idx], scale)
+        return p.replace(kernel=out)
+
+    return jax.tree.map(fold, params, adapters, is_leaf=lambda x: isinstance(x, Linear))
+
+
+def lora_targets(bb) -> list[str]:
+    """Flat names of the kernels the backbone's spec marks as LoRA targets."""
+    return [name for name, info in sp.infos(bb.param_spec()) if info.lora]
+
+
+def read_lora_config(ckpt_dir: str) -> dict | None:
+    """The {r, alpha, targets, ...} of a folder's unmerged adapters, or None when it has none."""
+    path = os.path.join(ckpt_dir, LORA_CONFIG_NAME)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        meta = json.load(f)
+    if not os.path.isdir(os.path.join(ckpt_dir, LORA_DIR)) or not {"r", "alpha", "targets"} <= set(meta):
+        raise ValueError(f"checkpoint {ckpt_dir!r}: {LORA_CONFIG_NAME} needs r, alpha, targets and a {LORA_DIR}/ "
+                         "folder beside it; convert the release again with --keep-lora")
+    return meta
+
+
+def save_lora(ckpt_dir: str, bb, adapters, rank: int, alpha: float, source: str | None = None,
+              overwrite: bool = False) -> None:
+    """Write LoRA adapters (the trainer's LoRAAdapter tree, float32) and their r/alpha/targets beside params/."""
+    from ivtlr_jax.train.lora import lora_spec
+
+    sp.check_tree(lora_spec(bb.param_spec(), rank), adapters, what="LoRA adapters")
+    _checkpointer().save(os.path.join(os.path.abspath(ckpt_dir), LORA_DIR), sp.to_nested_dict(adapters),
+                         force=overwrite)
+    meta = {"r": int(rank), "alpha": float(alpha), "targets": lora_targets(bb), "source": source}
+    with open(os.path.join(ckpt_dir, LORA_CONFIG_NAME), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def load_lora(ckpt_dir: str, bb):
+    """(adapters as the trainer's typed tree of numpy float32 arrays, meta) of a folder, or None."""
+    import orbax.checkpoint as ocp
+
+    from ivtlr_jax.train.lora import lora_spec
+
+    meta = read_lora_config(ckpt_dir)
+    if meta is None:
+        return None
+    if meta["targets"] != lora_targets(bb):
+        raise ValueError(f"checkpoint {ckpt_dir!r}: its adapters target {meta['targets']} but the backbone's LoRA "
+                         f"targets are {lora_targets(bb)}")
+    aspec = lora_spec(bb.param_spec(), int(meta["r"]))
+    restore = sp.map_spec(lambda i: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32), aspec)
+    nested = _checkpointer().restore(os.path.join(os.path.abspath(ckpt_dir), LORA_DIR),
+                                     args=ocp.args.PyTreeRestore(restore_args=sp.to_nested_dict(restore)))
+    sp.check_tree(aspec, nested, what=f"LoRA adapters in {ckpt_dir!r}")
+    return sp.from_nested_dict(aspec, nested), meta
+
+
+def remove_lora(ckpt_dir: str) -> None:
+    """Delete a folder's unmerged adapters (they belong to the params they were saved with)."""
+    shutil.rmtree(os.path.join(ckpt_dir, LORA_DIR), ignore_errors=True)
+    if os.path.exists(os.path.join(ckpt_dir, LORA_CONFIG_NAME)):
+        os.remove(os.path.join(ckpt_dir, LORA_CONFIG_NAME))
 
 
 def restore_sharded(ckpt_dir: str, spec, targets):

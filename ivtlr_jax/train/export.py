@@ -45,7 +45,7 @@ def export_trained_checkpoint(ckpt_path: str, dst: str, base: str | None = None,
     base = base or meta.get("init")
     if not base or not os.path.isdir(base):
         raise ValueError(f"--merge-lora: the run's base checkpoint {base!r} is not a folder; pass --src BASE_CKPT_DIR")
-    cfg, params = load_checkpoint(base)
+    cfg, params = load_checkpoint(base, lora="base")  # the run's adapters already hold any kept ones
     params = trained_params(backbone_for(cfg), state, meta, params)
     hf_config = None
     if os.path.exists(os.path.join(base, HF_CONFIG_NAME)):

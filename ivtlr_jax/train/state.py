@@ -107,8 +107,8 @@ class DeviceBytes:
         return self.peak
 
 
-def _restore_params(ckpt_dir: str, spec, targets):
-    """Read the non-None leaves of `targets` (spec-shaped) from a checkpoint's params/, shard by shard."""
+def _restore_params(ckpt_dir: str, spec, targets, subdir: str | None = None):
+    """Read the non-None leaves of `targets` (spec-shaped) from a checkpoint's params/ (or `subdir`), shard by shard."""
     import orbax.checkpoint as ocp
 
     from ivtlr_jax.convert.checkpoint import PARAMS_DIR
@@ -117,7 +117,7 @@ def _restore_params(ckpt_dir: str, spec, targets):
     args = {n: ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=t.sharding, dtype=t.dtype, global_shape=t.shape)
             for n, t in wanted.items()}
     restored = ocp.PyTreeCheckpointer().restore(
-        os.path.join(os.path.abspath(ckpt_dir), PARAMS_DIR),
+        os.path.join(os.path.abspath(ckpt_dir), subdir or PARAMS_DIR),
         args=ocp.args.PyTreeRestore(item=sp.nest({n: 0 for n in wanted}), restore_args=sp.nest(args),
                                     partial_restore=True))
     return sp.from_named(spec, sp.unnest(restored, wanted))
@@ -137,6 +137,29 @@ def _init_params(spec, targets, seed: int):
     return sp.from_named(spec, out)
 
 
+def init_adapters(init_ckpt: str | None, tcfg: TrainConfig) -> dict | None:
+    """The r/alpha/targets of LoRA adapters stored unmerged in the init checkpoint (an imported release with
+    --keep-lora), which a LoRA run continues; None when it has none. Refuses a run they do not fit."""
+    if init_ckpt is None:
+        return None
+    from ivtlr_jax.convert.checkpoint import read_lora_config
+
+    meta = read_lora_config(init_ckpt)
+    if meta is None:
+        return None
+    r, alpha = int(meta["r"]), float(meta["alpha"])
+    if tcfg.finetune != "lora":
+        raise ValueError(f"--init {init_ckpt!r} holds unmerged LoRA adapters (r={r}, alpha={alpha:g}, converted with "
+                         f"--keep-lora); --finetune {tcfg.finetune} trains the merged weights: convert the release "
+                         "again without --keep-lora, or continue the adapters with --finetune lora")
+    if tcfg.lora_r != r or float(tcfg.lora_alpha) != alpha:
+        raise ValueError(f"--init {init_ckpt!r} holds LoRA adapters with r={r}, alpha={alpha:g}, but this run has "
+                         f"lora_r={tcfg.lora_r}, lora_alpha={tcfg.lora_alpha:g}: pass --lora-r {r} --lora-alpha "
+                         f"{alpha:g} to continue them, or convert the release without --keep-lora to start new "
+                         "adapters on the merged weights")
+    return meta
+
+
 def create_train_state(bb: Backbone, tcfg: TrainConfig, mesh, tx, dtype, init_ckpt: str | None, *,
                        restore_state=None) -> tuple[TrainState, object, dict, StateLayout]:
     """Frozen params and TrainState on the mesh, each device holding only its shards.
@@ -149,6 +172,7 @@ def create_train_state(bb: Backbone, tcfg: TrainConfig, mesh, tx, dtype, init_ck
     """
     layout = state_layout(bb, tcfg, mesh, tx, dtype)
     spec = bb.param_spec()
+    init_lora_meta = init_adapters(init_ckpt, tcfg) if restore_state is None else None
     monitor = DeviceBytes()
     read = (lambda targets: _restore_params(init_ckpt, spec, targets)) if init_ckpt is not None else \
         (lambda targets: _init_params(spec, targets, tcfg.seed))
@@ -171,7 +195,12 @@ def create_train_state(bb: Backbone, tcfg: TrainConfig, mesh, tx, dtype, init_ck
         monitor.sample()
     else:
         rep = sh.replicated(mesh)
-        if trainable is None:  # LoRA adapters, made on the mesh
+        if trainable is None and init_lora_meta is not None:  # the init checkpoint's adapters (--keep-lora import)
+            from ivtlr_jax.convert.checkpoint import LORA_DIR
+
+            trainable = _restore_params(init_ckpt, layout.adapter_spec, layout.state.trainable, subdir=LORA_DIR)
+            monitor.sample()
+        elif trainable is None:  # LoRA adapters, made on the mesh
             shardings = jax.tree.map(lambda s: s.sharding, layout.state.trainable)
             trainable = jax.jit(lambda k: init_lora(spec, tcfg.lora_r, k), out_shardings=shardings)(
                 jax.random.PRNGKey(tcfg.seed + 1))
