@@ -1,9 +1,10 @@
 """Decoding after the latent steps: KV-cached greedy (or seeded temperature / top-p) generation, batched.
 
 The prompt (everything up to and including the n `<|latent|>` tokens) goes through `latent_prefill`
-with a cache of `L_final + max_new_tokens` slots; then a `lax.while_loop` feeds one token per row at a
-time until every row has emitted EOS or `max_new_tokens` tokens exist. One compilation per shape bucket
-(batch, prompt length, image tokens, max_new_tokens, options).
+with a cache of `L_final + max_new_tokens` slots; then `lax.while_loop`s (one per phase of DECODE_BLOCK
+steps, each reading only the cache prefix it can need) feed one token per row at a time until every row
+has emitted EOS or `max_new_tokens` tokens exist, all in the same program as the prefill. One compilation
+per shape bucket (batch, prompt length, image tokens, max_new_tokens, options).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import numpy as np
 from ivtlr_jax.config import LatentConfig
 from ivtlr_jax.latent import LatentBatch, latent_prefill, make_latent_batch, to_device
 from ivtlr_jax.models.base import Backbone
+
+DECODE_BLOCK = 256  # decode steps per phase: a phase reads a static cache prefix at most this much past the valid one
 
 
 class GenerateOutput(NamedTuple):
@@ -61,43 +64,90 @@ def pick_tokens(logits, key, temperature, top_p, greedy: bool):
     return jnp.take_along_axis(order, choice[:, None], -1)[:, 0].astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("bb", "lcfg", "max_new_tokens", "eos_ids", "pad_id", "greedy"))
-def generate_jit(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, key, temperature, top_p, *,
-                 max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, greedy: bool):
-    """Traced body: prefix + latent steps, then the decode loop. Returns (tokens, lengths, selected, steps)."""
-    total = batch.kv_valid.shape[1]  # L_final: prompt with its latent chunks
-    cache_len = total + max_new_tokens
-    hidden, cache, selected = latent_prefill(bb, params, lcfg, batch, cache_len=cache_len)
-    kv_valid = jnp.pad(batch.kv_valid, ((0, 0), (0, max_new_tokens)), constant_values=True)  # (B, cache_len)
-    b = hidden.shape[0]
-    rows = batch.positions.shape[1]
-    next_pos = batch.positions.max(axis=(1, 2)) + 1  # (B,) the row's last position + 1
-    eos = jnp.asarray(eos_ids, jnp.int32)
+def decode_phase_ends(max_new_tokens: int, block: int = DECODE_BLOCK) -> list[int]:
+    """Decode steps 1..max_new_tokens-1 split into phases of `block` steps: the exclusive end of each."""
+    if block < 1:
+        raise ValueError(f"decode_block={block} must be >= 1")
+    return list(range(1 + block, max_new_tokens, block)) + ([max_new_tokens] if max_new_tokens > 1 else [])
 
+
+def _prefill(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, key, temperature, top_p, *,
+             max_new_tokens: int, greedy: bool, attention: str = "auto"):
+    """Prefix + latent steps into a cache of L_final + max_new_tokens slots; (cache, first tokens (B,), selected)."""
+    total = batch.kv_valid.shape[1]  # L_final: prompt with its latent chunks
+    hidden, cache, selected = latent_prefill(bb, params, lcfg, batch, cache_len=total + max_new_tokens,
+                                             attention=attention)
     first = pick_tokens(bb.lm_head(params, hidden[:, -1:])[:, 0], jax.random.fold_in(key, 0),
                         temperature, top_p, greedy)  # (B,)
+    return cache, first, selected
+
+
+def _decode(bb: Backbone, params, kv_valid, positions, cache, first, key, temperature, top_p, *,
+            max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, greedy: bool, attention: str = "auto",
+            decode_block: int = DECODE_BLOCK):
+    """The decode loop after `_prefill`: one token per row per step until every row is done.
+
+    kv_valid (B, L_final) and positions (B, R, L_final) are the prompt's (the LatentBatch's). The loop runs
+    in phases (`decode_phase_ends`); a phase reads only the cache slots it can need, a static prefix.
+    Returns (tokens (B, max_new_tokens), lengths (B,), steps, the cache after the last step).
+    """
+    total = kv_valid.shape[1]
+    kv_valid = jnp.pad(kv_valid, ((0, 0), (0, max_new_tokens)), constant_values=True)  # (B, cache_len)
+    b, rows = first.shape[0], positions.shape[1]
+    next_pos = positions.max(axis=(1, 2)) + 1  # (B,) the row's last position + 1
+    eos = jnp.asarray(eos_ids, jnp.int32)
     tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
-    done = jnp.isin(first, eos)
-    lengths = jnp.ones((b,), jnp.int32)
+    state = (jnp.int32(1), cache, tokens, jnp.isin(first, eos), jnp.ones((b,), jnp.int32), first)
 
-    def cond(state):
-        i, _, _, done, _, _ = state
-        return (i < max_new_tokens) & ~jnp.all(done)
+    def phase(end: int):
+        kv_len = total + end - 2  # step i writes slot total + i - 1 and reads the slots before it
 
-    def body(state):
-        i, cache, tokens, done, lengths, last = state
-        emb = bb.token_embed(params, last[:, None])  # (B, 1, H)
-        pos = jnp.broadcast_to((next_pos + i - 1)[:, None, None], (b, rows, 1))
-        out, cache, _ = bb.decode(params, emb, pos, cache, total + i - 1, kv_valid)
-        tok = pick_tokens(bb.lm_head(params, out)[:, 0], jax.random.fold_in(key, i), temperature, top_p, greedy)
-        tok = jnp.where(done, pad_id, tok)
-        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
-        lengths = lengths + (~done).astype(jnp.int32)
-        done = done | jnp.isin(tok, eos)
-        return i + 1, cache, tokens, done, lengths, tok
+        def cond(state):
+            i, _, _, done, _, _ = state
+            return (i < end) & ~jnp.all(done)
 
-    steps, _, tokens, _, lengths, _ = jax.lax.while_loop(cond, body, (1, cache, tokens, done, lengths, first))
+        def body(state):
+            i, cache, tokens, done, lengths, last = state
+            emb = bb.token_embed(params, last[:, None])  # (B, 1, H)
+            pos = jnp.broadcast_to((next_pos + i - 1)[:, None, None], (b, rows, 1))
+            out, cache, _ = bb.decode(params, emb, pos, cache, total + i - 1, kv_valid, attention=attention,
+                                      kv_len=kv_len)
+            tok = pick_tokens(bb.lm_head(params, out)[:, 0], jax.random.fold_in(key, i), temperature, top_p, greedy)
+            tok = jnp.where(done, pad_id, tok)
+            tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
+            lengths = lengths + (~done).astype(jnp.int32)
+            done = done | jnp.isin(tok, eos)
+            return i + 1, cache, tokens, done, lengths, tok
+
+        return cond, body
+
+    for end in decode_phase_ends(max_new_tokens, decode_block):
+        state = jax.lax.while_loop(*phase(end), state)
+    steps, cache, tokens, _, lengths, _ = state
+    return tokens, lengths, steps, cache
+
+
+_GEN_STATIC = ("bb", "lcfg", "max_new_tokens", "eos_ids", "pad_id", "greedy", "attention")
+
+
+@functools.partial(jax.jit, static_argnames=_GEN_STATIC)
+def generate_jit(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, key, temperature, top_p, *,
+                 max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, greedy: bool, attention: str = "auto"):
+    """Prefix + latent steps, then the whole decode loop, in one program (the cache never leaves the device
+    program; the while loop updates it in place). Returns (tokens, lengths, selected, steps)."""
+    cache, first, selected = _prefill(bb, params, lcfg, batch, key, temperature, top_p,
+                                      max_new_tokens=max_new_tokens, greedy=greedy, attention=attention)
+    tokens, lengths, steps, _ = _decode(bb, params, batch.kv_valid, batch.positions, cache, first, key, temperature,
+                                     top_p, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                                     greedy=greedy, attention=attention)
     return tokens, lengths, selected, steps
+
+
+# The two halves as separate programs (the decode benchmark times decoding alone): the cache the prefill
+# returns is donated to the decode loop, which updates it in place and returns it.
+prefill_jit = jax.jit(_prefill, static_argnames=("bb", "lcfg", "max_new_tokens", "greedy", "attention"))
+decode_jit = jax.jit(_decode, static_argnames=("bb", "max_new_tokens", "eos_ids", "pad_id", "greedy", "attention",
+                                              "decode_block"), donate_argnames=("cache",))
 
 
 def trim_prompt(input_ids, attention_mask):
@@ -135,7 +185,7 @@ def latent_prompt(cfg, prompt_ids, n: int) -> list[int]:
 
 def generate_batch(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, *, max_new_tokens: int = 64,
                    sampling: SamplingConfig | None = None, eos_token_ids=None, pad_token_id: int | None = None,
-                   max_cache_len: int | None = None) -> GenerateOutput:
+                   max_cache_len: int | None = None, attention: str = "auto") -> GenerateOutput:
     """Generate after the latent steps of a prompt-only LatentBatch (no suffix: the prompt ends with its latents)."""
     cfg = bb.config
     sampling = sampling or SamplingConfig()
@@ -163,20 +213,23 @@ def generate_batch(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch,
     temperature = jnp.float32(max(sampling.temperature, 1e-6))
     tokens, lengths, selected, steps = generate_jit(
         bb, params, lcfg, to_device(batch), key, temperature, jnp.float32(sampling.top_p),
-        max_new_tokens=int(max_new_tokens), eos_ids=eos, pad_id=pad, greedy=sampling.greedy)
+        max_new_tokens=int(max_new_tokens), eos_ids=eos, pad_id=pad, greedy=sampling.greedy, attention=attention)
     return GenerateOutput(np.asarray(tokens), np.asarray(lengths), np.asarray(selected), int(steps))
 
 
 def generate(bb: Backbone, params, lcfg: LatentConfig, input_ids, attention_mask, pixel_values=None,
              image_grid_thw=None, *, max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
-             eos_token_ids=None, pad_token_id: int | None = None, max_cache_len: int | None = None) -> GenerateOutput:
+             eos_token_ids=None, pad_token_id: int | None = None, max_cache_len: int | None = None,
+             attention: str = "auto") -> GenerateOutput:
     """Generate after the prompt's latent steps (n = `<|latent|>` tokens ending the prompt; 0 = plain decoding).
 
     input_ids/attention_mask (B, S) are left-padded prompts ending with the n latent tokens (no suffix).
     eos_token_ids default to the config's eos_token_id; pad_token_id to its pad_token_id, else the first EOS.
     max_cache_len: reject a request whose final prompt length + max_new_tokens exceeds it.
+    attention: the attention implementation (config.ATTENTION_CHOICES; auto picks the platform's kernel).
     """
     ids, mask = trim_prompt(input_ids, attention_mask)
     batch = make_latent_batch(bb, lcfg, ids, mask, None, pixel_values, image_grid_thw, allow_no_latent_token=True)
     return generate_batch(bb, params, lcfg, batch, max_new_tokens=max_new_tokens, sampling=sampling,
-                          eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, max_cache_len=max_cache_len)
+                          eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, max_cache_len=max_cache_len,
+                          attention=attention)

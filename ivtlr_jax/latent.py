@@ -174,7 +174,7 @@ def _kv_valid(batch: LatentBatch, cache_len: int):
 
 
 def latent_start(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, cache_len: int | None = None,
-                 remat: str = "none"):
+                 remat: str = "none", attention: str = "auto"):
     """Embed and run the prefix; returns (prefix hidden (B, P, H), Embedded, first carry, kv_valid).
 
     The cache has `cache_len` slots (default: the final sequence length); slots past the final sequence
@@ -186,13 +186,13 @@ def latent_start(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, c
     emb = bb.embed(params, batch.prefix_ids, batch.images)
     cache = bb.init_cache(b, cache_len, emb.embeds.dtype)
     hidden, cache, attn = bb.decode(params, emb.embeds, batch.positions[:, :, :p], cache, 0, kv_valid,
-                                    attn_row=True, remat=remat)
+                                    attn_row=True, remat=remat, attention=attention)
     carry = LatentCarry(cache, hidden[:, -1], attn, jnp.zeros(emb.image_valid.shape, bool))
     return hidden, emb, carry, kv_valid
 
 
 def latent_step(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, emb: Embedded, kv_valid,
-                carry: LatentCarry, t, remat: str = "none"):
+                carry: LatentCarry, t, remat: str = "none", attention: str = "auto"):
     """One latent step t: select K image tokens, run the chunk [V_t ; h]; returns (carry, (chunk hidden, idx))."""
     b, p, c, k = batch.batch_size, batch.prefix_len, lcfg.chunk_len, lcfg.k
     h, used = carry.h, carry.used
@@ -210,45 +210,49 @@ def latent_step(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, em
     chunk = jnp.concatenate(parts, 1)  # (B, C, H)
     start = p + t * c
     cpos = jax.lax.dynamic_slice_in_dim(batch.positions, start, c, axis=2)
-    out, cache, attn = bb.decode(params, chunk, cpos, carry.cache, start, kv_valid, attn_row=True, remat=remat)
+    out, cache, attn = bb.decode(params, chunk, cpos, carry.cache, start, kv_valid, attn_row=True, remat=remat,
+                                 attention=attention, kv_len=p + batch.n * c)  # the slots before the suffix
     return LatentCarry(cache, out[:, -1], attn, used), (out, idx.astype(jnp.int32))
 
 
 def latent_prefill(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, cache_len: int | None = None,
-                   remat: str = "none"):
+                   remat: str = "none", attention: str = "auto"):
     """Prefix pass then the scan over n latent steps, filling the KV cache.
 
     Returns (hidden (B, P + n*C, H) after the final norm, cache, selected (n, B, k)).
     """
-    hidden, emb, carry, kv_valid = latent_start(bb, params, lcfg, batch, cache_len, remat)
+    hidden, emb, carry, kv_valid = latent_start(bb, params, lcfg, batch, cache_len, remat, attention)
     n, b = batch.n, batch.batch_size
     if not n:
         return hidden, carry.cache, jnp.zeros((0, b, lcfg.k), jnp.int32)
-    step = functools.partial(latent_step, bb, params, lcfg, batch, emb, kv_valid, remat=remat)
+    step = functools.partial(latent_step, bb, params, lcfg, batch, emb, kv_valid, remat=remat, attention=attention)
     carry, (chunks, selected) = jax.lax.scan(lambda cr, t: step(cr, t), carry, jnp.arange(n))
     hidden = jnp.concatenate([hidden, chunks.transpose(1, 0, 2, 3).reshape(b, n * lcfg.chunk_len, -1)], 1)
     return hidden, carry.cache, selected
 
 
-def suffix_hidden(bb: Backbone, params, batch: LatentBatch, hidden, cache, remat: str = "none"):
+def suffix_hidden(bb: Backbone, params, batch: LatentBatch, hidden, cache, remat: str = "none",
+                  attention: str = "auto"):
     """Run the suffix (remaining steps, answer) through the cache after `hidden` (B, P + n*C, H)."""
     start = hidden.shape[1]
     if not batch.suffix_ids.shape[1]:
         return hidden
     emb = bb.token_embed(params, batch.suffix_ids)
-    out, _, _ = bb.decode(params, emb, batch.positions[:, :, start:], cache, start, batch.kv_valid, remat=remat)
+    out, _, _ = bb.decode(params, emb, batch.positions[:, :, start:], cache, start, batch.kv_valid, remat=remat,
+                          attention=attention)
     return jnp.concatenate([hidden, out], 1)
 
 
-def latent_hidden(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, remat: str = "none"):
+def latent_hidden(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, remat: str = "none",
+                  attention: str = "auto"):
     """Final-norm hidden states over the whole final sequence (B, L_final, H), and the selections."""
-    hidden, cache, selected = latent_prefill(bb, params, lcfg, batch, remat=remat)
-    return suffix_hidden(bb, params, batch, hidden, cache, remat), selected
+    hidden, cache, selected = latent_prefill(bb, params, lcfg, batch, remat=remat, attention=attention)
+    return suffix_hidden(bb, params, batch, hidden, cache, remat, attention), selected
 
 
-def _latent_forward(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch):
+def _latent_forward(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, attention: str = "auto"):
     """Traced body: returns (loss, logits (B, L_final, V), selected (n, B, k))."""
-    hidden, selected = latent_hidden(bb, params, lcfg, batch)
+    hidden, selected = latent_hidden(bb, params, lcfg, batch, attention=attention)
     logits = bb.lm_head(params, hidden)  # (B, L_final, V)
     return cross_entropy(logits, batch.labels), logits, selected
 
@@ -281,18 +285,19 @@ def chunked_cross_entropy(bb: Backbone, params, hidden, labels, chunk: int = LOS
     return total / jnp.maximum(count, 1)
 
 
-def latent_loss(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, remat: str = "none"):
+def latent_loss(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, remat: str = "none",
+                attention: str = "auto"):
     """The training loss: latent forward + chunked cross-entropy (same value as `_latent_forward`'s loss)."""
-    hidden, _ = latent_hidden(bb, params, lcfg, batch, remat)
+    hidden, _ = latent_hidden(bb, params, lcfg, batch, remat, attention)
     return chunked_cross_entropy(bb, params, hidden, batch.labels)
 
 
-latent_forward_jit = jax.jit(_latent_forward, static_argnames=("bb", "lcfg"))
+latent_forward_jit = jax.jit(_latent_forward, static_argnames=("bb", "lcfg", "attention"))
 
 
 def latent_forward(bb: Backbone, params, lcfg: LatentConfig, input_ids, attention_mask, labels, pixel_values=None,
-                   image_grid_thw=None) -> LatentOutput:
+                   image_grid_thw=None, attention: str = "auto") -> LatentOutput:
     """The IVT-LR forward with latent steps on host inputs (HF processor/tokenizer layout)."""
     batch = make_latent_batch(bb, lcfg, input_ids, attention_mask, labels, pixel_values, image_grid_thw)
-    loss, logits, selected = latent_forward_jit(bb, params, lcfg, to_device(batch))
+    loss, logits, selected = latent_forward_jit(bb, params, lcfg, to_device(batch), attention=attention)
     return LatentOutput(loss, logits, selected)

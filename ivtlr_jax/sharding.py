@@ -23,6 +23,16 @@ from ivtlr_jax.models import spec as sp
 logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# XLA flags the GPU presets set (before JAX starts its backend; a flag already in XLA_FLAGS keeps its value).
+GPU_XLA_FLAGS = (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",  # schedule async copies/collectives to overlap compute
+    "--xla_gpu_enable_triton_gemm=false",  # GEMMs on cuBLAS/cuBLASLt (no Triton GEMM autotuning at compile time)
+)
+MULTI_GPU_XLA_FLAGS = GPU_XLA_FLAGS + (
+    "--xla_gpu_enable_highest_priority_async_stream=true",  # collectives on the high-priority stream
+    "--xla_gpu_all_gather_combine_threshold_bytes=134217728",  # FSDP: fewer, larger all-gathers ...
+    "--xla_gpu_reduce_scatter_combine_threshold_bytes=134217728",  # ... and reduce-scatters (128 MiB)
+)
 BATCH_AXES = ("data", "fsdp")  # the leading (batch) axis of activations and inputs is split over these
 
 
@@ -42,6 +52,7 @@ class MeshPreset:
     fsdp: int = 1
     tensor: int = 1
     description: str = ""
+    xla_flags: tuple[str, ...] = ()  # set by `apply_xla_flags` before the backend starts
 
     def axis_sizes(self, num_devices: int) -> dict[str, int]:
         """Mesh axis sizes for `num_devices` devices; a size of -1 takes what the others leave."""
@@ -67,12 +78,14 @@ PRESETS: dict[str, MeshPreset] = {
     p.name: p
     for p in (
         MeshPreset("cpu", 1, 1, "cpu", description="one CPU device (the first one, however many are simulated)"),
-        MeshPreset("gpu_1", 1, 1, "gpu", description="one GPU"),
-        MeshPreset("gpu_8", 8, 1, "gpu", fsdp=8, description="8 GPUs on one host, FSDP over all"),
+        MeshPreset("gpu_1", 1, 1, "gpu", description="one GPU", xla_flags=GPU_XLA_FLAGS),
+        MeshPreset("gpu_8", 8, 1, "gpu", fsdp=8, description="8 GPUs on one host, FSDP over all",
+                   xla_flags=MULTI_GPU_XLA_FLAGS),
         MeshPreset("tpu_v4_8", 4, 1, "tpu", fsdp=4, description="TPU v4-8: 4 chips, one host, FSDP over all"),
         MeshPreset("tpu_v4_32", 16, 4, "tpu", fsdp=16, description="TPU v4-32: 16 chips on 4 hosts, FSDP over all"),
         MeshPreset("tpu_v5e_8", 8, 1, "tpu", fsdp=8, description="TPU v5e-8: 8 chips, one host, FSDP over all"),
-        MeshPreset("auto", None, None, None, fsdp=-1, description="FSDP over every device found"),
+        MeshPreset("auto", None, None, None, fsdp=-1, description="FSDP over every device found",
+                   xla_flags=GPU_XLA_FLAGS),  # GPU-only flags: without effect on CPU and TPU
     )
 }
 
@@ -145,8 +158,8 @@ def make_mesh(preset: str | MeshPreset, devices: Sequence[Any] | None = None) ->
         problem = f"is for {p.platform} devices"
     elif p.num_devices is not None and len(devices) != p.num_devices:
         problem = f"needs {p.needs()}"
-    elif p.num_hosts is not None and num_hosts != p.num_hosts and not (platform == "cpu" and num_hosts == 1):
-        problem = f"needs {p.needs()}"  # one CPU process may simulate several hosts
+    elif p.num_hosts is not None and num_hosts != p.num_hosts and platform != "cpu":
+        problem = f"needs {p.needs()}"  # CPU processes stand in for any host layout (simulated pods in tests)
     if problem:
         raise ValueError(f"preset {p.name!r} {problem}; found {found}; {_suggest(len(devices), num_hosts, platform)}")
     sizes = p.axis_sizes(len(devices))
@@ -167,19 +180,72 @@ def describe(mesh: Mesh) -> str:
             f"{_plural(hosts, 'host')} (process {jax.process_index()} of {jax.process_count()})")
 
 
-def maybe_initialize_distributed(preset: str | MeshPreset, **kwargs) -> bool:
-    """Call `jax.distributed.initialize(**kwargs)` for presets with more than one host, once.
+def xla_flags_for(preset: str | MeshPreset, existing: str = "") -> str:
+    """`existing` XLA_FLAGS plus the preset's flags; a flag named in `existing` keeps the value given there."""
+    have = {f.split("=", 1)[0] for f in existing.split()}
+    extra = [f for f in get_preset(preset).xla_flags if f.split("=", 1)[0] not in have]
+    return " ".join(existing.split() + extra)
 
-    Must run before anything else touches JAX's devices. Single-host presets (and `auto`) never
-    initialise; a second call is a no-op. Returns True when this call initialised.
+
+def apply_xla_flags(preset: str | MeshPreset) -> str:
+    """Put the preset's XLA flags into os.environ["XLA_FLAGS"]; returns the new value.
+
+    XLA reads them when JAX starts its backend (the first device query), so call this before; after it
+    the flags would be ignored, which is logged.
+    """
+    import os
+
+    from jax._src import xla_bridge
+
+    flags = xla_flags_for(preset, os.environ.get("XLA_FLAGS", ""))
+    if flags != os.environ.get("XLA_FLAGS", "") and xla_bridge.backends_are_initialized():
+        logger.warning("preset %r: XLA flags set after JAX started its backend are ignored: %s",
+                       get_preset(preset).name, flags)
+    os.environ["XLA_FLAGS"] = flags
+    return flags
+
+
+def maybe_initialize_distributed(preset: str | MeshPreset, coordinator_address: str | None = None,
+                                 num_processes: int | None = None, process_id: int | None = None,
+                                 heartbeat_timeout_s: int | None = None, **kwargs) -> bool:
+    """Join a multi-process run with `jax.distributed.initialize`, once; True when this call initialised.
+
+    With `coordinator_address`, `num_processes` and `process_id` (all three) it joins that run; without
+    them it lets JAX auto-detect the cluster (TPU pods, SLURM) only when the preset spans several hosts.
+    Single-host presets without the three never initialise; a second call is a no-op. On CPU the
+    cross-process collectives go over gloo (set before initialising). Must run before anything else
+    touches JAX's devices.
     """
     p = get_preset(preset)
-    if p.num_hosts is None or p.num_hosts <= 1 or jax.distributed.is_initialized():
+    explicit = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+                "process_id": process_id}
+    given = {k: v for k, v in explicit.items() if v is not None}
+    if given and len(given) < 3:
+        missing = ", ".join("--" + k.replace("_address", "").replace("_", "-") for k in explicit if k not in given)
+        raise ValueError(f"a multi-process run needs --coordinator, --num-processes and --process-id together; "
+                         f"missing {missing}")
+    if given:
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ValueError(f"--process-id {process_id} with --num-processes {num_processes}: "
+                             f"need 0 <= process id < number of processes")
+        if ":" not in coordinator_address:
+            raise ValueError(f"--coordinator {coordinator_address!r} must be HOST:PORT, e.g. 10.0.0.2:8476")
+    if jax.distributed.is_initialized() or (given and num_processes == 1):
         return False
+    if not given and (p.num_hosts is None or p.num_hosts <= 1):
+        return False
+    platforms = str(jax.config.jax_platforms or "cpu")
+    if "cpu" in platforms.split(","):  # CPU processes (simulated hosts) exchange collectives over gloo
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if heartbeat_timeout_s is not None:
+        kwargs["heartbeat_timeout_seconds"] = int(heartbeat_timeout_s)
     try:
-        jax.distributed.initialize(**kwargs)
-    except ValueError as e:  # no cluster detected: the device check in make_mesh reports what was found
-        logger.warning("preset %r spans %d hosts but jax.distributed.initialize() failed (%s); "
+        jax.distributed.initialize(**given, **kwargs)
+    except ValueError as e:
+        if given:
+            raise ValueError(f"could not join the run at --coordinator {coordinator_address}: {e}") from None
+        # no cluster detected: the device check in make_mesh reports what was found
+        logger.warning("preset %r spans %d hosts but jax.distributed.initialize() found no cluster (%s); "
                        "continuing as a single process", p.name, p.num_hosts, e)
         return False
     logger.info("jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count())

@@ -170,10 +170,10 @@ class Backbone:
         return ly.init_cache(self.dims, batch, max_len, dtype)
 
     def decode(self, params, embeds, positions, cache, cache_index, kv_valid, *, attn_row: bool = False,
-               remat: str = "none"):
+               remat: str = "none", attention: str = "auto", kv_len: int | None = None):
         """The one decoder entry point (see layers.decoder); positions (B, R, T)."""
         return ly.decoder(params.llm, self.dims, embeds, positions, cache, cache_index, kv_valid,
-                          attn_row=attn_row, remat_policy=remat)
+                          attn_row=attn_row, remat_policy=remat, attention=attention, kv_len=kv_len)
 
     def lm_head(self, params, hidden):
         """Logits in float32 (B, T, V)."""

@@ -2,7 +2,8 @@
 
 Weights are typed pytrees (flax.struct dataclasses). A linear layer is called, never unpacked, so the
 trainer may hand the model a wrapped layer (LoRA) without the model knowing. Layers are stacked on a
-leading axis and run with `lax.scan` under a remat policy given as a static argument.
+leading axis and run with `lax.scan` under a remat policy given as a static argument, as is the
+attention implementation (`attention`: a fused kernel where the platform has one, see `decoder`).
 """
 
 from __future__ import annotations
@@ -14,26 +15,77 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.ad_checkpoint import checkpoint_name
 
+from ivtlr_jax.config import ATTENTION_CHOICES, REMAT_CHOICES
 from ivtlr_jax.models.spec import HFKey, ParamInfo
 
 MASK_VALUE = -1e30  # added to masked attention scores; finite so fully masked (pad) rows stay NaN-free
+# Names of the layer's attention-side matmul outputs (checkpoint_name): what "dots_except_mlp" keeps.
+ATTENTION_DOTS = ("q_proj", "k_proj", "v_proj", "context", "o_proj")
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,  # least memory: recompute each layer in backward
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projection outputs
+    # keep the attention projections and the attention output, recompute the MLP (the widest activations)
+    "dots_except_mlp": jax.checkpoint_policies.save_only_these_names(*ATTENTION_DOTS),
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep every projection output
     "none": jax.checkpoint_policies.everything_saveable,
 }
+AUTO_REMAT_DOTS_MAX_PARAMS = 4e9  # "auto": save every dot up to this many decoder params, else all but the MLP's
+assert set(REMAT_CHOICES) == {"auto", *REMAT_POLICIES}
+PALLAS_BLOCK = 128  # the TPU flash kernel's sequence block: chunks are padded to a multiple of it
 
 
 def check_remat(name: str) -> str:
-    if name not in REMAT_POLICIES:
-        raise ValueError(f"remat={name!r} is not valid; use one of {list(REMAT_POLICIES)}")
+    if name not in REMAT_CHOICES:
+        raise ValueError(f"remat={name!r} is not valid; use one of {list(REMAT_CHOICES)}")
     return name
+
+
+def resolve_remat(name: str, d: DecoderDims) -> str:
+    """The policy "auto" stands for, by model size: every dot saved for models up to
+    AUTO_REMAT_DOTS_MAX_PARAMS decoder parameters, all but the MLP's above (the dry run shows the cost)."""
+    if check_remat(name) != "auto":
+        return name
+    return "dots" if d.num_params <= AUTO_REMAT_DOTS_MAX_PARAMS else "dots_except_mlp"
 
 
 def remat(fn, policy: str):
     """fn under jax.checkpoint with the named policy ("none" saves everything: no recomputation)."""
-    return jax.checkpoint(fn, policy=REMAT_POLICIES[check_remat(policy)])
+    if check_remat(policy) == "auto":
+        raise ValueError("remat='auto' depends on the model size: resolve it with resolve_remat(name, dims) first")
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
+
+
+def check_attention(name: str) -> str:
+    if name not in ATTENTION_CHOICES:
+        raise ValueError(f"attention={name!r} is not valid; use one of {list(ATTENTION_CHOICES)}")
+    return name
+
+
+def _is_cuda() -> bool:
+    try:
+        dev = jax.devices()[0]
+        return dev.platform == "gpu" and "cuda" in str(getattr(dev.client, "platform_version", "")).lower()
+    except RuntimeError:
+        return False
+
+
+def resolve_attention(name: str, dtype, head_dim: int, platform: str | None = None) -> str:
+    """The implementation "auto" stands for on this platform.
+
+    cudnn (cuDNN flash attention) on CUDA GPUs for bfloat16/float16 with a head_dim cuDNN takes (a multiple
+    of 8, <= 128); pallas (the TPU flash kernel) on a single TPU chip (the kernel is not partitioned over a
+    mesh); xla (jax.nn.dot_product_attention's XLA path, same masks) everywhere else, CPU included.
+    """
+    if check_attention(name) != "auto":
+        return name
+    platform = platform or jax.default_backend()
+    if (platform in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+            and head_dim <= 128 and (platform == "cuda" or _is_cuda())):
+        return "cudnn"
+    if platform == "tpu" and jax.device_count() == 1:
+        return "pallas"
+    return "xla"
 
 
 # ----------------------------------------------------------------------------- typed weights
@@ -118,6 +170,14 @@ class DecoderDims:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def num_params(self) -> int:
+        """Decoder parameters (embedding and head included, norms and biases left out)."""
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        per_layer = h * (q + 2 * kv) + q * h + 3 * h * self.intermediate_size
+        heads = 1 if self.tie_word_embeddings else 2
+        return self.num_layers * per_layer + heads * self.vocab_size * h
 
 
 # ----------------------------------------------------------------------------- spec helpers
@@ -239,58 +299,181 @@ def _head_norm(x, p: LayerNorm | None, eps: float):
     return (y * p.scale.astype(x.dtype) + p.bias.astype(x.dtype)).astype(x.dtype)
 
 
+# ----------------------------------------------------------------------------- attention
+def _roll_rows(x, shift):
+    """x (B, T, ...) with row b rotated left by shift[b]: out[b, i] = x[b, (i + shift[b]) % T]."""
+    t = x.shape[1]
+    idx = (jnp.arange(t)[None, :] + shift[:, None]) % t  # (B, T)
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def valid_run(valid):
+    """(start, length) (B,) int32 of each row's one contiguous run of valid slots (length >= 1)."""
+    start = jnp.argmax(valid, axis=1).astype(jnp.int32)
+    return start, jnp.maximum(valid.sum(1), 1).astype(jnp.int32)
+
+
+def _pallas_flash(q, k, v, valid):
+    """The TPU flash kernel with segment ids (valid run 1, pads 0); lengths padded to PALLAS_BLOCK."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    b, t, n, hd = q.shape
+    groups = n // k.shape[2]
+    pad = (-t) % PALLAS_BLOCK
+    seg = jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, pad)))
+
+    def heads_first(x, rep):  # (B, T, h, hd) -> (B, h * rep, T + pad, hd)
+        x = jnp.repeat(x, rep, axis=2) if rep > 1 else x
+        return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+    o = fa.flash_attention(heads_first(q, 1), heads_first(k, groups), heads_first(v, groups),
+                           segment_ids=fa.SegmentIds(seg, seg), causal=True, sm_scale=hd**-0.5)
+    return o.transpose(0, 2, 1, 3)[:, :t]
+
+
+def causal_self_attention(q, k, v, valid, impl: str):
+    """Causal attention of a chunk over itself (nothing cached before it) with a fused kernel.
+
+    q (B, T, N, hd), k/v (B, T, KV, hd) in the compute dtype; valid (B, T) holds one contiguous run of real
+    tokens per row (left and/or right padding). The mask each kernel takes: xla/cudnn rotate every row so
+    its run starts at slot 0, then `is_causal` plus query/key sequence lengths (cuDNN's PADDING_CAUSAL),
+    and rotate the output back; pallas gives the run segment id 1 and the pads 0. Pad queries return 0.
+    """
+    t = q.shape[1]
+    if impl in ("xla", "cudnn"):
+        start, length = valid_run(valid)
+        o = jax.nn.dot_product_attention(_roll_rows(q, start), _roll_rows(k, start), _roll_rows(v, start),
+                                         is_causal=True, query_seq_lengths=length, key_value_seq_lengths=length,
+                                         implementation=impl)
+        o = _roll_rows(o, (t - start) % t)
+    elif impl == "pallas":
+        o = _pallas_flash(q, k, v, valid)
+    else:
+        raise ValueError(f"attention={impl!r} has no fused kernel; use one of xla, cudnn, pallas")
+    return jnp.where(valid[:, :, None, None], o, jnp.zeros((), o.dtype))
+
+
+def last_query_row(q_last, k, allowed):
+    """softmax(q_last . K^T / sqrt(d)) in float32 averaged over query heads, without gradient: (B, S).
+
+    q_last (B, N, hd), k (B, S, KV, hd), allowed (B, S): the keys the query sees. Beside a fused kernel
+    this is the only attention row computed (the latent loop selects image tokens by it).
+    """
+    q_last, k = jax.lax.stop_gradient(q_last), jax.lax.stop_gradient(k)
+    b, n, hd = q_last.shape
+    nkv = k.shape[2]
+    s = jnp.einsum("bkgd,bskd->bkgs", q_last.reshape(b, nkv, n // nkv, hd), k,
+                   preferred_element_type=acc_dtype(q_last.dtype))
+    s = jnp.where(allowed[:, None, None, :], s * hd**-0.5, MASK_VALUE)
+    return jax.nn.softmax(s, axis=-1).mean((1, 2))
+
+
+def cached_attention(q, k, v, ck, cv, past_valid, valid, attn_row: bool):
+    """Dense attention of a chunk over the past cache slots and over itself; one softmax over both.
+
+    q (B, T, N, hd), k/v (B, T, KV, hd): the chunk; ck/cv (B, S, KV, hd): the cache slots before it that
+    may be read (S static, only those are read; None: nothing cached), past_valid (B, S) the ones holding
+    earlier real tokens; valid (B, T) the chunk's real tokens (query t sees chunk keys <= t). Scores and
+    softmax in float32.
+    Returns (o (B, T, N, hd), the last query's probabilities over [past; chunk] averaged over heads or None).
+    """
+    b, t, n, hd = q.shape
+    nkv, s_len = k.shape[2], 0 if ck is None else ck.shape[1]
+    dtype, f = q.dtype, acc_dtype(q.dtype)
+    qg = q.reshape(b, t, nkv, n // nkv, hd)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=f)
+    own = valid[:, None, None, None, :] & jnp.tril(jnp.ones((t, t), bool))
+    s = jnp.where(own, s * hd**-0.5, MASK_VALUE)
+    if s_len:
+        sp = jnp.einsum("btkgd,bskd->bkgts", qg, ck.astype(dtype), preferred_element_type=f)
+        sp = jnp.where(past_valid[:, None, None, None, :], sp * hd**-0.5, MASK_VALUE)
+        s = jnp.concatenate([sp, s], -1)
+    a = jax.nn.softmax(s, axis=-1)  # (B, KV, G, T, S + T) float32
+    o = jnp.einsum("bkgts,bskd->btkgd", a[..., s_len:].astype(dtype), v, preferred_element_type=f)
+    if s_len:
+        o = o + jnp.einsum("bkgts,bskd->btkgd", a[..., :s_len].astype(dtype), cv.astype(dtype),
+                           preferred_element_type=f)
+    row = jax.lax.stop_gradient(a[:, :, :, -1, :].mean((1, 2))) if attn_row else None  # (B, S + T)
+    return o.astype(dtype).reshape(b, t, n, hd), row
+
+
 def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cache_index, kv_valid, *,
-            attn_row: bool = False, remat_policy: str = "none"):
+            attn_row: bool = False, remat_policy: str = "none", attention: str = "auto", kv_len: int | None = None):
     """The one decoder entry point: prefill, latent chunks, suffix and one-token decoding.
 
     embeds (B, T, H) go to cache slots [cache_index, cache_index + T); positions (B, R, T); kv_valid
     (B, max_len) marks slots holding real tokens. Query t sees valid slots <= cache_index + t.
+    Attention (static `attention`, see resolve_attention): a chunk with nothing cached before it
+    (cache_index the Python int 0: prefill, a full pass) runs the fused kernel, its real tokens being one
+    contiguous run per row (left and/or right padding); a chunk after cached slots (latent chunks, the
+    suffix, decoding) runs dense attention over only the cache slots before it: [0, cache_index) when
+    cache_index is a Python int, else [0, kv_len) (a static bound >= cache_index; default the whole cache).
     Returns (hidden after the final norm (B, T, H), new cache, attention row or None), where the
-    attention row (B, max_len) float32 is the last query's probabilities averaged over layers and heads.
+    attention row (B, max_len) float32 is the last query's probabilities averaged over layers and heads
+    (computed without gradient).
     """
     b, t, _ = embeds.shape
-    max_len = cache.k.shape[2]
+    max_len = cache.max_len
     nkv, hd = d.num_kv_heads, d.head_dim
-    groups = d.num_heads // nkv
     dtype = embeds.dtype
+    impl = resolve_attention(attention, dtype, hd)
+    policy = resolve_remat(remat_policy, d)
+    if isinstance(cache_index, (int, np.integer)):
+        cache_index = past = int(cache_index)
+        if not 0 <= cache_index <= max_len - t:
+            raise ValueError(f"cache_index={cache_index} with {t} new tokens does not fit a cache of {max_len} slots")
+    else:
+        past = max_len if kv_len is None else int(kv_len)
+        if not 0 < past <= max_len:
+            raise ValueError(f"kv_len={kv_len} must be in [1, {max_len}] (the cache slots a chunk may read)")
+    fused = impl != "dense" and past == 0
     cos, sin = rope_cos_sin(d, positions)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    q_slot = cache_index + jnp.arange(t)  # (T,)
-    allowed = kv_valid[:, None, :] & (jnp.arange(max_len)[None, None, :] <= q_slot[None, :, None])
-    allowed = allowed[:, None, None]  # (B, 1, 1, T, max_len)
+    valid = jax.lax.dynamic_slice_in_dim(kv_valid, cache_index, t, axis=1)  # (B, T)
+    past_valid = kv_valid[:, :past] & (jnp.arange(past) < cache_index)[None]  # (B, past)
     eps = d.rms_norm_eps
 
-    def attention(h, p: DecoderLayer, ck, cv):
-        q = _head_norm(p.q(h).reshape(b, t, d.num_heads, hd), p.q_norm, d.qk_norm_eps)
-        k = _head_norm(p.k(h).reshape(b, t, nkv, hd), p.k_norm, d.qk_norm_eps)
-        v = p.v(h).reshape(b, t, nkv, hd)
-        q = apply_rotary(q, cos, sin).reshape(b, t, nkv, groups, hd)
-        k = apply_rotary(k, cos, sin)
-        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
-        s = jnp.einsum("btkgd,bskd->bkgts", q, ck.astype(dtype), preferred_element_type=acc_dtype(dtype))
-        s = jnp.where(allowed, s * hd**-0.5, MASK_VALUE)
-        a = jax.nn.softmax(s, axis=-1)  # (B, kv, G, T, max_len) float32
-        o = jnp.einsum("bkgts,bskd->btkgd", a.astype(dtype), cv.astype(dtype)).reshape(b, t, -1)
-        row = a[:, :, :, -1, :].mean((1, 2)) if attn_row else None  # (B, max_len)
-        return p.o(o), ck, cv, row
+    def attention_block(h, p: DecoderLayer, ck, cv):
+        q = _head_norm(checkpoint_name(p.q(h), "q_proj").reshape(b, t, d.num_heads, hd), p.q_norm, d.qk_norm_eps)
+        k = _head_norm(checkpoint_name(p.k(h), "k_proj").reshape(b, t, nkv, hd), p.k_norm, d.qk_norm_eps)
+        v = checkpoint_name(p.v(h), "v_proj").reshape(b, t, nkv, hd)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin).astype(cache.k.dtype).astype(dtype)  # as stored in the cache
+        v = v.astype(cache.v.dtype).astype(dtype)
+        if fused:
+            o = causal_self_attention(q, k, v, valid, impl)
+            row = last_query_row(q[:, -1], k, valid) if attn_row else None  # (B, T)
+        else:
+            if past:  # only the slots before the chunk are read
+                ck, cv = ck[:, :past], cv[:, :past]
+            o, row = cached_attention(q, k, v, ck, cv, past_valid, valid, attn_row)  # row (B, past + T)
+        o = checkpoint_name(o.reshape(b, t, -1), "context")
+        return checkpoint_name(p.o(o), "o_proj"), k, v, row
 
     def layer(x, xs):
         p, ck, cv = xs
         mlp = lambda z: p.down(jax.nn.silu(p.gate(z)) * p.up(z))
         if d.post_norm:  # swin_norm: x + norm(attn(x)), then x + norm(mlp(x))
-            a, ck, cv, row = attention(x, p, ck, cv)
+            a, k, v, row = attention_block(x, p, ck, cv)
             x = x + rms_norm(a, p.input_norm, eps)
             x = x + rms_norm(mlp(x), p.post_attn_norm, eps)
         else:
-            a, ck, cv, row = attention(rms_norm(x, p.input_norm, eps), p, ck, cv)
+            a, k, v, row = attention_block(rms_norm(x, p.input_norm, eps), p, ck, cv)
             x = x + a
             x = x + mlp(rms_norm(x, p.post_attn_norm, eps))
-        return x, (ck, cv, row)
+        return x, (k, v, row)
 
-    x, (ks, vs, rows) = jax.lax.scan(remat(layer, remat_policy), embeds, (llm.layers, cache.k, cache.v))
+    past_kv = (None, None) if past == 0 else (cache.k, cache.v)
+    x, (ks, vs, rows) = jax.lax.scan(remat(layer, policy), embeds, (llm.layers, *past_kv))
     x = rms_norm(x, llm.norm, eps)
-    return x, KVCache(ks, vs), (rows.mean(0) if attn_row else None)
+    at = (0, 0, cache_index, 0, 0)
+    new_cache = KVCache(jax.lax.dynamic_update_slice(cache.k, ks.astype(cache.k.dtype), at),
+                        jax.lax.dynamic_update_slice(cache.v, vs.astype(cache.v.dtype), at))
+    if not attn_row:
+        return x, new_cache, None
+    r = rows.mean(0)  # (B, past + T) layers averaged
+    full = jnp.zeros((b, max_len), r.dtype).at[:, :past].set(r[:, :past])
+    return x, new_cache, jax.lax.dynamic_update_slice(full, r[:, past:], (0, cache_index))
 
 
 def lm_logits(llm: Decoder, d: DecoderDims, hidden):

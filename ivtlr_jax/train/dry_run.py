@@ -6,6 +6,8 @@ are the ones a real start reports; the batch is laid out by the same `make_laten
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -13,6 +15,7 @@ from ivtlr_jax import sharding as sh
 from ivtlr_jax.config import TrainConfig
 from ivtlr_jax.latent import LatentBatch, make_latent_batch
 from ivtlr_jax.models.base import Backbone
+from ivtlr_jax.models.layers import resolve_attention, resolve_remat
 from ivtlr_jax.train.state import state_layout
 from ivtlr_jax.train.step import compute_dtype, make_optimizer, make_train_step
 
@@ -34,12 +37,29 @@ def example_batch(bb: Backbone, lcfg, rows: int, text: int = DRY_RUN_TEXT, tail:
     return make_latent_batch(bb, lcfg, ids, np.ones_like(ids), labels, pv, grids)
 
 
+def _memory(compiled) -> dict:
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return {}
+    out = {"compiler_" + name: int(getattr(mem, name, 0) or 0)
+           for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                        "alias_size_in_bytes", "generated_code_size_in_bytes")}
+    out["compiler_total_bytes_per_device"] = (out["compiler_argument_size_in_bytes"]
+                                              + out["compiler_output_size_in_bytes"]
+                                              - out["compiler_alias_size_in_bytes"]
+                                              + out["compiler_temp_size_in_bytes"])
+    return out
+
+
 def dry_run(bb: Backbone, tcfg: TrainConfig, text: int = DRY_RUN_TEXT, tail: int = DRY_RUN_TAIL, n: int = 3,
-            platform: str = "tpu") -> dict:
+            platform: str = "tpu", compare_remat: bool = True) -> dict:
     """Lower and compile the train step on the preset's mesh without loading weights.
 
     Returns per-device bytes of frozen params, trainable params, optimiser state, the train state's
-    total (`state_bytes_total`), and the compiler's memory analysis for one micro-batch.
+    total (`state_bytes_total`), and the compiler's memory analysis for one micro-batch. The remat
+    policy is resolved ("auto" by model size); with `compare_remat` and a policy other than "full" the
+    step is compiled once more with "full" and `remat_cost_bytes_per_device` is the extra temporary
+    memory the policy's saved activations take.
     """
     mesh = sh.make_mesh(tcfg.mesh)
     dtype = compute_dtype(tcfg, platform)
@@ -51,15 +71,21 @@ def dry_run(bb: Backbone, tcfg: TrainConfig, text: int = DRY_RUN_TEXT, tail: int
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((micro,) + x.shape[1:], x.dtype), one)
     batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch,
                          sh.batch_shardings(mesh, batch))
-    fn = make_train_step(bb, lcfg, tcfg, tx, schedule, dtype)
-    jitted = jax.jit(fn, in_shardings=(layout.state_shardings, layout.frozen_shardings, None),
-                     out_shardings=(layout.state_shardings, sh.replicated(mesh)), donate_argnums=(0,))
-    lowered = jitted.lower(layout.state, layout.frozen, batch)
-    compiled = lowered.compile()
-    mem = compiled.memory_analysis()
+    remat = resolve_remat(tcfg.remat, bb.dims)
+    target = {"gpu": "cuda", None: platform}.get(sh.get_preset(tcfg.mesh).platform, sh.get_preset(tcfg.mesh).platform)
+
+    def compile_with(policy: str):
+        fn = make_train_step(bb, lcfg, dataclasses.replace(tcfg, remat=policy), tx, schedule, dtype)
+        jitted = jax.jit(fn, in_shardings=(layout.state_shardings, layout.frozen_shardings, None),
+                         out_shardings=(layout.state_shardings, sh.replicated(mesh)), donate_argnums=(0,))
+        return jitted.lower(layout.state, layout.frozen, batch).compile()
+
+    mem = _memory(compile_with(remat))
     report = layout.report()
     out = {
-        "mesh": sh.describe(mesh), "finetune": tcfg.finetune, "compute_dtype": str(dtype), "remat": tcfg.remat,
+        "mesh": sh.describe(mesh), "finetune": tcfg.finetune, "compute_dtype": str(dtype), "remat": remat,
+        "attention": resolve_attention(tcfg.attention, dtype, bb.dims.head_dim, target),  # on the preset's devices
+        "attention_compiled": resolve_attention(tcfg.attention, dtype, bb.dims.head_dim),  # here
         "micro_batch": micro, "seq_len": int(one.kv_valid.shape[1]),
         "frozen_params_bytes_per_device": report["frozen_bytes_per_device"],
         "trainable_params_bytes_per_device": report["trainable_bytes_per_device"],
@@ -67,32 +93,35 @@ def dry_run(bb: Backbone, tcfg: TrainConfig, text: int = DRY_RUN_TEXT, tail: int
         "state_bytes_total": report["state_bytes_total"],
         "state_bytes_per_device": report["state_bytes_per_device"],
     }
-    if mem is not None:
-        for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                     "alias_size_in_bytes", "generated_code_size_in_bytes"):
-            out["compiler_" + name] = int(getattr(mem, name, 0) or 0)
-        out["compiler_total_bytes_per_device"] = (out["compiler_argument_size_in_bytes"]
-                                                  + out["compiler_output_size_in_bytes"]
-                                                  - out["compiler_alias_size_in_bytes"]
-                                                  + out["compiler_temp_size_in_bytes"])
+    out.update(mem)
+    if mem and compare_remat and remat != "full":
+        full = _memory(compile_with("full"))
+        out["compiler_temp_size_in_bytes_remat_full"] = full["compiler_temp_size_in_bytes"]
+        out["remat_cost_bytes_per_device"] = mem["compiler_temp_size_in_bytes"] - full["compiler_temp_size_in_bytes"]
+    elif mem:
+        out["remat_cost_bytes_per_device"] = 0
     return out
 
 
 def format_dry_run(results: list[dict]) -> str:
     gib = 2**30
     lines = [f"{'finetune':<9}{'frozen GiB':>11}{'trainable GiB':>14}{'optimizer GiB':>14}{'compiler total GiB':>19}"
-             f"{'  (args/out/temp)':<10}"]
+             f"{'  (args/out/temp)':<24}{'remat cost GiB':>15}"]
     for r in results:
         total = r.get("compiler_total_bytes_per_device")
-        detail = ""
+        detail, cost = "", "n/a"
         if total is not None:
             parts = [r[f"compiler_{k}_size_in_bytes"] / gib for k in ("argument", "output", "temp")]
             detail = "  ({:.2f}/{:.2f}/{:.2f})".format(*parts)
+        if r.get("remat_cost_bytes_per_device") is not None:
+            cost = f"{r['remat_cost_bytes_per_device'] / gib:.2f}"
         lines.append(f"{r['finetune']:<9}{r['frozen_params_bytes_per_device'] / gib:>11.2f}"
                      f"{r['trainable_params_bytes_per_device'] / gib:>14.3f}"
                      f"{r['optimizer_state_bytes_per_device'] / gib:>14.3f}"
-                     f"{(total or 0) / gib:>19.2f}{detail}")
+                     f"{(total or 0) / gib:>19.2f}{detail:<24}{cost:>15}")
     first = results[0]
     lines.append(f"per device, on {first['mesh']}; micro-batch {first['micro_batch']} rows of "
-                 f"{first['seq_len']} tokens, {first['compute_dtype']} compute, remat {first['remat']}")
+                 f"{first['seq_len']} tokens, {first['compute_dtype']} compute, attention {first['attention']} "
+                 f"(compiled here with {first['attention_compiled']}), "
+                 f"remat {first['remat']} (remat cost: its extra temporary memory over remat full)")
     return "\n".join(lines)

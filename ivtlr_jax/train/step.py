@@ -83,9 +83,10 @@ def assemble_params(bb: Backbone, trainable, frozen, tcfg: TrainConfig, dtype, k
     return cast_params(spec, combine(spec, trainable, frozen), dtype)
 
 
-def batch_loss(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, remat: str = "none"):
+def batch_loss(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, remat: str = "none",
+               attention: str = "auto"):
     """Mean cross-entropy of one (device) batch; the image encoder runs forward only (it is frozen)."""
-    return latent_loss(bb, params, lcfg, batch, remat)
+    return latent_loss(bb, params, lcfg, batch, remat, attention)
 
 
 def make_train_step(bb: Backbone, lcfg: LatentConfig, tcfg: TrainConfig, tx, schedule, dtype):
@@ -93,7 +94,7 @@ def make_train_step(bb: Backbone, lcfg: LatentConfig, tcfg: TrainConfig, tx, sch
 
     def loss_fn(trainable, frozen, batch, key):
         params = assemble_params(bb, trainable, frozen, tcfg, dtype, key)
-        return batch_loss(bb, params, lcfg, batch, tcfg.remat)
+        return batch_loss(bb, params, lcfg, batch, tcfg.remat, tcfg.attention)
 
     def step(state: TrainState, frozen, batch: LatentBatch):
         rng, key = jax.random.split(state.rng)
