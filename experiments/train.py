@@ -1,17 +1,25 @@
-"""Train IVT-LR: the multi-stage latent curriculum on Qwen2-VL, sharded over a device mesh.
+"""Train IVT-LR: the multi-stage latent curriculum on Qwen2-VL or Chameleon, sharded over a device mesh.
 
 With no arguments at all it runs the embedded default: a tiny random Qwen2-VL-architecture model
 (converted through the same converter as a real checkpoint), the synthetic visual-reasoning set,
 stages 0..3, evaluation after each stage on a held-out split, and a table of the results. It takes
-a few minutes on 2 CPU cores.
+a few minutes on 2 CPU cores. `--backbone chameleon` alone does the same with a tiny Chameleon.
 
 Examples:
   python -m experiments.train
+  python -m experiments.train --backbone chameleon
+  python -m experiments.train --config chameleon_7b_scienceqa --init ckpt/chameleon-7b --mesh tpu_v4_8
   python -m experiments.train --config experiments/configs/qwen2vl_7b_m3cot.yaml --init ckpt/qwen2vl-7b \\
       --out runs/m3cot --mesh tpu_v4_8
   python -m experiments.train --config tiny --data synthetic --stage=2 --mesh=tpu_v4_8
   python -m experiments.train --config qwen2vl_7b_m3cot --dry-run      # memory per chip, no weights
-Every flag overrides the YAML key of the same name (dashes become underscores).
+  python -m experiments.launch_local --processes 2 --devices-per-process 2 -- --config tiny --data synthetic \
+      --stage=2 --mesh tpu_v4_8 --out runs/two_hosts          # a 2-host pod layout, simulated on one machine
+  python -m experiments.train --config qwen2vl_7b_m3cot --mesh tpu_v4_32 --init ckpt/qwen2vl-7b --out RUN_DIR \
+      --coordinator 10.0.0.2:8476 --num-processes 4 --process-id 0      # on each host, with its own id
+Every flag overrides the YAML key of the same name (dashes become underscores). After a preemption or a
+crash, rerun the same command with --resume. An error is one line (--debug: with its traceback; process 0
+also keeps it in RUN_DIR/train.log). Set JAX_COMPILATION_CACHE_DIR to skip compilation when restarting.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 
 from experiments.tiny_setup import AUTO_TINY, config_path, prepare_auto_tiny
@@ -35,7 +44,9 @@ HELP = {
                    "synthetic without a source is generated in memory",
     "train_split": "split to train on", "eval_split": "held-out split for evaluation (embedded default)",
     "limit": "train on the first N rows only",
-    "resume": "continue exactly from the latest checkpoint in RUN_DIR (state, data position, RNG)",
+    "resume": "continue exactly from the latest readable checkpoint in RUN_DIR (state, data position, RNG); a "
+              "damaged newer one is named and moved to RUN_DIR/unreadable/; a checkpoint of another stage or config "
+              "is refused",
     "epochs_per_stage": "epochs per curriculum stage (reference: 4)",
     "max_latent_stage": "stages past this keep this many latent steps and drop all text steps (reference: 3)",
     "pad_latent_to_max": "past max_latent_stage drop every step and keep max_latent_stage latents",
@@ -51,12 +62,22 @@ HELP = {
     "beta2": "AdamW beta2", "clip": "gradient clipping by global norm", "warmup_steps": "linear warmup steps",
     "schedule": "after warmup: constant | cosine | linear", "batch_size": "global batch (rows per step)",
     "grad_accum": "micro-steps accumulated per optimiser update",
-    "remat": "layer rematerialisation in the backward pass: full (least memory) | dots | none",
+    "remat": "layer rematerialisation in the backward pass: auto (by model size: dots up to 4B decoder "
+             "parameters, dots_except_mlp above) | full (least memory) | dots_except_mlp (keep the q/k/v/o "
+             "projections and the attention output, recompute the MLP) | dots (keep every projection) | none; "
+             "--dry-run shows its memory against full",
+    "attention": "attention kernel: auto (cudnn on CUDA GPUs in bfloat16, pallas on one TPU chip, xla elsewhere) "
+                 "| xla | cudnn | pallas | dense (plain einsum, the reference); chunks after cached tokens "
+                 "(latent steps, suffix, decoding) run dense over the valid cache slots",
     "compute_dtype": "auto (bfloat16 on accelerators, float32 on CPU) | float32 | bfloat16",
     "max_length": "truncate steps so prompt + steps + answer fit this many tokens",
     "seed": "seed for data order, LoRA init and dropout",
-    "max_steps": "stop (with a checkpoint) after this many steps in total",
-    "mesh": "device mesh preset: cpu, gpu_1, gpu_8, tpu_v4_8, tpu_v4_32, tpu_v5e_8, auto",
+    "max_steps": "stop (with a checkpoint) after this many steps in total, counted from the start of the curriculum",
+    "mesh": "device mesh preset: cpu, gpu_1, gpu_8, tpu_v4_8, tpu_v4_32, tpu_v5e_8, auto. GPU presets (and auto) "
+            "add XLA flags unless XLA_FLAGS already names them: --xla_gpu_enable_latency_hiding_scheduler=true, "
+            "--xla_gpu_enable_triton_gemm=false (cuBLAS GEMMs); gpu_8 also "
+            "--xla_gpu_enable_highest_priority_async_stream=true and 128 MiB all-gather/reduce-scatter "
+            "combine thresholds (ivtlr_jax.sharding.apply_xla_flags)",
     "log_every": "print a metrics line every N steps", "save_every": "checkpoint every N steps",
     "keep": "periodic checkpoints to keep", "peak_tflops": "peak TFLOP/s per device for MFU (default: by device kind)",
     "eval_limit": "evaluate on the first N held-out rows", "eval_batch_size": "evaluation batch size",
@@ -73,8 +94,27 @@ def build_parser(field_types: dict) -> argparse.ArgumentParser:
     group.add_argument("--stage", type=int, help="train stage N alone (epochs_per_stage epochs), starting from "
                        "--init or from stage N-1's checkpoint in RUN_DIR")
     group.add_argument("--stages", help="train stages A-B (e.g. 0-3); default: the whole curriculum")
+    ap.add_argument("--backbone", choices=BACKBONES,
+                    help="alone: run that backbone's embedded default (a tiny random model trained on the synthetic "
+                         "set through every stage, then evaluated); with a config whose init is auto-tiny: build "
+                         "that backbone's tiny model")
     ap.add_argument("--dry-run", action="store_true", help="compile the train step for the config's model on the "
                     "mesh with abstract arrays (no weights) and print per-device memory, for LoRA and full")
+    ap.add_argument("--debug", action="store_true", help="print the traceback of an error (otherwise one line; "
+                    "process 0 also writes it to RUN_DIR/train.log), show library logs, and have every process "
+                    "record the data rows of each step in RUN_DIR/debug/rows.process_<i>.jsonl")
+    multi = ap.add_argument_group(
+        "multi-process runs (one process per host; try a pod layout on one machine with experiments.launch_local)")
+    multi.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address for JAX's coordination "
+                       "service; with --num-processes and --process-id this process joins a multi-process run. "
+                       "Without the three, TPU pods and SLURM jobs are detected when the --mesh preset spans "
+                       "several hosts")
+    multi.add_argument("--num-processes", type=int, metavar="N", help="processes in the run (one per host)")
+    multi.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1 (0 writes the "
+                       "logs, metrics, plots and the summary; every process reads only its share of the rows)")
+    multi.add_argument("--peer-timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="a process whose peer sent no heartbeat for this long (killed, hung) exits with a "
+                            "clear message instead of waiting on a collective forever (default 60)")
     for name, typ in field_types.items():
         if name in ("stages",):
             continue
@@ -151,6 +191,8 @@ def run_dry(tcfg, yaml_values) -> list[dict]:
     cfg = model_config_from_dict(model)
     if cfg.latent_token_id is None:  # any id inside the vocabulary lays the batch out the same way
         cfg = dataclasses.replace(cfg, latent_token_id=cfg.vocab_size - 1)
+    if getattr(cfg, "image_vocab", None) == ():  # Chameleon without its vocabulary map: any ids size the gathers
+        cfg = dataclasses.replace(cfg, image_vocab=tuple(range(4, 4 + cfg.vq.num_embeddings)))
     results = []
     for finetune in ("lora", "full"):
         t0 = time.time()
@@ -166,29 +208,166 @@ def run_dry(tcfg, yaml_values) -> list[dict]:
     return results
 
 
+BACKBONES = ("qwen2_vl", "chameleon")
+
+
+def embedded_default_backbone(argv: list[str]) -> str | None:
+    """The backbone of the embedded default when argv asks for it (nothing, or only --backbone NAME)."""
+    if not argv:
+        return "qwen2_vl"
+    if len(argv) == 1 and argv[0].startswith("--backbone="):
+        argv = ["--backbone", argv[0].split("=", 1)[1]]
+    if len(argv) == 2 and argv[0] == "--backbone":
+        if argv[1] not in BACKBONES:
+            raise SystemExit(f"error: --backbone {argv[1]!r} is not valid; use one of {', '.join(BACKBONES)}")
+        return argv[1]
+    return None
+
+
 def main(argv=None) -> dict | list:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:
+    backbone = embedded_default_backbone(argv)
+    if backbone is not None:
         from experiments.embedded_default import run_embedded_default
 
-        return run_embedded_default()
+        return run_embedded_default(backbone=backbone)
     field_types = _field_types()
     args = build_parser(field_types).parse_args(argv)
     tcfg, yaml_values = load_train_config(args, field_types)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.dry_run:
-        simulate_devices_for_dry_run(tcfg.mesh)
-        return run_dry(tcfg, yaml_values)
-    from ivtlr_jax.train import TrainingStopped, train
-
-    prepare_auto_tiny(tcfg, yaml_values.get("model"))
+    setup_logging(args.debug)
+    if not args.debug:  # errors raised in library threads (e.g. after a failed checkpoint write) go to the log file
+        sys.excepthook = lambda *exc: BACKGROUND.error("uncaught error in a background thread", exc_info=exc)
+        threading.excepthook = lambda a: BACKGROUND.error(
+            "uncaught error in thread %s", a.thread.name if a.thread else "?",
+            exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
+        sys.unraisablehook = lambda u: BACKGROUND.error(
+            "ignored error%s", f" in {u.object!r}" if u.object is not None else "",
+            exc_info=(u.exc_type, u.exc_value, u.exc_traceback))
     try:
-        summary = train(tcfg)
-    except TrainingStopped as e:
-        raise SystemExit(f"training stopped: {e}") from None
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(json.dumps(summary, indent=2, default=str))
+        if args.dry_run:
+            simulate_devices_for_dry_run(tcfg.mesh)
+            return run_dry(tcfg, yaml_values)
+        return run_training(args, tcfg, yaml_values)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as e:
+        if args.debug:
+            raise
+        logging.getLogger("ivtlr_jax.train").debug("traceback", exc_info=True)  # into RUN_DIR/train.log
+        message = one_line_error(e, tcfg.out)
+        if _in_multi_process_run():  # JAX's exit would wait for the other processes at its shutdown barrier
+            print(message, file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
+        raise SystemExit(message) from None
+
+
+def _in_multi_process_run() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    import jax
+
+    return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+BACKGROUND = logging.getLogger("background_threads")
+
+
+class _ConsoleFilter(logging.Filter):
+    """The console shows this project's logs; other libraries' warnings only as their first line, absl's none
+    (everything goes to RUN_DIR/train.log in full)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("ivtlr_jax") or record.name == "__main__":
+            return True
+        if record.name.startswith("absl") or record.name == BACKGROUND.name or record.levelno < logging.WARNING:
+            return False
+        record.msg, record.args = record.getMessage().splitlines()[0] if record.getMessage() else "", None
+        record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
+def setup_logging(debug: bool = False) -> None:
+    """Console logging (quiet libraries unless --debug); `log_to_file` adds RUN_DIR/train.log."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    if any(getattr(h, "_ivtlr_console", False) for h in root.handlers):
+        return
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if not debug:
+        console.addFilter(_ConsoleFilter())
+    console._ivtlr_console = True
+    root.addHandler(console)
+
+
+def log_to_file(out: str) -> str:
+    """Every log record (libraries included, tracebacks of errors) also into RUN_DIR/train.log."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "train.log")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return path
+
+
+def one_line_error(e: BaseException, out: str | None = None) -> str:
+    """An error as one clear line (the exception's own message; its type only when it is not one of ours)."""
+    from ivtlr_jax.train import CheckpointWriteError, TrainingStopped
+
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, TrainingStopped):
+        return f"training stopped: {text}"
+    if isinstance(e, (ValueError, CheckpointWriteError, FileNotFoundError)):
+        return f"error: {text}"
+    log = os.path.join(out, "train.log") if out and os.path.exists(os.path.join(out, "train.log")) else None
+    where = f"; the traceback is in {log}" if log else ""
+    return f"error: {type(e).__name__}: {text} (rerun with --debug for the traceback{where})"
+
+
+def run_training(args, tcfg, yaml_values) -> dict:
+    """Plan the start, join the processes of a multi-process run, build the model if asked, train."""
+    import jax
+
+    from ivtlr_jax import sharding as sh
+    from ivtlr_jax.train import Trainer, plan_start
+    from ivtlr_jax.train.loop import resume_hint
+    from ivtlr_jax.train.peers import PeerWatchdog, barrier
+
+    plan = plan_start(tcfg)  # from RUN_DIR alone: a refusal is the first and only line
+    if plan.notice and not args.process_id:
+        print(plan.notice, file=sys.stderr, flush=True)
+    if plan.meta is not None and tcfg.init == AUTO_TINY:
+        tcfg.init = None  # continue with the model the run recorded
+    if hasattr(sh, "apply_xla_flags"):
+        sh.apply_xla_flags(tcfg.mesh)  # before JAX starts its backend
+    sh.maybe_initialize_distributed(tcfg.mesh, coordinator_address=args.coordinator,
+                                    num_processes=args.num_processes, process_id=args.process_id,
+                                    heartbeat_timeout_s=max(100, int(2 * args.peer_timeout)))
+    pid, nproc = jax.process_index(), jax.process_count()
+    if pid == 0:
+        log_to_file(tcfg.out)
+    watchdog = None
+    if nproc > 1:
+        watchdog = PeerWatchdog(args.peer_timeout, resume_hint=lambda: resume_hint(tcfg.out)).start()
+    try:
+        model = dict(yaml_values.get("model") or {})
+        if args.backbone:
+            model["backbone"] = args.backbone
+        if pid == 0:
+            prepare_auto_tiny(tcfg, model)
+        if nproc > 1:
+            barrier("ivtlr_jax/prepare_init")  # process 0 built RUN_DIR/init
+            if tcfg.init == AUTO_TINY:
+                tcfg.init = os.path.join(tcfg.out, "init")
+        summary = Trainer(tcfg, plan=plan, watchdog=watchdog, peer_timeout_s=args.peer_timeout,
+                          trace_rows=args.debug).run()
+    except BaseException as e:
+        if watchdog is not None:
+            watchdog.stop(failed=" ".join(str(e).split())[:300] or type(e).__name__)
+        raise
+    if pid == 0:
+        print(json.dumps(summary, indent=2, default=str), flush=True)
     return summary
 
 

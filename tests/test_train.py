@@ -1,4 +1,5 @@
-"""Training: sharded steps on simulated devices, LoRA/full parameter partitioning, resume, stages, NaN stop."""
+"""Training: sharded steps on simulated devices, LoRA/full parameter partitioning, resume, stages, NaN stop,
+merge, SIGTERM."""
 
 import json
 import os
@@ -7,54 +8,22 @@ import sys
 
 import numpy as np
 import pytest
-import yaml
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "num_key_value_heads": 2, "mrope_section": [2, 3, 3],
-               "vision": {"depth": 1, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2}}
+from train_cli import (
+    ROOT,
+    cli_env,
+    error_lines,
+    losses,
+    make_workdir,
+    run_cli,
+    train_config,
+    trainable_of,
+)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """Synthetic data (24 train rows) and a small test YAML (tiny model, full fine-tuning, k=4)."""
-    from ivtlr_jax.data.synthetic import write_synthetic
-
-    root = tmp_path_factory.mktemp("train")
-    write_synthetic(str(root / "data"), n=24, n_eval=8, seed=0)
-    cfg = {"init": "auto-tiny", "data": "synthetic", "data_source": str(root / "data"), "epochs_per_stage": 1,
-           "max_latent_stage": 3, "k": 4, "finetune": "full", "lr": 1e-3, "batch_size": 8, "compute_dtype": "float32",
-           "max_length": 256, "mesh": "cpu", "log_every": 1, "save_every": 100, "keep": 5, "num_workers": 0,
-           "model": SMALL_MODEL}
-    path = root / "test.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return root, str(path)
-
-
-def records(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def losses(run_dir):
-    return [r for r in records(run_dir) if "loss" in r]
-
-
-def run_cli(args, devices=None):
-    """python -m experiments.train in a subprocess (simulated CPU devices set before JAX starts)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    proc = subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    return proc
-
-
-def trainable_of(run_dir, step):
-    from ivtlr_jax.train.checkpoints import read_checkpoint
-
-    state, meta = read_checkpoint(os.path.join(run_dir, "checkpoints", str(step)))
-    return state["trainable"], meta
+    return make_workdir(tmp_path_factory)
 
 
 def test_sharded_steps_match_one_device_and_stage2_cli(workdir):
@@ -68,6 +37,8 @@ def test_sharded_steps_match_one_device_and_stage2_cli(workdir):
         proc = run_cli(["--config", cfg, "--stage=2", f"--mesh={mesh}", "--data", "synthetic", "--max-steps", "2",
                         "--out", out], devices)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        first = error_lines(proc.stderr)[0]  # stage 2 from --init in a new RUN_DIR: said before anything else
+        assert first.startswith("note: ") and "no finished stage 1" in first, first
         runs[mesh] = out
     base = losses(runs["cpu"])
     assert [r["n_latent"] for r in base] == [2, 2]  # stage 2 batches carry 2 latent tokens
@@ -89,18 +60,6 @@ def test_wrong_preset_is_a_clear_error(workdir):
     assert "Traceback" not in proc.stderr
 
 
-def _tcfg(workdir, name, **kw):
-    from experiments.train import prepare_auto_tiny
-    from ivtlr_jax.config import TrainConfig
-
-    root, cfg = workdir
-    values = yaml.safe_load(open(cfg))
-    model = values.pop("model")
-    values.update(out=str(root / name), **kw)
-    tcfg = TrainConfig(**values)
-    prepare_auto_tiny(tcfg, model)
-    return tcfg
-
 
 def test_lora_trains_only_adapters_and_vision_is_frozen(workdir):
     import jax
@@ -109,7 +68,7 @@ def test_lora_trains_only_adapters_and_vision_is_frozen(workdir):
     from ivtlr_jax.models import spec as sp
     from ivtlr_jax.train import Trainer
 
-    tcfg = _tcfg(workdir, "lora", finetune="lora", lora_r=4, lora_alpha=8, stages=(1,), max_steps=2, lr=1e-2)
+    tcfg = train_config(workdir, "lora", finetune="lora", lora_r=4, lora_alpha=8, stages=(1,), max_steps=2, lr=1e-2)
     trainer = Trainer(tcfg)
     before = sp.flatten(jax.tree_util.tree_map(np.asarray, trainer.state.trainable))
     trainer.run()
@@ -122,7 +81,7 @@ def test_lora_trains_only_adapters_and_vision_is_frozen(workdir):
     assert set(after) == targets
     assert all(np.abs(after[n]).max() > 0 and np.abs(before[n]).max() == 0 for n in after if n.endswith("/b"))
 
-    full = Trainer(_tcfg(workdir, "full", stages=(0,), max_steps=2))
+    full = Trainer(train_config(workdir, "full", stages=(0,), max_steps=2))
     vision_before = jax.tree_util.tree_map(np.asarray, full.frozen)
     llm_before = jax.tree_util.tree_map(np.asarray, full.state.trainable)
     full.run()
@@ -139,11 +98,11 @@ def test_lora_trains_only_adapters_and_vision_is_frozen(workdir):
 def test_resume_reproduces_uninterrupted_run(workdir):
     from ivtlr_jax.train import train
 
-    straight = _tcfg(workdir, "straight", stages=(0, 1), max_steps=5)
+    straight = train_config(workdir, "straight", stages=(0, 1), max_steps=5)
     train(straight)
-    first = _tcfg(workdir, "resumed", stages=(0, 1), max_steps=3)
+    first = train_config(workdir, "resumed", stages=(0, 1), max_steps=3)
     train(first)
-    again = _tcfg(workdir, "resumed", stages=(0, 1), max_steps=5, resume=True)
+    again = train_config(workdir, "resumed", stages=(0, 1), max_steps=5, resume=True)
     summary = train(again)
     assert summary["step"] == 5
     want = {r["step"]: r["loss"] for r in losses(straight.out)}
@@ -156,16 +115,16 @@ def test_resume_reproduces_uninterrupted_run(workdir):
 def test_stage_from_previous_stage_checkpoint_and_missing_start(workdir):
     from ivtlr_jax.train import Trainer, train
 
-    tcfg = _tcfg(workdir, "stages", stages=(1,))
+    tcfg = train_config(workdir, "stages", stages=(1,))
     train(tcfg)
-    nxt = _tcfg(workdir, "stages", stages=(2,), max_steps=100)
+    nxt = train_config(workdir, "stages", stages=(2,), max_steps=100)
     nxt.init = None  # must come from stage 1's checkpoint (and the base recorded in it)
     trainer = Trainer(nxt)
     assert trainer.start_kind == "stage_end" and trainer.start_at == 1
     trainer.run()
     recs = [r for r in losses(nxt.out) if r["stage"] == 2]
     assert recs and all(r["n_latent"] == 2 for r in recs)
-    orphan = _tcfg(workdir, "orphan", stages=(3,))
+    orphan = train_config(workdir, "orphan", stages=(3,))
     orphan.init = None
     with pytest.raises(ValueError, match="--stage=3 needs a starting point"):
         Trainer(orphan)
@@ -186,7 +145,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypatch):
         return hb
 
     monkeypatch.setattr(Trainer, "host_batch", poisoned)
-    tcfg = _tcfg(workdir, "nan", stages=(0,), save_every=2)
+    tcfg = train_config(workdir, "nan", stages=(0,), save_every=2)
     trainer = Trainer(tcfg)
     with pytest.raises(TrainingStopped, match="non-finite loss"):
         trainer.run()
@@ -204,7 +163,7 @@ def test_merge_lora_export_loads_and_matches_adapted_model(workdir):
     from ivtlr_jax.train.export import export_trained_checkpoint, trainable_tree
     from ivtlr_jax.train.lora import apply_lora
 
-    tcfg = _tcfg(workdir, "merge", finetune="lora", lora_r=4, lora_alpha=8, stages=(0,), max_steps=2, lr=1e-2)
+    tcfg = train_config(workdir, "merge", finetune="lora", lora_r=4, lora_alpha=8, stages=(0,), max_steps=2, lr=1e-2)
     train(tcfg)
     ckpt = os.path.join(tcfg.out, "checkpoints", "2")
     dst = os.path.join(tcfg.out, "merged")
@@ -230,7 +189,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(workdir):
 
     root, cfg = workdir
     out = str(root / "sigterm")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = cli_env()
     proc = subprocess.Popen([sys.executable, "-m", "experiments.train", "--config", cfg, "--stages", "0-3",
                              "--out", out], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -246,3 +205,4 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(workdir):
     step = summary["step"]
     assert step < 12  # 3 steps per stage, 4 stages: it stopped early
     assert str(step) in os.listdir(os.path.join(out, "checkpoints"))
+

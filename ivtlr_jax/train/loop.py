@@ -1,13 +1,23 @@
-"""The multi-stage curriculum trainer: data, sharded steps, logging, checkpoints, signals, resume."""
+"""The multi-stage curriculum trainer: data, sharded steps, logging, checkpoints, signals, resume.
+
+The hot loop never waits on the host: batches are collated, laid out and put on the devices by a
+background thread two steps ahead (`prefetch.Prefetcher`); a step's metrics are read after the next
+step is dispatched (one step late), so the device is busy while the host logs; checkpoints are written
+asynchronously by orbax. In a multi-process run every process trains the same steps on its own rows,
+only process 0 writes metrics and plots, SIGTERM to any process stops all of them at the same step
+(JAX's preemption sync), and a process whose peer is gone exits with a clear line (`peers.PeerWatchdog`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import signal
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -16,7 +26,16 @@ from ivtlr_jax import sharding as sh
 from ivtlr_jax.config import TrainConfig
 from ivtlr_jax.latent import LatentBatch, make_latent_batch
 from ivtlr_jax.models import backbone_for
-from ivtlr_jax.train.checkpoints import RunCheckpoints
+from ivtlr_jax.train import peers
+from ivtlr_jax.train.checkpoints import (
+    PERIODIC_DIR,
+    STAGE_DIR,
+    RunCheckpoints,
+    UnreadableCheckpoint,
+    complete_steps,
+    read_meta,
+)
+from ivtlr_jax.train.prefetch import Prefetcher
 from ivtlr_jax.train.state import create_train_state
 from ivtlr_jax.train.step import compute_dtype, make_optimizer, make_train_step, model_flops
 
@@ -24,6 +43,13 @@ logger = logging.getLogger("ivtlr_jax.train")
 
 PEAK_TFLOPS = {"tpu v4": 275.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v6": 918.0,
                "h100": 989.0, "h200": 989.0, "a100": 312.0, "l4": 121.0}
+
+# Config fields that decide the training trajectory: a resumed run must have the values of the run it continues.
+TRAJECTORY_FIELDS = ("data", "train_split", "limit", "epochs_per_stage", "max_latent_stage", "pad_latent_to_max",
+                     "latent_markers", "k", "latent_text", "position_mode", "selection_order", "latent_grad",
+                     "finetune", "lora_r", "lora_alpha", "lora_dropout", "lr", "weight_decay", "beta1", "beta2",
+                     "clip", "warmup_steps", "schedule", "batch_size", "grad_accum", "compute_dtype", "max_length",
+                     "seed")
 
 
 class TrainingStopped(RuntimeError):
@@ -40,30 +66,165 @@ def peak_flops(tcfg: TrainConfig) -> float | None:
     return None
 
 
-def resolve_start(tcfg: TrainConfig, ckpts: RunCheckpoints, first_stage: int) -> tuple[str, int | None]:
-    """Where the first stage starts: ('resume', step) | ('stage_end', stage) | ('init', None)."""
+# ---------------------------------------------------------------------------------------- where to start
+@dataclasses.dataclass
+class StartPlan:
+    """Where a run starts, decided from RUN_DIR alone (no JAX, no orbax)."""
+
+    kind: str  # "resume" | "stage_end" | "init"
+    at: int | None = None  # resume: the checkpoint's step; stage_end: the finished stage
+    meta: dict | None = None  # resume / stage_end: that checkpoint's meta
+    step: int = 0  # the train step the run starts from
+    candidates: list = dataclasses.field(default_factory=list)  # resume: (step, meta), newest first
+    unreadable: list = dataclasses.field(default_factory=list)  # resume: (step, reason) of skipped ones
+    notice: str | None = None  # a line to say before anything else
+
+
+def requested_stages(tcfg: TrainConfig) -> list[int]:
+    return list(tcfg.stages) if tcfg.stages is not None else list(range(tcfg.max_latent_stage + 1))
+
+
+def _stage_where(meta: dict) -> str:
+    return f"at the start of stage {meta['stage']}" if meta.get("iterator") is None else f"in stage {meta['stage']}"
+
+
+def check_resumable(tcfg: TrainConfig, step: int, meta: dict) -> None:
+    """Refuse (ValueError) a checkpoint whose stage or config differs from the run that would continue it."""
+    stages = requested_stages(tcfg)
+    where = os.path.join(tcfg.out, PERIODIC_DIR, str(step))
+    stage = int(meta["stage"])
+    if stage not in stages:
+        span = f"stage {stages[0]}" if len(stages) == 1 else f"stages {stages[0]}-{stages[-1]}"
+        if stage > stages[-1]:
+            raise ValueError(f"--resume: the latest checkpoint ({where}) is {_stage_where(meta)}, past the {span} "
+                             f"this run trains; nothing is left to do (continue with --stage={stage} --resume)")
+        raise ValueError(f"--resume: the latest checkpoint ({where}) is {_stage_where(meta)}, but this run trains "
+                         f"{span}; finish stage {stage} first (--stages {stage}-{stages[-1]} --resume), or start "
+                         f"stage {stages[0]} in a new --out")
+    recorded = meta.get("train_config") or {}
+    now = tcfg.to_dict()
+    diffs = [f"{k} {recorded[k]!r} (checkpoint) vs {now[k]!r} (now)" for k in TRAJECTORY_FIELDS
+             if k in recorded and k in now and recorded[k] != now[k]]
+    init = tcfg.init
+    if init and os.path.isdir(init) and meta.get("init") and os.path.abspath(init) != meta["init"]:
+        diffs.append(f"init {meta['init']!r} (checkpoint) vs {os.path.abspath(init)!r} (now)")
+    if diffs:
+        raise ValueError(f"--resume: {where} was written by a run with another config: {'; '.join(diffs)}; "
+                         "pass the same values to continue it, or use a new --out")
+
+
+def plan_start(tcfg: TrainConfig) -> StartPlan:
+    """Decide where the run starts from what RUN_DIR holds; ValueError (one clear line) when it cannot.
+
+    --resume: the newest checkpoint whose meta reads (unreadable ones are listed and skipped), checked
+    against this run's stages and config. Otherwise stage N > 0 starts from RUN_DIR's finished stage
+    N-1, or from --init with a notice. A fresh start never writes into a RUN_DIR holding later
+    checkpoints of another run, so checkpoint steps stay monotonic within a RUN_DIR.
+    """
+    out = tcfg.out
+    stages = requested_stages(tcfg)
+    first = stages[0]
+    periodic = complete_steps(out, PERIODIC_DIR)
+    latest = periodic[-1] if periodic else None
     if tcfg.resume:
-        step = ckpts.latest_step()
-        if step is None:
-            where = os.path.join(tcfg.out, "checkpoints")
-            raise ValueError(f"--resume: no checkpoint in {where}; run without --resume")
-        return "resume", step
-    if first_stage > 0 and (first_stage - 1) in ckpts.finished_stages():
-        return "stage_end", first_stage - 1
-    if tcfg.init is None:
-        if first_stage > 0:
+        if not periodic:
+            raise ValueError(f"--resume: no checkpoint in {os.path.join(out, PERIODIC_DIR)}; run without --resume")
+        plan = StartPlan("resume")
+        for step in reversed(periodic):
+            try:
+                plan.candidates.append((step, read_meta(os.path.join(out, PERIODIC_DIR, str(step)))))
+            except UnreadableCheckpoint as e:
+                plan.unreadable.append((step, str(e)))
+        if not plan.candidates:
+            raise ValueError(f"--resume: no readable checkpoint in {os.path.join(out, PERIODIC_DIR)}: "
+                             + "; ".join(r for _, r in plan.unreadable))
+        plan.at, plan.meta = plan.candidates[0]
+        plan.step = int(plan.meta.get("step", plan.at))
+        check_resumable(tcfg, plan.at, plan.meta)
+    elif first > 0 and (first - 1) in complete_steps(out, STAGE_DIR):
+        folder = os.path.join(out, STAGE_DIR, str(first - 1))
+        try:
+            meta = read_meta(folder)
+        except UnreadableCheckpoint as e:
+            raise ValueError(f"--stage={first} starts from the finished stage {first - 1}, which is unreadable "
+                             f"({e}); give --init CKPT_DIR with a new --out") from None
+        plan = StartPlan("stage_end", first - 1, meta, step=int(meta.get("step", 0)))
+        if latest is not None and "step" in meta and latest > plan.step:
             raise ValueError(
-                f"--stage={first_stage} needs a starting point: --init CKPT_DIR, or a finished stage "
-                f"{first_stage - 1} in {os.path.join(tcfg.out, 'stage_ends')} (none found)"
-            )
-        raise ValueError("no --init CKPT_DIR given: convert a model with tools/convert_weights.py --add-latent-tokens")
-    return "init", None
+                f"{os.path.join(out, PERIODIC_DIR)} already holds step {latest}, past the end of stage {first - 1} "
+                f"(step {plan.step}): starting stage {first} again would write checkpoints out of order; continue "
+                "that run with --resume, or use a new --out")
+    else:
+        if tcfg.init is None:
+            if first > 0:
+                raise ValueError(f"--stage={first} needs a starting point: --init CKPT_DIR, or a finished stage "
+                                 f"{first - 1} in {os.path.join(out, STAGE_DIR)} (none found)")
+            raise ValueError("no --init CKPT_DIR given: convert a model with tools/convert_weights.py "
+                             "--add-latent-tokens")
+        plan = StartPlan("init")
+        if latest is not None:
+            try:
+                held = f" ({_stage_where(read_meta(os.path.join(out, PERIODIC_DIR, str(latest))))})"
+            except UnreadableCheckpoint:
+                held = ""
+            unfinished = f" and no finished stage {first - 1}" if first > 0 else ""
+            raise ValueError(
+                f"{os.path.join(out, PERIODIC_DIR)} already holds checkpoints up to step {latest}{held}{unfinished}; "
+                "this run would start again from --init at step 0 and number its checkpoints from 0. Continue "
+                "that run with --resume, or use a new --out")
+        if first > 0:
+            plan.notice = (f"note: {out} has no finished stage {first - 1} ({STAGE_DIR}/{first - 1}); stage {first} "
+                           f"starts from --init {tcfg.init} at step 0, without the training of stages 0-{first - 1}")
+    if tcfg.max_steps is not None and plan.step >= tcfg.max_steps:
+        src = {"resume": f"checkpoint step {plan.at}", "stage_end": f"the end of stage {plan.at}"}.get(plan.kind)
+        raise ValueError(f"--max-steps {tcfg.max_steps}: this run starts at step {plan.step} ({src}), so nothing is "
+                         f"left to train; --max-steps counts steps from the start of the curriculum, e.g. "
+                         f"--max-steps {plan.step + tcfg.max_steps} for {tcfg.max_steps} more")
+    return plan
+
+
+def resume_hint(out: str) -> str:
+    steps = complete_steps(out, PERIODIC_DIR)
+    if not steps:
+        return f"no checkpoint is complete yet in {os.path.join(out, PERIODIC_DIR)}"
+    return (f"restart every process with --resume: it continues from the last complete checkpoint, step {steps[-1]} "
+            f"in {os.path.join(out, PERIODIC_DIR)}")
+
+
+# ---------------------------------------------------------------------------------------- batches
+@dataclasses.dataclass
+class _Batch:
+    """One prepared step: this host's rows, the global device arrays and where the iterator stands after it."""
+
+    host: LatentBatch
+    arrays: LatentBatch
+    epoch: int
+    index: int  # step within the epoch
+    position: dict  # iterator state after this batch (what a checkpoint saved after it resumes from)
+    last: bool  # the stage's last batch
+    tokens: int  # real tokens of this host's rows
+    flops: float
+    rows: np.ndarray  # example indices of this host's rows (-1: filler)
+
+
+@dataclasses.dataclass
+class _Pending:
+    step: int
+    stage: int
+    batch: _Batch
+    metrics: Any  # device values, read one step later
 
 
 class Trainer:
-    """Holds the mesh, params, optimiser and data of one run; `run()` trains the requested stages."""
+    """Holds the mesh, params, optimiser and data of one run; `run()` trains the requested stages.
 
-    def __init__(self, tcfg: TrainConfig):
+    `plan` (from `plan_start`) is made here when not given; `watchdog` (a started `peers.PeerWatchdog`)
+    likewise in a multi-process run; `trace_rows` makes every process record the data rows of each
+    step in RUN_DIR/debug/rows.process_<i>.jsonl.
+    """
+
+    def __init__(self, tcfg: TrainConfig, *, plan: StartPlan | None = None, watchdog=None,
+                 peer_timeout_s: float = 60.0, trace_rows: bool = False, prefetch: int = 2):
         from transformers import AutoTokenizer
 
         from ivtlr_jax.convert.checkpoint import load_config
@@ -74,26 +235,32 @@ class Trainer:
         self.mesh = sh.make_mesh(tcfg.mesh)
         self.nproc, self.pid = jax.process_count(), jax.process_index()
         if tcfg.batch_size % self.nproc:
-            raise ValueError(f"batch_size={tcfg.batch_size} must divide over {self.nproc} hosts")
-        os.makedirs(tcfg.out, exist_ok=True)
-        self.ckpts = RunCheckpoints(tcfg.out, keep=tcfg.keep)
-        self.stages = list(tcfg.stages) if tcfg.stages is not None else list(range(tcfg.max_latent_stage + 1))
-        self.start_kind, self.start_at = resolve_start(tcfg, self.ckpts, self.stages[0])
+            raise ValueError(f"batch_size={tcfg.batch_size} must divide over {self.nproc} processes; use a multiple "
+                             f"of {self.nproc}")
+        self.stages = requested_stages(tcfg)
+        self.plan = plan if plan is not None else plan_start(tcfg)
+        if plan is None and self.plan.notice:
+            logger.warning(self.plan.notice)
+        self.start_kind, self.start_at = self.plan.kind, self.plan.at
         init = tcfg.init
-        if self.start_kind != "init" and init is None:
-            init = self._recorded_init()
+        if self.plan.meta is not None and (init is None or not os.path.isdir(init)):
+            init = self.plan.meta.get("init") or init
         if init is None or not os.path.isdir(init):
             raise ValueError(f"--init {init!r} is not a checkpoint folder")
         self.init = init
+        self.trace_rows, self.prefetch_depth = trace_rows, prefetch
+        self.watchdog = watchdog
+        if self.watchdog is None and self.nproc > 1:
+            self.watchdog = peers.PeerWatchdog(peer_timeout_s, resume_hint=lambda: resume_hint(tcfg.out)).start()
         self.cfg = load_config(init)
         self.bb = backbone_for(self.cfg)
         if self.cfg.latent_token_id is None and max(self.stages) > 0:
             raise ValueError(f"--init {init!r} has no <|latent|> token; convert it with --add-latent-tokens")
         self.lcfg = tcfg.latent()
-        self.tokenizer = AutoTokenizer.from_pretrained(init)
         dataset = load_split(tcfg.data, tcfg.train_split, source=tcfg.data_source)
         if tcfg.limit:
             dataset = dataset.select(range(min(tcfg.limit, len(dataset))))
+        self.tokenizer = AutoTokenizer.from_pretrained(init)
         self.image_options = ImageOptions(**self.bb.image_options())
         self.split = encode_split(dataset, self.tokenizer, self.image_options, prompt=self.bb.prompt,
                                   max_length=tcfg.max_length)
@@ -105,31 +272,51 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.split) / tcfg.batch_size)
         total = len(self.stages) * tcfg.epochs_per_stage * self.steps_per_epoch // tcfg.grad_accum
         self.tx, self.schedule = make_optimizer(tcfg, total)
+        os.makedirs(tcfg.out, exist_ok=True)
+        self.ckpts = RunCheckpoints(tcfg.out, keep=tcfg.keep)
         self.resume_meta = None
         restore = None
-        if self.start_kind in ("resume", "stage_end"):
+        if self.start_kind == "stage_end":
             def restore(like):
-                state, self.resume_meta = self.ckpts.restore(self.start_at, like, stage=self.start_kind == "stage_end")
+                state, self.resume_meta = self.ckpts.restore(self.start_at, like, stage=True)
                 return state
+        elif self.start_kind == "resume":
+            restore = self._restore_newest_readable
         self.state, self.frozen, self.state_report, self.layout = create_train_state(
             self.bb, tcfg, self.mesh, self.tx, self.dtype, init, restore_state=restore)
         self.state_sh, self.frozen_sh = self.layout.state_shardings, self.layout.frozen_shardings
+        self.start_step = int(self.state.step)  # read once; the loop counts on the host
         self._step = None
+        self._compiled: dict = {}
         self._stop_signal = None
         self.history: list[dict] = []
         self.metrics_path = os.path.join(tcfg.out, "metrics.jsonl")
+        self._metrics_file = None
 
     # ------------------------------------------------------------------ setup
-    def _recorded_init(self) -> str | None:
-        meta_src = None
-        if self.start_kind == "resume":
-            meta_src = os.path.join(self.tcfg.out, "checkpoints", str(self.start_at), "meta", "metadata")
-        elif self.start_kind == "stage_end":
-            meta_src = os.path.join(self.tcfg.out, "stage_ends", str(self.start_at), "meta", "metadata")
-        if meta_src and os.path.exists(meta_src):
-            with open(meta_src) as f:
-                return json.load(f).get("init")
-        return None
+    def _restore_newest_readable(self, like):
+        """Restore the newest checkpoint that reads on every process; damaged newer ones are named and set aside."""
+        skipped = list(self.plan.unreadable)
+        for i, (step, meta) in enumerate(self.plan.candidates):
+            if i:
+                check_resumable(self.tcfg, step, meta)
+            error, state = None, None
+            try:
+                state, meta = self.ckpts.restore(step, like)
+            except UnreadableCheckpoint as e:
+                error = str(e)
+            if not peers.all_agree(f"restore/{step}", error is None):
+                skipped.append((step, error or "unreadable on another process"))
+                continue
+            for bad, why in sorted(skipped, reverse=True):
+                if bad > step:
+                    dst = self.ckpts.set_aside(bad)
+                    logger.warning("checkpoint step %d is unreadable (%s); moved it to %s; resuming from step %d",
+                                   bad, why, dst, step)
+            self.start_at, self.resume_meta = step, meta
+            return state
+        raise ValueError(f"--resume: no readable checkpoint in {os.path.join(self.tcfg.out, PERIODIC_DIR)}: "
+                         + "; ".join(f"step {s}: {why}" for s, why in skipped))
 
     def step_fn(self):
         """The jitted train step (one compilation per batch shape and n)."""
@@ -138,6 +325,20 @@ class Trainer:
             self._step = jax.jit(fn, in_shardings=(self.state_sh, self.frozen_sh, None),
                                  out_shardings=(self.state_sh, sh.replicated(self.mesh)), donate_argnums=(0,))
         return self._step
+
+    def compiled_step(self, arrays: LatentBatch):
+        """The step compiled for this batch's shapes (and n), once. In a multi-process run every process finishes
+        compiling before any of them runs it: a peer that compiles for long (another process may have found
+        the program in the compilation cache) would otherwise miss the collectives' 30 s rendezvous."""
+        key = (jax.tree_util.tree_structure(arrays),
+               tuple((x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves(arrays)))
+        fn = self._compiled.get(key)
+        if fn is None:
+            fn = self.step_fn().lower(self.state, self.frozen, arrays).compile()
+            if self.nproc > 1:
+                peers.barrier(f"ivtlr_jax/compiled/{len(self._compiled)}")
+            self._compiled[key] = fn
+        return fn
 
     def host_batch(self, collated: dict) -> LatentBatch:
         """A collated numpy batch -> the checked LatentBatch (this host's rows)."""
@@ -148,8 +349,61 @@ class Trainer:
         hb = self.host_batch(collated)
         return hb, sh.host_batch_to_global(self.mesh, hb)
 
+    def iterator(self, stage: int):
+        """This process's BatchIterator over the epochs of `stage` (its rows of every global batch)."""
+        from ivtlr_jax.data import BatchIterator
+
+        tcfg = self.tcfg
+        return BatchIterator(self.split, batch_size=tcfg.batch_size // self.nproc,
+                             latent_id=self.cfg.latent_token_id if self.cfg.latent_token_id is not None else -1,
+                             pad_id=self.tokenizer.pad_token_id, curriculum=self.curriculum, seed=tcfg.seed,
+                             num_epochs=(stage + 1) * tcfg.epochs_per_stage,
+                             start_epoch=stage * tcfg.epochs_per_stage, process_index=self.pid,
+                             process_count=self.nproc, num_workers=tcfg.num_workers,
+                             start_latent_id=self.cfg.start_latent_token_id,
+                             end_latent_id=self.cfg.end_latent_token_id, image_options=self.image_options)
+
+    @staticmethod
+    def _position_for(saved: dict, it) -> dict:
+        """A saved iterator position for this iterator: the position is global, so a run with another process
+        count but the same global batch continues from it."""
+        saved = dict(saved)
+        if saved.get("batch_size", it.batch_size) * saved.get("process_count", it.process_count) \
+                == it.global_batch_size:
+            saved["batch_size"], saved["process_count"] = it.batch_size, it.process_count
+        return saved
+
+    def _positions(self, it):
+        """(collated, epoch, index, position after, last of stage) for each batch (runs in the prefetch thread)."""
+        while True:
+            epoch, index = it.epoch, it.step
+            try:
+                collated = next(it)
+            except StopIteration:
+                return
+            after = it.state_dict()
+            yield collated, epoch, index, after, it.num_epochs is not None and after["epoch"] >= it.num_epochs
+
+    def _prepare(self, item) -> _Batch:
+        collated, epoch, index, after, last = item
+        hb = self.host_batch(collated)
+        arrays = sh.host_batch_to_global(self.mesh, hb)
+        rows = np.asarray(collated.get("example_index", np.full(hb.batch_size, -1)))
+        return _Batch(hb, arrays, epoch, index, after, last, hb.num_tokens(), model_flops(self.bb, self.tcfg, arrays),
+                      rows)
+
     # ------------------------------------------------------------------ signals
     def _install_signals(self):
+        """SIGTERM/SIGINT: checkpoint at the current step and exit. Several processes: SIGTERM is left to JAX's
+        preemption notifier (every process stops at the same step); SIGINT is turned into SIGTERM."""
+        if self.nproc > 1:
+            def to_sigterm(signum, _frame):
+                logger.warning("signal %d: passing it on as SIGTERM (all processes stop at the same step)", signum)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+            self._old = {signal.SIGINT: signal.signal(signal.SIGINT, to_sigterm)}
+            return
+
         def handler(signum, _frame):
             self._stop_signal = signum
             logger.warning("signal %d: saving a checkpoint after this step, then exiting", signum)
@@ -160,25 +414,43 @@ class Trainer:
         for s, h in getattr(self, "_old", {}).items():
             signal.signal(s, h)
 
-    # ------------------------------------------------------------------ run
-    def _meta(self, stage: int, iterator) -> dict:
-        return {"stage": stage, "iterator": iterator.state_dict() if iterator is not None else None,
-                "init": os.path.abspath(self.init), "finetune": self.tcfg.finetune,
-                "lora_r": self.tcfg.lora_r, "lora_alpha": self.tcfg.lora_alpha,
-                "train_config": self.tcfg.to_dict()}
+    def _stop_requested(self, step: int) -> str | None:
+        if self.nproc > 1 and self._stop_signal is None and peers.reached_preemption_point(step):
+            self._stop_signal = int(signal.SIGTERM)
+        return None if self._stop_signal is None else f"signal {self._stop_signal}"
+
+    # ------------------------------------------------------------------ records
+    def _meta(self, stage: int, position: dict | None, step: int) -> dict:
+        return {"stage": stage, "iterator": position, "step": int(step), "init": os.path.abspath(self.init),
+                "finetune": self.tcfg.finetune, "lora_r": self.tcfg.lora_r, "lora_alpha": self.tcfg.lora_alpha,
+                "process_count": self.nproc, "train_config": self.tcfg.to_dict()}
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
-        if self.pid == 0:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if getattr(self, "_tb", None) is not None:
-                for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                    if record.get(k) is not None:
-                        self._tb.add_scalar(f"train/{k}", record[k], record["step"])
+        if self.pid != 0:
+            return
+        if self._metrics_file is None:
+            self._metrics_file = open(self.metrics_path, "a")
+        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.flush()
+        if getattr(self, "_tb", None) is not None:
+            for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                if record.get(k) is not None:
+                    self._tb.add_scalar(f"train/{k}", record[k], record["step"])
+
+    def _trace(self, step: int, batch: _Batch) -> None:
+        if not self.trace_rows:
+            return
+        folder = os.path.join(self.tcfg.out, "debug")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"rows.process_{self.pid}.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "process": self.pid, "epoch": batch.epoch,
+                                "rows": [int(r) for r in batch.rows]}) + "\n")
 
     def _open_tensorboard(self):
         self._tb = None
+        if self.pid != 0:
+            return
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
@@ -191,105 +463,138 @@ class Trainer:
         except Exception:
             self._tb = None
 
-    def run(self) -> dict:
-        """Train the stages; returns {"stages": {s: {...}}, "stopped": reason or None, "step": n}."""
+    def _finish_step(self, p: _Pending, bar, losses: list) -> None:
+        """Read a dispatched step's metrics (the device is already busy with the next one) and record them."""
+        values = jax.device_get(p.metrics)
+        now = time.perf_counter()
+        dt, self._t_done = now - self._t_done, now
+        loss = float(values["loss"])
+        if not math.isfinite(loss):
+            where = os.path.join(self.tcfg.out, PERIODIC_DIR)
+            last = f"step {self._last_saved}" if self._last_saved is not None else "none yet"
+            msg = f"non-finite loss {loss} at step {p.step} (stage {p.stage})"
+            logger.error("%s; stopping. The last good checkpoint (%s) is kept in %s", msg, last, where)
+            raise TrainingStopped(f"{msg}; the last good checkpoint ({last}) is kept in {where}")
+        losses.append(loss)
+        b = p.batch
+        tokens = b.tokens * self.nproc
+        record = {"step": p.step, "stage": p.stage, "epoch": b.epoch, "loss": loss, "lr": float(values["lr"]),
+                  "grad_norm": float(values["grad_norm"]), "n_latent": b.host.n, "tokens": tokens,
+                  "tokens_per_s": tokens / dt, "step_time_s": dt,
+                  "mfu": (b.flops / dt / (self._peak * self._ndev)) if (b.flops and self._peak) else None}
+        self._log(record)
+        self._trace(p.step, b)
+        bar.update(1)
+        if p.step % self.tcfg.log_every == 0:
+            self.ckpts.poll()  # a failed asynchronous checkpoint write surfaces here, not much later
+            if self.pid == 0:
+                from tqdm.auto import tqdm
+
+                bar.set_postfix(loss=f"{loss:.4f}", epoch=b.epoch)
+                mfu = f" mfu {record['mfu']:.3f}" if record["mfu"] is not None else ""
+                tqdm.write(f"step {p.step} stage {p.stage} loss {loss:.4f} lr {record['lr']:.2e} "
+                           f"grad_norm {record['grad_norm']:.3f} tokens/s {record['tokens_per_s']:.0f} "
+                           f"step {dt:.3f}s{mfu}")
+
+    # ------------------------------------------------------------------ run
+    def _run_stage(self, stage: int, position: dict | None, step: int) -> tuple[int, list, bool, str | None]:
+        """Train one stage from `position` (None: its start); (step, losses, stage finished, stop reason)."""
         from tqdm.auto import tqdm
 
-        from ivtlr_jax.data import BatchIterator
-
         tcfg = self.tcfg
-        resume_meta = self.resume_meta
-        if resume_meta is not None:
-            logger.info("restored %s %s (step %d)", self.start_kind, self.start_at, int(self.state.step))
-        self._log({"event": "state", "step": int(self.state.step), "finetune": tcfg.finetune,
-                   "mesh": sh.describe(self.mesh), **self.state_report})
+        it = self.iterator(stage)
+        if position:
+            it.load_state_dict(self._position_for(position, it))
+        done = (it.epoch - stage * tcfg.epochs_per_stage) * it.steps_per_epoch + it.step
+        bar = tqdm(total=tcfg.epochs_per_stage * it.steps_per_epoch, initial=done, desc=f"stage {stage}",
+                   disable=self.pid != 0, leave=False)
+        feed = Prefetcher(self._positions(it), self._prepare, depth=self.prefetch_depth)
+        losses: list[float] = []
+        pending, finished, stop = None, False, None
+        self._t_done = time.perf_counter()
+        try:
+            for b in feed:
+                self.state, metrics = self.compiled_step(b.arrays)(self.state, self.frozen, b.arrays)
+                step += 1
+                if pending is not None:
+                    self._finish_step(pending, bar, losses)
+                pending = _Pending(step, stage, b, metrics)
+                finished = b.last
+                at_max = tcfg.max_steps is not None and step >= tcfg.max_steps
+                stop = "max_steps" if at_max else self._stop_requested(step)
+                if b.last:  # the stage's end saves (after the loop)
+                    if stop:
+                        break
+                    continue
+                if stop or step % tcfg.save_every == 0:
+                    self._finish_step(pending, bar, losses)  # never checkpoint a state whose loss was not seen
+                    pending = None
+                    self.ckpts.save(step, self.state, self._meta(stage, b.position, step))
+                    self._last_saved = step
+                if stop:
+                    break
+            if pending is not None:
+                self._finish_step(pending, bar, losses)
+        finally:
+            feed.close()
+            it.close()
+            bar.close()
+        return step, losses, finished, stop
+
+    def run(self) -> dict:
+        """Train the stages; returns {"stages": {s: {...}}, "stopped": reason or None, "step": n}."""
+        tcfg = self.tcfg
+        step = self.start_step
+        if self.resume_meta is not None:
+            logger.info("restored %s %s (step %d)", self.start_kind, self.start_at, step)
+        self._log({"event": "state", "step": step, "finetune": tcfg.finetune, "mesh": sh.describe(self.mesh),
+                   "processes": self.nproc, "start": self.start_kind, "start_at": self.start_at,
+                   **self.state_report})
         stages = self.stages
         if self.start_kind == "resume":
-            stages = [s for s in stages if s >= resume_meta["stage"]]
+            stages = [s for s in stages if s >= self.resume_meta["stage"]]
         self._open_tensorboard()
         self._install_signals()
-        peak = peak_flops(tcfg)
-        ndev = self.mesh.devices.size
-        summary = {"stages": {}, "stopped": None}
-        last_saved = int(self.state.step)
+        self._peak, self._ndev = peak_flops(tcfg), self.mesh.devices.size
+        summary: dict = {"stages": {}, "stopped": None}
+        self._last_saved = step if self.start_kind != "init" else None
+        failure = None
         try:
             for stage in stages:
-                it = BatchIterator(self.split, batch_size=tcfg.batch_size // self.nproc,
-                                   latent_id=self.cfg.latent_token_id if self.cfg.latent_token_id is not None else -1,
-                                   pad_id=self.tokenizer.pad_token_id, curriculum=self.curriculum, seed=tcfg.seed,
-                                   num_epochs=(stage + 1) * tcfg.epochs_per_stage,
-                                   start_epoch=stage * tcfg.epochs_per_stage, process_index=self.pid,
-                                   process_count=self.nproc, num_workers=tcfg.num_workers,
-                                   start_latent_id=self.cfg.start_latent_token_id,
-                                   end_latent_id=self.cfg.end_latent_token_id, image_options=self.image_options)
-                if resume_meta is not None and self.start_kind == "resume" and resume_meta["stage"] == stage \
-                        and resume_meta.get("iterator"):
-                    it.load_state_dict(resume_meta["iterator"])
-                stage_losses = []
-                bar, bar_epoch = None, None
-                for batch in it:
-                    epoch = it.epoch if it.step else it.epoch - 1  # epoch of the batch just returned
-                    if bar_epoch != epoch:
-                        if bar is not None:
-                            bar.close()
-                        done = it.step - 1 if it.step else self.steps_per_epoch - 1
-                        bar = tqdm(total=it.steps_per_epoch, initial=done, desc=f"stage {stage} epoch {epoch}",
-                                   disable=self.pid != 0, leave=False)
-                        bar_epoch = epoch
-                    t0 = time.perf_counter()
-                    hb, arrays = self.device_batch(batch)
-                    flops = model_flops(self.bb, tcfg, arrays)
-                    self.state, metrics = self.step_fn()(self.state, self.frozen, arrays)
-                    loss = float(metrics["loss"])
-                    dt = time.perf_counter() - t0
-                    step = int(self.state.step)
-                    tokens = hb.num_tokens()
-                    bar.update(1)
-                    if not math.isfinite(loss):
-                        summary["stopped"] = f"non-finite loss {loss} at step {step} (stage {stage})"
-                        logger.error("%s; stopping. The last good checkpoint (step %d) is kept in %s",
-                                     summary["stopped"], last_saved, os.path.join(tcfg.out, "checkpoints"))
-                        raise TrainingStopped(summary["stopped"])
-                    stage_losses.append(loss)
-                    record = {"step": step, "stage": stage, "epoch": epoch, "loss": loss,
-                              "lr": float(metrics["lr"]), "grad_norm": float(metrics["grad_norm"]),
-                              "n_latent": hb.n, "tokens": tokens * self.nproc,
-                              "tokens_per_s": tokens * self.nproc / dt, "step_time_s": dt,
-                              "mfu": (flops / dt / (peak * ndev)) if (flops and peak) else None}
-                    self._log(record)
-                    bar.set_postfix(loss=f"{loss:.4f}")
-                    if step % tcfg.log_every == 0 and self.pid == 0:
-                        mfu = f" mfu {record['mfu']:.3f}" if record["mfu"] is not None else ""
-                        tqdm.write(f"step {step} stage {stage} loss {loss:.4f} lr {record['lr']:.2e} "
-                                   f"grad_norm {record['grad_norm']:.3f} tokens/s {record['tokens_per_s']:.0f} "
-                                   f"step {dt:.3f}s{mfu}")
-                    at_max = tcfg.max_steps is not None and step >= tcfg.max_steps
-                    if step % tcfg.save_every == 0 or at_max or self._stop_signal is not None:
-                        self.ckpts.save(step, self.state, self._meta(stage, it))
-                        last_saved = step
-                    if at_max or self._stop_signal is not None:
-                        summary["stopped"] = "max_steps" if at_max else f"signal {self._stop_signal}"
-                        break
-                if bar is not None:
-                    bar.close()
-                it.close()
-                summary["stages"][stage] = {"first_loss": stage_losses[0] if stage_losses else None,
-                                            "last_loss": float(np.mean(stage_losses[-max(1, len(stage_losses) // 10):]))
-                                            if stage_losses else None, "steps": len(stage_losses),
-                                            "n_latent": min(stage, tcfg.max_latent_stage)}
-                if summary["stopped"]:
+                position = None
+                if self.start_kind == "resume" and self.resume_meta["stage"] == stage:
+                    position = self.resume_meta.get("iterator")
+                step, losses, finished, stop = self._run_stage(stage, position, step)
+                summary["stages"][stage] = {
+                    "first_loss": losses[0] if losses else None,
+                    "last_loss": float(np.mean(losses[-max(1, len(losses) // 10):])) if losses else None,
+                    "steps": len(losses), "n_latent": min(stage, tcfg.max_latent_stage)}
+                if finished:
+                    self.ckpts.save_stage_end(stage, self.state, self._meta(stage, None, step))
+                    if step != self._last_saved:
+                        self.ckpts.save(step, self.state, self._meta(stage + 1, None, step))
+                        self._last_saved = step
+                if stop:
+                    summary["stopped"] = stop
                     break
-                self.ckpts.save_stage_end(stage, self.state, self._meta(stage, None))
-                step = int(self.state.step)
-                if step != last_saved:
-                    self.ckpts.save(step, self.state, self._meta(stage + 1, None))
-                    last_saved = step
+            self.ckpts.wait()  # a failed asynchronous write raises here at the latest
+        except BaseException as e:
+            failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            try:
+                self.ckpts.wait()
+            except Exception:
+                pass  # already failing: the first error is the one to report
+            raise
         finally:
-            self.ckpts.wait()
             self._restore_signals()
             if getattr(self, "_tb", None) is not None:
                 self._tb.close()
-        summary["step"] = int(self.state.step)
+            if self._metrics_file is not None:
+                self._metrics_file.close()
+                self._metrics_file = None
+            if self.watchdog is not None:
+                self.watchdog.stop(failed=failure)
+        summary["step"] = step
         self.plot_losses()
         return summary
 
@@ -323,6 +628,6 @@ class Trainer:
         return path
 
 
-def train(tcfg: TrainConfig) -> dict:
-    """Build a Trainer and run it."""
-    return Trainer(tcfg).run()
+def train(tcfg: TrainConfig, **kwargs) -> dict:
+    """Build a Trainer and run it (keyword arguments go to Trainer)."""
+    return Trainer(tcfg, **kwargs).run()
