@@ -78,8 +78,9 @@ def index_to_letter(index: int, num_choices: int | None = None) -> str:
     return string.ascii_uppercase[index]
 
 
-def format_question(question: str, choices: Sequence[str]) -> str:
-    """The user text: "[Question]:{q}\\n[Options]:\\n(A).{c0}\\n(B).{c1}...\\nAnswer:\\n"."""
+def _question_block(question: str, choices: Sequence[str], image_text: str = "") -> str:
+    """The question and its options: [Question]:{<image_text>q}, [Options]:, (A).{c0} ... one per line, each
+    line ending in a newline; the inputs checked."""
     if not isinstance(question, str):
         raise ValueError(f"question must be a string, got {type(question).__name__}: {question!r}")
     if not 1 <= len(choices) <= MAX_CHOICES:
@@ -87,7 +88,12 @@ def format_question(question: str, choices: Sequence[str]) -> str:
     options = "\n".join(
         f"({string.ascii_uppercase[i]}).{{{str(choice).strip()}}}" for i, choice in enumerate(choices)
     )
-    return f"[Question]:{{{question.strip()}}}\n[Options]:\n{options}\nAnswer:\n"
+    return f"[Question]:{{{image_text}{question.strip()}}}\n[Options]:\n{options}\n"
+
+
+def format_question(question: str, choices: Sequence[str]) -> str:
+    """The user text: "[Question]:{q}\\n[Options]:\\n(A).{c0}\\n(B).{c1}...\\nAnswer:\\n"."""
+    return _question_block(question, choices) + "Answer:\n"
 
 
 def answer_text(answer: str, answer_format: str = "letter") -> str:
@@ -102,14 +108,7 @@ def answer_text(answer: str, answer_format: str = "letter") -> str:
 
 def format_plain_question(question: str, choices: Sequence[str], image_text: str) -> str:
     """The release's Chameleon prompt: "[Question]:{<image>question}\n[Options]:\n(A).{c0}...\nAnswer:"."""
-    if not isinstance(question, str):
-        raise ValueError(f"question must be a string, got {type(question).__name__}: {question!r}")
-    if not 1 <= len(choices) <= MAX_CHOICES:
-        raise ValueError(f"choices must hold 1..{MAX_CHOICES} options, got {len(choices)}: {choices!r}")
-    options = "\n".join(
-        f"({string.ascii_uppercase[i]}).{{{str(choice).strip()}}}" for i, choice in enumerate(choices)
-    )
-    return f"[Question]:{{{image_text}{question.strip()}}}\n[Options]:\n{options}\nAnswer:"
+    return _question_block(question, choices, image_text) + "Answer:"
 
 
 def prompt_text(tokenizer, question: str, choices: Sequence[str], fmt=None, chat_template: str | None = None) -> str:
