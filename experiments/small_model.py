@@ -39,27 +39,33 @@ def small_hf_config(vocab: int = 8192, hidden: int = 512, layers: int = 8):
     )
 
 
-def small_models(workdir: str, attn: str = "eager", seed: int = 0, vocab: int = 8192, hidden: int = 512,
-                 layers: int = 8, dtype: str = "float32"):
-    """(torch model in float32, IVTLRModel) with the same random weights; the JAX side knows <|latent|>."""
+def _paired_models(model_class, cfg, latent_id: int, workdir: str, attn: str, seed: int, dtype: str):
+    """(torch model, IVTLRModel) with the same random weights (built, saved, converted); JAX knows <|latent|>."""
     import dataclasses
 
     import torch
-    from transformers import Qwen2VLForConditionalGeneration
 
     from ivtlr_jax import IVTLRModel
     from ivtlr_jax.convert import convert_hf_to_checkpoint
 
-    cfg = small_hf_config(vocab, hidden, layers)
     cfg._attn_implementation = attn
     torch.manual_seed(seed)
-    hf = Qwen2VLForConditionalGeneration(cfg).eval()
+    hf = model_class(cfg).eval()
     hf_dir, ckpt = os.path.join(workdir, "hf"), os.path.join(workdir, "ckpt")
     hf.save_pretrained(hf_dir)
     convert_hf_to_checkpoint(hf_dir, ckpt, dtype=dtype, verbose=False)
     m = IVTLRModel.from_pretrained(ckpt, dtype=dtype)
-    m.config = dataclasses.replace(m.config, latent_token_id=special_ids(vocab)["latent"])
+    m.config = dataclasses.replace(m.config, latent_token_id=latent_id)
     return hf, m
+
+
+def small_models(workdir: str, attn: str = "eager", seed: int = 0, vocab: int = 8192, hidden: int = 512,
+                 layers: int = 8, dtype: str = "float32"):
+    """(torch Qwen2-VL in float32, IVTLRModel) with the same random weights; the JAX side knows <|latent|>."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return _paired_models(Qwen2VLForConditionalGeneration, small_hf_config(vocab, hidden, layers),
+                          special_ids(vocab)["latent"], workdir, attn, seed, dtype)
 
 
 def prompt_batch(batch: int, n_latent: int = 0, text_len: int = 128, tail: int = 0, seed: int = 0,
@@ -122,24 +128,10 @@ def small_chameleon_config(vocab: int = 8192, hidden: int = 512, layers: int = 8
 def small_chameleon_models(workdir: str, attn: str = "eager", seed: int = 0, vocab: int = 8192, hidden: int = 512,
                            layers: int = 8, dtype: str = "float32"):
     """(torch Chameleon in float32, IVTLRModel) with the same random weights; the JAX side knows <|latent|>."""
-    import dataclasses
-
-    import torch
     from transformers import ChameleonForConditionalGeneration
 
-    from ivtlr_jax import IVTLRModel
-    from ivtlr_jax.convert import convert_hf_to_checkpoint
-
-    cfg = small_chameleon_config(vocab, hidden, layers)
-    cfg._attn_implementation = attn
-    torch.manual_seed(seed)
-    hf = ChameleonForConditionalGeneration(cfg).eval()
-    hf_dir, ckpt = os.path.join(workdir, "hf"), os.path.join(workdir, "ckpt")
-    hf.save_pretrained(hf_dir)
-    convert_hf_to_checkpoint(hf_dir, ckpt, dtype=dtype, verbose=False)
-    m = IVTLRModel.from_pretrained(ckpt, dtype=dtype)
-    m.config = dataclasses.replace(m.config, latent_token_id=chameleon_ids(vocab)["latent"])
-    return hf, m
+    return _paired_models(ChameleonForConditionalGeneration, small_chameleon_config(vocab, hidden, layers),
+                          chameleon_ids(vocab)["latent"], workdir, attn, seed, dtype)
 
 
 def chameleon_prompt_batch(batch: int, n_latent: int = 0, text_len: int = 128, tail: int = 0, seed: int = 0,

@@ -339,8 +339,7 @@ def run_training(args, tcfg, yaml_values) -> dict:
         print(plan.notice, file=sys.stderr, flush=True)
     if plan.meta is not None and tcfg.init == AUTO_TINY:
         tcfg.init = None  # continue with the model the run recorded
-    if hasattr(sh, "apply_xla_flags"):
-        sh.apply_xla_flags(tcfg.mesh)  # before JAX starts its backend
+    sh.apply_xla_flags(tcfg.mesh)  # before JAX starts its backend
     sh.maybe_initialize_distributed(tcfg.mesh, coordinator_address=args.coordinator,
                                     num_processes=args.num_processes, process_id=args.process_id,
                                     heartbeat_timeout_s=max(100, int(2 * args.peer_timeout)))

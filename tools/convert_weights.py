@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "grow the embedding (and untied head) with rows initialised from the token '<<'")
     parser.add_argument("--to-hf", action="store_true",
                         help="export an ivtlr_jax checkpoint (--src) to a Hugging Face folder (--dst) that "
-                             "Qwen2VLForConditionalGeneration.from_pretrained loads")
+                             "transformers loads (Qwen2VLForConditionalGeneration or "
+                             "ChameleonForConditionalGeneration)")
     parser.add_argument("--max-shard-gb", type=float, default=5.0,
                         help="with --to-hf: largest safetensors file in GiB before sharding with an index (default 5)")
     parser.add_argument("--merge-lora", metavar="RUN_DIR/CKPT",
