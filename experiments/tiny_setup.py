@@ -11,6 +11,9 @@ import os
 import shutil
 import tempfile
 
+import jax
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_DIR = os.path.join(HERE, "configs")
 AUTO_TINY = "auto-tiny"  # `init:` value that builds the tiny random model into RUN_DIR/init
@@ -19,7 +22,7 @@ TINY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, n
                   num_key_value_heads=2, mrope_section=(4, 6, 6), rope_theta=10000.0)
 TINY_VISION = dict(depth=2, embed_dim=64, num_heads=2, mlp_ratio=2)
 # Chameleon: a 64x64 VQ tokenizer with 4 levels (8x8 = 64 codes per image, about the 100 image tokens of the
-# tiny Qwen2-VL) and a 256-entry codebook.
+# tiny Qwen2-VL) and a 256-entry codebook, fitted to the training pictures by `tiny_vq_tokenizer`.
 TINY_CHAMELEON = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                       num_key_value_heads=2)
 TINY_VQ = dict(embed_dim=16, num_embeddings=256, latent_channels=16, resolution=64, base_channels=32,
@@ -58,11 +61,67 @@ def _tiny_chameleon(corpus, vocab_size, model, vq):
     return tok, cfg
 
 
+def _kmeans(points: np.ndarray, weights: np.ndarray, centres: np.ndarray, iters: int) -> np.ndarray:
+    """Weighted Lloyd iterations from the given centres; a centre that loses all its points stays put."""
+    for _ in range(iters):
+        d = (points**2).sum(1)[:, None] - 2 * points @ centres.T + (centres**2).sum(1)[None]
+        nearest = d.argmin(1)
+        mass = np.bincount(nearest, weights, len(centres))
+        sums = np.zeros_like(centres)
+        np.add.at(sums, nearest, points * weights[:, None])
+        moved = mass > 0
+        centres[moved] = sums[moved] / mass[moved, None]
+    return centres
+
+
+def tiny_vq_tokenizer(params, cfg, images=(), seed: int = 0, iters: int = 15):
+    """Give the tiny random Chameleon a VQ tokenizer whose codes tell the pictures' colours apart.
+
+    Chameleon's real tokenizer is trained to reconstruct images, so its codes carry what is in them; a
+    random one does not: every GroupNorm-conv residual branch stacked on the pixels scrambles them, and
+    random codebook entries split that output arbitrarily. A logistic probe on each picture's code counts
+    (800 warm-up training pictures, 200 held out) finds the dominant colour 37% of the time with a random
+    tokenizer (chance 25%), 61% with the first change below, 71% with both. Two standard initialisations,
+    no decoder training:
+    - each encoder residual block's last conv starts at zero (identity-at-init residual branches), so
+      the encoder is conv_in, the stride-2 convs and the output head: random but close to linear in
+      the pixels;
+    - the codebook is the k-means of the encoder's outputs over `images` (the training split's
+      pictures), as VQ-VAE codebooks are often initialised from data. Without images it stays random.
+    """
+    from ivtlr_jax.data.images import chameleon_pixels, decode_image
+    from ivtlr_jax.models.chameleon import encode_latents
+
+    def identity_branch(block):
+        c = block.conv2
+        return block.replace(conv2=c.replace(kernel=np.zeros_like(c.kernel), bias=np.zeros_like(c.bias)))
+
+    enc = params.vq.encoder
+    enc = enc.replace(down=tuple(lv.replace(blocks=tuple(identity_branch(b) for b in lv.blocks)) for lv in enc.down),
+                      mid_block_1=identity_branch(enc.mid_block_1), mid_block_2=identity_branch(enc.mid_block_2))
+    vq = params.vq.replace(encoder=enc)
+    if len(images):
+        r = cfg.vq.resolution
+        pixels = np.stack([chameleon_pixels(decode_image(im), r) for im in images])
+        latents = jax.jit(encode_latents)
+        z = np.concatenate([np.asarray(latents(vq, pixels[i:i + 64])) for i in range(0, len(pixels), 64)])
+        points, counts = np.unique(z.reshape(-1, z.shape[-1]), axis=0, return_counts=True)
+        book = np.array(vq.codebook, np.float32)
+        k = min(len(book), len(points))
+        rng = np.random.default_rng(seed)
+        book[:k] = points[rng.choice(len(points), k, replace=False)]  # distinct starting centres
+        book[:k] = _kmeans(points, counts.astype(np.float32), book[:k], iters)
+        vq = vq.replace(codebook=book.astype(np.asarray(vq.codebook).dtype))
+    return params.replace(vq=vq)
+
+
 def make_tiny_checkpoint(out_dir: str, corpus: list[str] | None = None, vocab_size: int = 768, seed: int = 0,
-                         model: dict | None = None, vision: dict | None = None, backbone: str = "qwen2_vl") -> str:
+                         model: dict | None = None, vision: dict | None = None, backbone: str = "qwen2_vl",
+                         images=()) -> str:
     """Write HF_DIR (out_dir/hf) and the converted CKPT_DIR (out_dir/init); return CKPT_DIR.
 
-    backbone "chameleon" builds a tiny Chameleon (`vision` then overrides the VQ tokenizer's sizes).
+    backbone "chameleon" builds a tiny Chameleon (`vision` then overrides the VQ tokenizer's sizes); its VQ
+    codebook is fitted to `images` (see `tiny_vq_tokenizer`).
     """
     from ivtlr_jax.convert import convert_hf_to_checkpoint, export_checkpoint_to_hf, save_checkpoint
     from ivtlr_jax.models import backbone_for
@@ -77,7 +136,10 @@ def make_tiny_checkpoint(out_dir: str, corpus: list[str] | None = None, vocab_si
     for d in (hf_dir, init_dir):
         shutil.rmtree(d, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, cfg, backbone_for(cfg).random_params(seed), overwrite=True)
+        params = backbone_for(cfg).random_params(seed)
+        if backbone == "chameleon":
+            params = tiny_vq_tokenizer(params, cfg, images, seed)
+        save_checkpoint(tmp, cfg, params, overwrite=True)
         tok.save_pretrained(tmp)
         export_checkpoint_to_hf(tmp, hf_dir, verbose=False)
     convert_hf_to_checkpoint(hf_dir, init_dir, dtype="float32", add_latent_tokens=True)
@@ -114,5 +176,7 @@ def prepare_auto_tiny(tcfg, model: dict | None = None) -> None:
         model = dict(model or {})
         vision = model.pop("vision", None)
         backbone = model.pop("backbone", "qwen2_vl")
-        make_tiny_checkpoint(tcfg.out, corpus=corpus, model=model, vision=vision, seed=tcfg.seed, backbone=backbone)
+        images = rows["image"] if backbone == "chameleon" else ()
+        make_tiny_checkpoint(tcfg.out, corpus=corpus, model=model, vision=vision, seed=tcfg.seed, backbone=backbone,
+                             images=images)
     tcfg.init = init

@@ -251,3 +251,38 @@ def test_train_then_evaluate_end_to_end(tmp_path):
         assert rows[0]["prompt"].startswith("<s>[Question]:{<racm3:break><image>x64<eoss>")
         assert rows[0]["prompt"].rstrip().endswith("Answer:")
     assert len(os.listdir(tmp_path / "sel")) == 1  # the chosen codes drawn over the 64x64 crop
+
+
+def test_embedded_default_vq_codebook_is_fitted_to_the_pictures():
+    """The tiny default's tokenizer: identity residual branches and a k-means codebook over the encoder's
+    outputs, so that solid colours get different codes (a random codebook lumps most pixels together)."""
+    import jax
+
+    from experiments.tiny_setup import _tiny_chameleon, tiny_vq_tokenizer
+    from ivtlr_jax.models import backbone_for
+    from ivtlr_jax.models.chameleon import encode, encode_latents
+
+    _, cfg = _tiny_chameleon(["a red square and a blue circle"], 320, None, dict(num_embeddings=16))
+    colours = [(214, 39, 40), (31, 90, 200), (44, 160, 44), (240, 140, 10)]
+    images = []
+    for rgb in colours:
+        im = Image.new("RGB", (96, 96), (250, 250, 250))
+        im.paste(rgb, (8, 8, 88, 88))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        images.append({"bytes": buf.getvalue(), "path": None})
+    random = backbone_for(cfg).random_params(0)
+    fitted = tiny_vq_tokenizer(random, cfg, images, seed=0)
+    for lv in fitted.vq.encoder.down:
+        assert all(not np.any(b.conv2.kernel) for b in lv.blocks)  # identity residual branches
+    assert not np.array_equal(fitted.vq.codebook, random.vq.codebook)
+    from ivtlr_jax.data.images import chameleon_pixels, decode_image
+
+    px = np.stack([chameleon_pixels(decode_image(im), cfg.vq.resolution) for im in images])
+    z = np.asarray(jax.jit(encode_latents)(fitted.vq, px)).reshape(-1, cfg.vq.embed_dim)
+    codes = np.asarray(encode(fitted.vq, px))
+    # a k-means fixed point: every used entry is the mean of the encoder outputs it is nearest to
+    for c in np.unique(codes):
+        np.testing.assert_allclose(fitted.vq.codebook[c], z[codes.reshape(-1) == c].mean(0), rtol=1e-4, atol=1e-4)
+    centre = [np.bincount(row.reshape(8, 8)[2:6, 2:6].reshape(-1)).argmax() for row in codes]
+    assert len(set(centre)) == 4, f"the four colours share codes: {centre}"

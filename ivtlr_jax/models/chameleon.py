@@ -133,8 +133,8 @@ def attn_block(p: AttnBlock, x):
     return x + conv(p.proj_out, o)
 
 
-def encode(p: VQModel, pixel_values):
-    """(N, 3, R, R) pixels -> (N, latent^2) codebook indices in raster order."""
+def encode_latents(p: VQModel, pixel_values):
+    """(N, 3, R, R) pixels -> (N, latent^2, embed_dim) encoder outputs before quantisation, raster order."""
     x = jnp.transpose(pixel_values.astype(jnp.float32), (0, 2, 3, 1))  # NHWC
     e = p.encoder
     x = conv(e.conv_in, x)
@@ -152,12 +152,19 @@ def encode(p: VQModel, pixel_values):
     x = conv(e.conv_out, swish(group_norm(e.norm_out, x)))
     z = conv(p.quant_conv, x)
     n, h, w, d = z.shape
-    z = z.reshape(n * h * w, d)
+    return z.reshape(n, h * w, d)
+
+
+def encode(p: VQModel, pixel_values):
+    """(N, 3, R, R) pixels -> (N, latent^2) codebook indices in raster order."""
+    z = encode_latents(p, pixel_values)
+    n, t, d = z.shape
+    z = z.reshape(n * t, d)
     book = p.codebook.astype(jnp.float32)
     # squared distance as transformers computes it: |z|^2 + |e|^2 - 2 z.e (ties: the lower index)
     dist = (jnp.sum(z**2, 1, keepdims=True) + jnp.sum(book**2, 1)
             - 2 * jnp.einsum("bd,nd->bn", z, book, precision=HIGHEST))
-    return jnp.argmin(dist, axis=1).astype(jnp.int32).reshape(n, h * w)
+    return jnp.argmin(dist, axis=1).astype(jnp.int32).reshape(n, t)
 
 
 def vq_spec(v: VQConfig) -> VQModel:
