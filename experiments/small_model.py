@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from ivtlr_jax.config import image_code_name
+
 IMAGE_GRID = (1, 20, 20)  # one 280x280 image: 400 patches of 14x14, 100 tokens after the 2x2 merge
 PATCH_DIM = 3 * 2 * 14 * 14  # C * temporal_patch * patch * patch: one pixel_values row
 
@@ -118,7 +120,7 @@ def small_chameleon_config(vocab: int = 8192, hidden: int = 512, layers: int = 8
     ids = chameleon_ids(vocab)
     vmap = {"<image>": ids["image"], "<racm3:break>": ids["image_start"], "<eoss>": ids["image_end"]}
     for c in range(CHAMELEON_VQ["num_embeddings"]):
-        vmap["IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(c)) + "Z"] = ids["first_code"] + c
+        vmap[image_code_name(c)] = ids["first_code"] + c
     heads = hidden // 64
     return ChameleonConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
                            num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), vocabulary_map=vmap,

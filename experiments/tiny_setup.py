@@ -11,7 +11,6 @@ import os
 import shutil
 import tempfile
 
-import jax
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,8 +46,8 @@ def _tiny_qwen2vl(corpus, vocab_size, model, vision):
 
 
 def _tiny_chameleon(corpus, vocab_size, model, vq):
-    from experiments.tiny_tokenizer import build_tiny_chameleon_tokenizer, image_code_name
-    from ivtlr_jax.config import ChameleonConfig, VQConfig
+    from experiments.tiny_tokenizer import build_tiny_chameleon_tokenizer
+    from ivtlr_jax.config import ChameleonConfig, VQConfig, image_code_name
 
     v = {**TINY_VQ, **(vq or {})}
     tok = build_tiny_chameleon_tokenizer(v["num_embeddings"], corpus, vocab_size=vocab_size)
@@ -89,6 +88,8 @@ def tiny_vq_tokenizer(params, cfg, images=(), seed: int = 0, iters: int = 15):
     - the codebook is the k-means of the encoder's outputs over `images` (the training split's
       pictures), as VQ-VAE codebooks are often initialised from data. Without images it stays random.
     """
+    import jax
+
     from ivtlr_jax.data.images import chameleon_pixels, decode_image
     from ivtlr_jax.models.chameleon import encode_latents
 

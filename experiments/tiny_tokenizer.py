@@ -10,6 +10,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from ivtlr_jax.config import image_code_name
 from ivtlr_jax.data.text import QWEN2VL_CHAT_TEMPLATE
 
 # Order fixes their ids: 0..6 right after training (special tokens come first).
@@ -88,11 +89,6 @@ def build_tiny_tokenizer(
 
 
 CHAMELEON_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>", "<racm3:break>", "<eoss>"]
-
-
-def image_code_name(code: int) -> str:
-    """Chameleon's vocabulary name of image code `code`: IMGIMG + digits written A..J + a closing Z."""
-    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
 
 
 def build_tiny_chameleon_tokenizer(num_codes: int, corpus: list[str] | None = None,

@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 
+from experiments.embedded_default import CONFIGS as EMBEDDED_CONFIGS
 from experiments.tiny_setup import AUTO_TINY, config_path, prepare_auto_tiny
 
 HELP = {
@@ -208,7 +209,7 @@ def run_dry(tcfg, yaml_values) -> list[dict]:
     return results
 
 
-BACKBONES = ("qwen2_vl", "chameleon")
+BACKBONES = tuple(EMBEDDED_CONFIGS)  # the backbones with an embedded default
 
 
 def embedded_default_backbone(argv: list[str]) -> str | None:

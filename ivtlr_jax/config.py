@@ -265,6 +265,11 @@ CHAMELEON_PROMPT = PromptFormat(style="plain", image_token="<image>", image_star
                                 image_end="<eoss>", answer_format="index")
 
 
+def image_code_name(code: int) -> str:
+    """Chameleon's vocabulary name of image code `code`: IMGIMG + digits written A..J + a closing Z."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
 def image_vocabulary(vocabulary_map: dict[str, int]) -> tuple[int, ...]:
     """Codebook index -> BPE id from the `IMGIMG...` names (as transformers' ChameleonImageVocabularyMapping).
 

@@ -26,3 +26,12 @@ def tiny_pair(tmp_path_factory):
     hf.save_pretrained(root / "hf")
     convert_hf_to_checkpoint(str(root / "hf"), str(root / "ckpt"), dtype="float32")
     return hf, IVTLRModel.from_pretrained(str(root / "ckpt"), dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Training tests: synthetic data (24 train rows) and a small test YAML (tiny model, full fine-tuning, k=4);
+    built once per test file (each file runs on one xdist worker)."""
+    from train_cli import make_workdir
+
+    return make_workdir(tmp_path_factory)

@@ -3,6 +3,7 @@
 For every latent step it re-runs the whole growing sequence from position 0 with eager attention,
 averages the attention maps over layers and heads, takes the top-k image tokens not used yet, and
 puts V_t and h in before the latent slot; positions are renumbered over the final sequence.
+`reference_greedy` is the generation reference on our own model: one full forward per new token.
 """
 
 import numpy as np
@@ -108,3 +109,24 @@ def oracle_latent_forward(hf, latent_id, ids, mask, labels, pv, grid, k, latent_
                                              torch.tensor(lab[:, 1:]).reshape(-1).long(), ignore_index=-100)
     sel = np.array(selected, dtype=np.int64).reshape(n, bsz, k)
     return float(loss), logits.numpy(), sel, valid.astype(bool)
+
+
+def reference_greedy(m, n, ids, mask, pv, grid, steps, k, mode):
+    """Greedy decoding by one full forward over the whole final sequence per new token (no generation cache).
+
+    The sequence has a fixed width (generated tokens so far, right pads after them) so it compiles once;
+    causal attention keeps the pads from touching the logits read at the last real token.
+    """
+    b, s = ids.shape
+    out = np.zeros((b, steps), np.int64)
+    for t in range(steps):
+        cur = np.concatenate([ids, out], 1)
+        cur_mask = np.concatenate([mask, np.zeros((b, steps), mask.dtype)], 1)
+        cur_mask[:, s : s + t] = 1
+        if n:
+            logits = m.latent_forward(cur, cur_mask, None, pv, grid, k=k, position_mode=mode).logits
+        else:
+            logits = m.logits(cur, cur_mask, pv, grid, position_mode=mode)
+        last = logits.shape[1] - steps - 1 + t  # the last real token of the final sequence
+        out[:, t] = logits[:, last].argmax(-1)
+    return out

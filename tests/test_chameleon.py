@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from oracle import oracle_latent_forward
+from oracle import oracle_latent_forward, reference_greedy
 from PIL import Image
 from tiny_chameleon import RESOLUTION, image_run, pixels, save_and_convert, tiny_hf_chameleon, tiny_tokenizer
 
@@ -165,15 +165,7 @@ def test_cached_generation_equals_repeated_full_forwards(gqa, tok):
     ids, mask, _ = prompt_rows(tok, m, n, tails=((), ()))
     pv = pixels(2, seed=5)
     res = m.generate(ids, mask, pv, max_new_tokens=steps, k=k, eos_token_ids=[-1])
-    b, s = ids.shape
-    want = np.zeros((b, steps), np.int64)
-    for t in range(steps):
-        cur = np.concatenate([ids, want], 1)
-        cur_mask = np.concatenate([mask, np.zeros((b, steps), mask.dtype)], 1)
-        cur_mask[:, s:s + t] = 1
-        logits = m.latent_forward(cur, cur_mask, None, pv, k=k).logits
-        want[:, t] = logits[:, logits.shape[1] - steps - 1 + t].argmax(-1)
-    np.testing.assert_array_equal(res.tokens, want)
+    np.testing.assert_array_equal(res.tokens, reference_greedy(m, n, ids, mask, pv, None, steps, k, None))
     assert not np.isin(res.tokens, m.config.image_vocab).any()  # image codes are never generated
 
 

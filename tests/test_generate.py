@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from oracle import reference_greedy
 from tiny import image_batch, image_run, left_pad
 
 from ivtlr_jax import IVTLRModel
@@ -44,27 +45,6 @@ def prompt_batch(n, grid=GRID, seed=0):
     prompts = [[5, 6, 7] + image_run(grid[0]) + [8, 9], [12] + image_run(grid[1]) + [13, 14, 15, 16, 17, 18]]
     ids, mask = left_pad([p + [LATENT] * n for p in prompts])
     return ids, mask, pv, grid
-
-
-def reference_greedy(m, n, ids, mask, pv, grid, steps, k, mode):
-    """Greedy decoding by one full forward over the whole final sequence per new token (no generation cache).
-
-    The sequence has a fixed width (generated tokens so far, right pads after them) so it compiles once;
-    causal attention keeps the pads from touching the logits read at the last real token.
-    """
-    b, s = ids.shape
-    out = np.zeros((b, steps), np.int64)
-    for t in range(steps):
-        cur = np.concatenate([ids, out], 1)
-        cur_mask = np.concatenate([mask, np.zeros((b, steps), mask.dtype)], 1)
-        cur_mask[:, s : s + t] = 1
-        if n:
-            logits = m.latent_forward(cur, cur_mask, None, pv, grid, k=k, position_mode=mode).logits
-        else:
-            logits = m.logits(cur, cur_mask, pv, grid, position_mode=mode)
-        last = logits.shape[1] - steps - 1 + t  # the last real token of the final sequence
-        out[:, t] = logits[:, last].argmax(-1)
-    return out
 
 
 @pytest.mark.parametrize("n,k,mode", [(0, 4, "sequential"), (3, 4, "sequential"), (3, 32, "mrope")])

@@ -13,17 +13,10 @@ from train_cli import (
     cli_env,
     error_lines,
     losses,
-    make_workdir,
     run_cli,
     train_config,
     trainable_of,
 )
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """Synthetic data (24 train rows) and a small test YAML (tiny model, full fine-tuning, k=4)."""
-    return make_workdir(tmp_path_factory)
 
 
 def test_sharded_steps_match_one_device_and_stage2_cli(workdir):

@@ -7,16 +7,9 @@ import pytest
 from train_cli import (
     error_lines,
     losses,
-    make_workdir,
     run_cli,
     train_config,
 )
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """Synthetic data (24 train rows) and a small test YAML (tiny model, full fine-tuning, k=4)."""
-    return make_workdir(tmp_path_factory)
 
 
 def _cli_losses(proc, out):

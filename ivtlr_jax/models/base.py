@@ -97,6 +97,15 @@ class Backbone:
     def dims(self) -> ly.DecoderDims:
         raise NotImplementedError
 
+    def decoder_dims(self, rope_sections: tuple[int, ...], **options) -> ly.DecoderDims:
+        """The decoder facts every backbone config names alike, plus its own rope sections and options."""
+        c = self.config
+        return ly.DecoderDims(
+            vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+            num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
+            rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, rope_sections=rope_sections,
+            tie_word_embeddings=c.tie_word_embeddings, **options)
+
     @property
     def prompt(self) -> PromptFormat:
         raise NotImplementedError

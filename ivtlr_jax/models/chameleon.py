@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ivtlr_jax.config import CHAMELEON_PROMPT, ChameleonConfig, PromptFormat, VQConfig
+from ivtlr_jax.config import CHAMELEON_PROMPT, ChameleonConfig, PromptFormat, VQConfig, image_code_name
 from ivtlr_jax.models import layers as ly
 from ivtlr_jax.models.base import Backbone, feature_index, rows_of_images
 from ivtlr_jax.models.spec import HFKey, ParamInfo
@@ -260,12 +260,7 @@ class Chameleon(Backbone):
 
     @property
     def dims(self) -> ly.DecoderDims:
-        c = self.config
-        return ly.DecoderDims(
-            vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-            num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
-            rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, rope_sections=(0,) * (c.head_dim // 2),
-            tie_word_embeddings=c.tie_word_embeddings, qk_norm=True, post_norm=c.swin_norm)
+        return self.decoder_dims((0,) * (self.config.head_dim // 2), qk_norm=True, post_norm=self.config.swin_norm)
 
     @property
     def prompt(self) -> PromptFormat:
@@ -283,7 +278,7 @@ class Chameleon(Backbone):
         if c.image_end_token_id is not None:
             vocab_map["<eoss>"] = c.image_end_token_id
         for code, bpe in enumerate(c.image_vocab):
-            vocab_map["IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"] = int(bpe)
+            vocab_map[image_code_name(code)] = int(bpe)
         return {
             "architectures": ["ChameleonForConditionalGeneration"], "model_type": "chameleon",
             "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,

@@ -154,13 +154,8 @@ class Qwen2VL(Backbone):
 
     @property
     def dims(self) -> ly.DecoderDims:
-        c = self.config
-        return ly.DecoderDims(
-            vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-            num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
-            rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
-            rope_sections=tuple(int(s) for s in np.repeat(np.arange(3), c.mrope_section)),
-            tie_word_embeddings=c.tie_word_embeddings, qkv_bias=True)
+        sections = tuple(int(s) for s in np.repeat(np.arange(3), self.config.mrope_section))
+        return self.decoder_dims(sections, qkv_bias=True)
 
     @property
     def prompt(self) -> PromptFormat:

@@ -136,19 +136,6 @@ class RunCheckpoints:
             except Exception as e:
                 raise self._write_failed(self._in_flight.pop(id(mngr), str(mngr.directory)), e) from e
 
-    def latest_step(self) -> int | None:
-        return self.periodic.latest_step()
-
-    def steps(self) -> list[int]:
-        """Complete periodic checkpoints, oldest first."""
-        return sorted(self.periodic.all_steps(read=True))
-
-    def finished_stages(self) -> list[int]:
-        return sorted(self.stages.all_steps(read=True))
-
-    def meta(self, step: int, stage: bool = False) -> dict:
-        return read_meta(self.path(step, stage))
-
     def restore(self, step: int, like_state, stage: bool = False):
         """(state, meta) of a checkpoint, laid out like `like_state` (same shapes, dtypes, shardings).
 

@@ -386,8 +386,7 @@ class Trainer:
 
     def _prepare(self, item) -> _Batch:
         collated, epoch, index, after, last = item
-        hb = self.host_batch(collated)
-        arrays = sh.host_batch_to_global(self.mesh, hb)
+        hb, arrays = self.device_batch(collated)
         rows = np.asarray(collated.get("example_index", np.full(hb.batch_size, -1)))
         return _Batch(hb, arrays, epoch, index, after, last, hb.num_tokens(), model_flops(self.bb, self.tcfg, arrays),
                       rows)
