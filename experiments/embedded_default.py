@@ -75,8 +75,9 @@ def run_embedded_default(out: str | None = DEFAULT_OUT, train_rows: int | None =
         ckpt = os.path.join(out, "merged", f"stage{stage}")
         export_trained_checkpoint(os.path.join(out, "stage_ends", str(stage)), ckpt, overwrite=True, verbose=False)
         args = ["--ckpt", ckpt, "--data", tcfg.data, "--data-source", data_dir, "--split", tcfg.eval_split,
-                "--limit", str(eval_rows), "--batch-size", str(tcfg.eval_batch_size), "--k", str(tcfg.k),
+                "--limit", str(eval_rows), "--batch-size", str(tcfg.eval_batch_size),
                 "--out", os.path.join(out, "eval", f"stage{stage}"), "--no-progress"]
+        args += ["--k", str(tcfg.k)] if tcfg.k is not None else []  # else the backbone's default, as in training
         new_tokens = tcfg.max_new_tokens if n >= tcfg.max_latent_stage else 4 * tcfg.max_new_tokens  # steps left
         args += ["--method", "cot" if n == 0 else "ivtlr", "--n-latent", str(max(n, 1)),
                  "--max-new-tokens", str(new_tokens)]

@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="ivtlr", choices=list(METHODS), help="what to run (default: ivtlr)")
     p.add_argument("--n-latent", type=int, default=3,
                    help="latent steps for ivtlr / coconut / no-latent-text (default: 3, the release's last stage)")
-    p.add_argument("--k", type=int, default=32, help="image embeddings selected per latent step (default: 32)")
+    p.add_argument("--k", type=int, default=None,
+                   help="image embeddings selected per latent step (default: the backbone's, as in the release: "
+                        "Qwen2-VL 32, Chameleon 64)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per generation batch (default: 16)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of the split")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -280,7 +282,7 @@ def evaluate(args) -> dict:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    n, k, latent_text = method_settings(args)
+    n, k, latent_text = method_settings(args)  # k None: the backbone's default, once the model is loaded
     max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(args.method, 64)
     if max_new < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new}")
@@ -289,6 +291,7 @@ def evaluate(args) -> dict:
 
     model = IVTLRModel.from_pretrained(args.ckpt, dtype=args.dtype)
     cfg, bb = model.config, model.backbone
+    k = bb.default_k if k is None else k
     args.position_mode = model.resolve_position_mode(args.position_mode)  # the checkpoint's default when not given
     latent_prompt(cfg, [], n)  # a checkpoint without <|latent|> asked for latent steps: stop here
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.ckpt)

@@ -52,7 +52,8 @@ HELP = {
     "max_latent_stage": "stages past this keep this many latent steps and drop all text steps (reference: 3)",
     "pad_latent_to_max": "past max_latent_stage drop every step and keep max_latent_stage latents",
     "latent_markers": "put <|start-latent|>/<|end-latent|> around the latents (Coconut style; off in reference)",
-    "k": "image embeddings selected per latent step (reference 32; 0 = Coconut)",
+    "k": "image embeddings selected per latent step (default: the backbone's, as in the release: Qwen2-VL 32, "
+         "Chameleon 64; 0 = Coconut)",
     "latent_text": "feed the hidden state back with the image embeddings (off = 'without latent text')",
     "position_mode": "sequential (reference) or mrope (Qwen2-VL native 3-D positions for the prompt)",
     "selection_order": "order of the selected image embeddings in a step: position or score",

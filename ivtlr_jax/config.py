@@ -468,7 +468,7 @@ class TrainConfig:
     pad_latent_to_max: bool = True
     latent_markers: bool = False
     # latent options (LatentConfig)
-    k: int = 32
+    k: int | None = None  # None: the backbone's default (Qwen2-VL 32, Chameleon 64)
     latent_text: bool = True
     position_mode: str = "sequential"
     selection_order: str = "position"
@@ -523,9 +523,11 @@ class TrainConfig:
             if any(s < 0 for s in self.stages):
                 raise ValueError(f"stages={list(self.stages)} must be >= 0")
 
-    def latent(self) -> LatentConfig:
-        return LatentConfig(k=self.k, latent_text=self.latent_text, position_mode=self.position_mode,
-                            selection_order=self.selection_order, latent_grad=self.latent_grad)
+    def latent(self, default_k: int = 32) -> LatentConfig:
+        """The latent options; `default_k` (the backbone's) when k is not set."""
+        return LatentConfig(k=default_k if self.k is None else self.k, latent_text=self.latent_text,
+                            position_mode=self.position_mode, selection_order=self.selection_order,
+                            latent_grad=self.latent_grad)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -69,6 +69,14 @@ class IVTLRModel:
             return recorded
         return self.backbone.native_position_mode if native else "sequential"
 
+    def latent_config(self, k: int | None = None, latent_text: bool = True, position_mode: str | None = None,
+                      selection_order: str = "position", latent_grad: str = "stop") -> LatentConfig:
+        """The latent options with this model's defaults: K the backbone's (the release's), positions the
+        checkpoint's recorded rule (see resolve_position_mode)."""
+        return LatentConfig(k=self.backbone.default_k if k is None else k, latent_text=latent_text,
+                            position_mode=self.resolve_position_mode(position_mode),
+                            selection_order=selection_order, latent_grad=latent_grad)
+
     def _images(self, input_ids, attention_mask, pixel_values, image_grid_thw):
         images = self.backbone.prepare_images(input_ids, attention_mask, pixel_values, image_grid_thw)
         return None if images is None else jax.tree.map(jnp.asarray, images)
@@ -107,19 +115,18 @@ class IVTLRModel:
         return np.asarray(out)
 
     def latent_forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None,
-                       k: int = 32, latent_text: bool = True, position_mode: str | None = None,
+                       k: int | None = None, latent_text: bool = True, position_mode: str | None = None,
                        selection_order: str = "position", latent_grad: str = "stop"):
         """IVT-LR forward with the latent steps the `<|latent|>` tokens ask for; loss, logits, selections."""
         from ivtlr_jax.latent import LatentOutput, latent_forward
 
-        lcfg = LatentConfig(k=k, latent_text=latent_text, position_mode=self.resolve_position_mode(position_mode),
-                            selection_order=selection_order, latent_grad=latent_grad)
+        lcfg = self.latent_config(k, latent_text, position_mode, selection_order, latent_grad)
         out = latent_forward(self.backbone, self.params, lcfg, input_ids, attention_mask, labels, pixel_values,
                              image_grid_thw)
         return LatentOutput(float(out.loss), np.asarray(out.logits), np.asarray(out.selected))
 
     def generate(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, max_new_tokens: int = 64,
-                 k: int = 32, latent_text: bool = True, position_mode: str | None = None,
+                 k: int | None = None, latent_text: bool = True, position_mode: str | None = None,
                  selection_order: str = "position", temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  eos_token_ids=None, pad_token_id: int | None = None, max_cache_len: int | None = None):
         """KV-cached decoding after the latent steps of the prompt's trailing `<|latent|>` tokens (greedy default).
@@ -129,8 +136,7 @@ class IVTLRModel:
         """
         from ivtlr_jax.generate import SamplingConfig, generate
 
-        lcfg = LatentConfig(k=k, latent_text=latent_text, position_mode=self.resolve_position_mode(position_mode),
-                            selection_order=selection_order)
+        lcfg = self.latent_config(k, latent_text, position_mode, selection_order)
         sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
         return generate(self.backbone, self.params, lcfg, input_ids, attention_mask, pixel_values, image_grid_thw,
                         max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos_token_ids,

@@ -90,6 +90,7 @@ class Backbone:
     native_position_mode: ClassVar[str] = "sequential"  # what `IVTLRModel.logits` uses by default
     position_rows: ClassVar[int] = 1  # rows of the positions array (3: M-RoPE sections)
     trainable_root: ClassVar[str] = "llm"  # the subtree full fine-tuning trains
+    default_k: ClassVar[int] = 32  # image embeddings per latent step when none is given (the release's K)
     config: Any
 
     # ------------------------------------------------------------------ static facts

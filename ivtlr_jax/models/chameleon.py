@@ -257,6 +257,7 @@ class Chameleon(Backbone):
 
     config: ChameleonConfig
     model_type = "chameleon"
+    default_k = 64  # the release's K for Chameleon (64 of the 1024 image tokens per step)
 
     @property
     def dims(self) -> ly.DecoderDims:

@@ -66,7 +66,7 @@ def dry_run(bb: Backbone, tcfg: TrainConfig, text: int = DRY_RUN_TEXT, tail: int
     tx, schedule = make_optimizer(tcfg, 1000)
     layout = state_layout(bb, tcfg, mesh, tx, dtype)
     micro = tcfg.batch_size // tcfg.grad_accum
-    lcfg = tcfg.latent()
+    lcfg = tcfg.latent(bb.default_k)
     one = example_batch(bb, lcfg, 1, text, tail, n)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((micro,) + x.shape[1:], x.dtype), one)
     batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch,

@@ -256,7 +256,7 @@ class Trainer:
         self.bb = backbone_for(self.cfg)
         if self.cfg.latent_token_id is None and max(self.stages) > 0:
             raise ValueError(f"--init {init!r} has no <|latent|> token; convert it with --add-latent-tokens")
-        self.lcfg = tcfg.latent()
+        self.lcfg = tcfg.latent(self.bb.default_k)
         dataset = load_split(tcfg.data, tcfg.train_split, source=tcfg.data_source)
         if tcfg.limit:
             dataset = dataset.select(range(min(tcfg.limit, len(dataset))))
