@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
     from ivtlr_jax.train.dry_run import example_batch
     from ivtlr_jax.train.loop import peak_flops
     from ivtlr_jax.train.state import create_train_state
-    from ivtlr_jax.train.step import compute_dtype, make_optimizer, make_train_step, model_flops
+    from ivtlr_jax.train.step import build_train_step, compute_dtype, make_optimizer, model_flops
 
     bb = backbone_for(model_config(args.model))
     tcfg = TrainConfig(finetune=args.finetune, mesh=args.mesh, compute_dtype=args.dtype, k=args.k,
@@ -90,9 +90,7 @@ def main(argv=None) -> dict:
     _, _, n_img = bb.example_image()
     host = example_batch(bb, tcfg.latent(), args.batch, text=args.prefix - n_img, tail=args.tail, n=args.n)
     batch = sh.host_batch_to_global(mesh, host)
-    fn = make_train_step(bb, tcfg.latent(), tcfg, tx, schedule, dtype)
-    step = jax.jit(fn, in_shardings=(layout.state_shardings, layout.frozen_shardings, None),
-                   out_shardings=(layout.state_shardings, sh.replicated(mesh)), donate_argnums=(0,))
+    step = build_train_step(bb, tcfg.latent(), tcfg, tx, schedule, dtype, layout, mesh)
     lowered = step.lower(state, frozen, batch)
     t0 = time.perf_counter()
     compiled = lowered.compile()

@@ -199,3 +199,76 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(workdir):
     assert step < 12  # 3 steps per stage, 4 stages: it stopped early
     assert str(step) in os.listdir(os.path.join(out, "checkpoints"))
 
+
+
+def test_grad_accum_equals_one_step_over_the_same_rows_and_dry_run_compiles_that_micro_step(workdir):
+    """batch_size is the rows of one optimiser update: 4 micro-steps of 2 rows give the update one step over the
+    same 8 rows gives (loss and params within 1e-5), count as one step, and are what the dry run compiles."""
+    import jax
+
+    from ivtlr_jax.train import Trainer
+    from ivtlr_jax.train.dry_run import abstract_step_inputs
+
+    runs = {}
+    for accum in (1, 4):
+        tcfg = train_config(workdir, f"accum{accum}", stages=(1,), max_steps=1, batch_size=8, grad_accum=accum,
+                            lr=1e-2, save_every=1)
+        trainer = Trainer(tcfg, trace_rows=True)
+        before = jax.tree_util.tree_map(np.asarray, trainer.state.trainable)
+        summary = trainer.run()
+        assert summary["step"] == 1
+        with open(os.path.join(tcfg.out, "debug", "rows.process_0.jsonl")) as f:
+            trace = [json.loads(line) for line in f]
+        runs[accum] = (trainer, losses(tcfg.out), trace)
+    (one, rec1, trace1), (four, rec4, trace4) = runs[1], runs[4]
+    assert [len(t["rows"]) for t in trace1] == [8] and [len(t["rows"]) for t in trace4] == [2, 2, 2, 2]
+    assert [t["micro"] for t in trace4] == [0, 1, 2, 3] and {t["step"] for t in trace4} == {1}
+    assert sorted(r for t in trace4 for r in t["rows"]) == sorted(trace1[0]["rows"])  # the same 8 rows
+    assert [r["step"] for r in rec4] == [1] and rec4[0]["rows"] == 8 and rec4[0]["micro_steps"] == 4
+    assert abs(rec4[0]["loss"] - rec1[0]["loss"]) <= 1e-5 * rec1[0]["loss"]
+    moved = 0.0
+    for a, b, c in zip(jax.tree_util.tree_leaves(one.state.trainable), jax.tree_util.tree_leaves(four.state.trainable),
+                       jax.tree_util.tree_leaves(before), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+        moved = max(moved, float(np.abs(np.asarray(a) - c).max()))
+    assert moved > 1e-4  # the update did something
+    # the dry run's compiled step takes the trainer's micro-step inputs: state, params, micro-batch rows
+    state, frozen, batch = abstract_step_inputs(four.bb, four.tcfg, four.mesh, four.layout, n=1)
+    (fed,) = [k for k in four._compiled]  # the one program the trainer ran (stage 1: n = 1)
+    dry_leaves = [(x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves(batch)]
+    assert [(s[0], d, len(s)) for s, d in fed[1]] == [(s[0], d, len(s)) for s, d in dry_leaves]
+    assert batch.batch_size == 2
+    for got, want in ((state, four.state), (frozen, four.frozen)):
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+            assert (a.shape, a.dtype) == (b.shape, b.dtype)
+            assert a.sharding.is_equivalent_to(b.sharding, len(a.shape))
+    with pytest.raises(ValueError, match="does not divide into grad_accum=3"):
+        Trainer(train_config(workdir, "accum3", stages=(1,), batch_size=8, grad_accum=3))
+
+
+def test_dry_run_takes_the_model_from_init_auto_tiny_or_the_yaml(workdir):
+    """--dry-run sizes the model the run would train: the auto-tiny model's config (no weights drawn) is the one
+    the real build writes; --init CKPT gives its saved config; else the YAML's model: section; else a clear error."""
+    import yaml
+
+    from experiments.train import dry_run_model_config
+    from ivtlr_jax.config import TrainConfig
+    from ivtlr_jax.convert.checkpoint import load_config
+
+    root, cfg = workdir
+    values = yaml.safe_load(open(cfg))
+    model = values.pop("model")
+    fresh = TrainConfig(**{**values, "out": str(root / "dry_fresh")})
+    assert fresh.init == "auto-tiny"
+    planned = dry_run_model_config(fresh, {"model": model})
+    assert not os.path.exists(root / "dry_fresh" / "init")  # nothing built
+    built = train_config(workdir, "dry_built")  # builds RUN_DIR/init as a run does
+    assert planned == load_config(built.init)
+    assert planned.latent_token_id is not None and planned.hidden_size == model["hidden_size"]
+    from_init = TrainConfig(**{**values, "init": built.init, "out": str(root / "dry_init")})
+    assert dry_run_model_config(from_init, {"model": {"model_type": "qwen2_vl"}}) == planned
+    from_yaml = TrainConfig(**{**values, "init": "ckpt/not-there", "out": str(root / "dry_yaml")})
+    assert dry_run_model_config(from_yaml, {"model": {"model_type": "qwen2_vl", "num_hidden_layers": 3}}) \
+        .num_hidden_layers == 3
+    with pytest.raises(SystemExit, match="--init 'ckpt/not-there' is not a checkpoint folder"):
+        dry_run_model_config(from_yaml, {})

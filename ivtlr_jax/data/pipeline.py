@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import io
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -109,7 +108,8 @@ class BatchIterator:
     permutation) is split into process_count contiguous slices; host process_index takes its
     slice, so hosts see disjoint rows that together cover the epoch. Without drop_last the
     short final batch is split as evenly as possible and each host fills its batch with copies
-    of a row whose labels are all -100 and example_index is -1.
+    of a row whose labels are all -100 and example_index is -1. `steps_multiple` rounds an epoch up to a
+    multiple of that many batches (the micro-steps of whole optimiser updates), the extra ones all filler.
     """
 
     def __init__(self, split: EncodedSplit, *, batch_size: int, latent_id: int, pad_id: int,
@@ -118,7 +118,7 @@ class BatchIterator:
                  image_options: ImageOptions | None = None, prefix_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
                  tail_buckets: Sequence[int] | None = DEFAULT_BUCKETS, num_workers: int = 2,
                  worker_type: str = "thread", prefetch: int = 2, start_latent_id: int | None = None,
-                 end_latent_id: int | None = None, start_epoch: int = 0):
+                 end_latent_id: int | None = None, start_epoch: int = 0, steps_multiple: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if process_count < 1 or not 0 <= process_index < process_count:
@@ -128,6 +128,7 @@ class BatchIterator:
         if len(split) == 0:
             raise ValueError("split has no rows")
         self.split = split
+        self.steps_multiple = max(1, int(steps_multiple))
         self.batch_size, self.latent_id, self.pad_id = batch_size, latent_id, pad_id
         self.curriculum = curriculum or CurriculumOptions()
         self.seed, self.num_epochs, self.shuffle, self.drop_last = seed, num_epochs, shuffle, drop_last
@@ -155,8 +156,10 @@ class BatchIterator:
 
     @property
     def steps_per_epoch(self) -> int:
-        n, g = len(self.split), self.global_batch_size
-        return n // g if self.drop_last else math.ceil(n / g)
+        n, g, m = len(self.split), self.global_batch_size, self.steps_multiple
+        if self.drop_last:
+            return n // g // m * m
+        return -(-n // (g * m)) * m
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Permutation of row indices for an epoch: a function of (seed, epoch) only."""
@@ -254,7 +257,7 @@ class BatchIterator:
             examples.append(filler)
         # The widest row of the whole global batch (every host knows every row's text): one shape on all hosts.
         extents = [stage_extent(self.split.encodings[int(r)], stage, self.curriculum)
-                   for r in self.global_rows(epoch, step)]
+                   for r in (self.global_rows(epoch, step) if len(self.global_rows(epoch, step)) else rows)]
         batch = collate(examples, self.pad_id, prefix_buckets=self.prefix_buckets, tail_buckets=self.tail_buckets,
                         min_prefix=max(a for a, _ in extents), min_tail=max(n - a for a, n in extents))
         shape = batch["input_ids"].shape

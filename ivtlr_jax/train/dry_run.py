@@ -17,7 +17,7 @@ from ivtlr_jax.latent import LatentBatch, make_latent_batch
 from ivtlr_jax.models.base import Backbone
 from ivtlr_jax.models.layers import resolve_attention, resolve_remat
 from ivtlr_jax.train.state import state_layout
-from ivtlr_jax.train.step import compute_dtype, make_optimizer, make_train_step
+from ivtlr_jax.train.step import build_train_step, compute_dtype, make_optimizer, micro_batch_size
 
 DRY_RUN_TEXT = 124  # prompt text tokens around the image (the reference prompt: ~124 + 100 image tokens)
 DRY_RUN_TAIL = 256  # labelled tokens after the latent steps
@@ -51,12 +51,26 @@ def _memory(compiled) -> dict:
     return out
 
 
+def abstract_step_inputs(bb: Backbone, tcfg: TrainConfig, mesh, layout, text: int = DRY_RUN_TEXT,
+                         tail: int = DRY_RUN_TAIL, n: int = 3, processes: int = 1):
+    """(state, frozen, micro-batch) as ShapeDtypeStructs with the shardings the trainer's step gets: the batch
+    has the trainer's micro-batch rows (`micro_batch_size`), laid out by `make_latent_batch`."""
+    data_parallel = int(np.prod([mesh.shape[a] for a in sh.BATCH_AXES if a in mesh.shape]))
+    micro = micro_batch_size(tcfg, processes, data_parallel)
+    one = example_batch(bb, tcfg.latent(bb.default_k), 1, text, tail, n)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((micro,) + x.shape[1:], x.dtype), one)
+    batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch,
+                         sh.batch_shardings(mesh, batch))
+    return layout.state, layout.frozen, batch
+
+
 def dry_run(bb: Backbone, tcfg: TrainConfig, text: int = DRY_RUN_TEXT, tail: int = DRY_RUN_TAIL, n: int = 3,
             platform: str = "tpu", compare_remat: bool = True) -> dict:
     """Lower and compile the train step on the preset's mesh without loading weights.
 
-    Returns per-device bytes of frozen params, trainable params, optimiser state, the train state's
-    total (`state_bytes_total`), and the compiler's memory analysis for one micro-batch. The remat
+    The step is built by `build_train_step`, the trainer's own builder, and fed the trainer's micro-batch
+    (batch_size / grad_accum rows). Returns per-device bytes of frozen params, trainable params, optimiser
+    state, the train state's total (`state_bytes_total`), and the compiler's memory analysis. The remat
     policy is resolved ("auto" by model size); with `compare_remat` and a policy other than "full" the
     step is compiled once more with "full" and `remat_cost_bytes_per_device` is the extra temporary
     memory the policy's saved activations take.
@@ -65,20 +79,16 @@ def dry_run(bb: Backbone, tcfg: TrainConfig, text: int = DRY_RUN_TEXT, tail: int
     dtype = compute_dtype(tcfg, platform)
     tx, schedule = make_optimizer(tcfg, 1000)
     layout = state_layout(bb, tcfg, mesh, tx, dtype)
-    micro = tcfg.batch_size // tcfg.grad_accum
     lcfg = tcfg.latent(bb.default_k)
-    one = example_batch(bb, lcfg, 1, text, tail, n)
-    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((micro,) + x.shape[1:], x.dtype), one)
-    batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch,
-                         sh.batch_shardings(mesh, batch))
+    state, frozen, batch = abstract_step_inputs(bb, tcfg, mesh, layout, text, tail, n,
+                                                processes=sh.get_preset(tcfg.mesh).num_hosts or 1)
+    micro = batch.batch_size
     remat = resolve_remat(tcfg.remat, bb.dims)
     target = {"gpu": "cuda", None: platform}.get(sh.get_preset(tcfg.mesh).platform, sh.get_preset(tcfg.mesh).platform)
 
     def compile_with(policy: str):
-        fn = make_train_step(bb, lcfg, dataclasses.replace(tcfg, remat=policy), tx, schedule, dtype)
-        jitted = jax.jit(fn, in_shardings=(layout.state_shardings, layout.frozen_shardings, None),
-                         out_shardings=(layout.state_shardings, sh.replicated(mesh)), donate_argnums=(0,))
-        return jitted.lower(layout.state, layout.frozen, batch).compile()
+        step = build_train_step(bb, lcfg, dataclasses.replace(tcfg, remat=policy), tx, schedule, dtype, layout, mesh)
+        return step.lower(state, frozen, batch).compile()
 
     mem = _memory(compile_with(remat))
     report = layout.report()
@@ -86,7 +96,8 @@ def dry_run(bb: Backbone, tcfg: TrainConfig, text: int = DRY_RUN_TEXT, tail: int
         "mesh": sh.describe(mesh), "finetune": tcfg.finetune, "compute_dtype": str(dtype), "remat": remat,
         "attention": resolve_attention(tcfg.attention, dtype, bb.dims.head_dim, target),  # on the preset's devices
         "attention_compiled": resolve_attention(tcfg.attention, dtype, bb.dims.head_dim),  # here
-        "micro_batch": micro, "seq_len": int(one.kv_valid.shape[1]),
+        "batch_size": tcfg.batch_size, "grad_accum": tcfg.grad_accum, "micro_batch": micro,
+        "micro_batch_per_device": micro / mesh.devices.size, "seq_len": int(batch.kv_valid.shape[1]),
         "frozen_params_bytes_per_device": report["frozen_bytes_per_device"],
         "trainable_params_bytes_per_device": report["trainable_bytes_per_device"],
         "optimizer_state_bytes_per_device": report["optimizer_bytes_per_device"],
@@ -120,7 +131,8 @@ def format_dry_run(results: list[dict]) -> str:
                      f"{r['optimizer_state_bytes_per_device'] / gib:>14.3f}"
                      f"{(total or 0) / gib:>19.2f}{detail:<24}{cost:>15}")
     first = results[0]
-    lines.append(f"per device, on {first['mesh']}; micro-batch {first['micro_batch']} rows of "
+    lines.append(f"per device, on {first['mesh']}; optimiser updates of {first['batch_size']} rows in "
+                 f"{first['grad_accum']} micro-steps of {first['micro_batch']} rows of "
                  f"{first['seq_len']} tokens, {first['compute_dtype']} compute, attention {first['attention']} "
                  f"(compiled here with {first['attention_compiled']}), "
                  f"remat {first['remat']} (remat cost: its extra temporary memory over remat full)")

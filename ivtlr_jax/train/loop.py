@@ -37,7 +37,7 @@ from ivtlr_jax.train.checkpoints import (
 )
 from ivtlr_jax.train.prefetch import Prefetcher
 from ivtlr_jax.train.state import create_train_state
-from ivtlr_jax.train.step import compute_dtype, make_optimizer, make_train_step, model_flops
+from ivtlr_jax.train.step import build_train_step, compute_dtype, make_optimizer, micro_batch_size, model_flops
 
 logger = logging.getLogger("ivtlr_jax.train")
 
@@ -209,10 +209,12 @@ class _Batch:
 
 @dataclasses.dataclass
 class _Pending:
-    step: int
+    step: int  # the optimiser update these metrics close
     stage: int
-    batch: _Batch
-    metrics: Any  # device values, read one step later
+    batch: _Batch  # its last micro-batch
+    metrics: Any  # device values, read one update later
+    tokens: int  # real tokens of this host's rows over the update's micro-steps
+    flops: float  # model FLOPs of the update's micro-steps
 
 
 class Trainer:
@@ -234,9 +236,8 @@ class Trainer:
         sh.maybe_initialize_distributed(tcfg.mesh)
         self.mesh = sh.make_mesh(tcfg.mesh)
         self.nproc, self.pid = jax.process_count(), jax.process_index()
-        if tcfg.batch_size % self.nproc:
-            raise ValueError(f"batch_size={tcfg.batch_size} must divide over {self.nproc} processes; use a multiple "
-                             f"of {self.nproc}")
+        data_parallel = int(np.prod([self.mesh.shape[a] for a in sh.BATCH_AXES if a in self.mesh.shape]))
+        self.micro_batch = micro_batch_size(tcfg, self.nproc, data_parallel)  # rows of one micro-step
         self.stages = requested_stages(tcfg)
         self.plan = plan if plan is not None else plan_start(tcfg)
         if plan is None and self.plan.notice:
@@ -269,8 +270,8 @@ class Trainer:
                                             pad_latent_to_max=tcfg.pad_latent_to_max,
                                             latent_markers=tcfg.latent_markers)
         self.dtype = compute_dtype(tcfg)
-        self.steps_per_epoch = math.ceil(len(self.split) / tcfg.batch_size)
-        total = len(self.stages) * tcfg.epochs_per_stage * self.steps_per_epoch // tcfg.grad_accum
+        self.steps_per_epoch = math.ceil(len(self.split) / tcfg.batch_size)  # optimiser updates
+        total = len(self.stages) * tcfg.epochs_per_stage * self.steps_per_epoch
         self.tx, self.schedule = make_optimizer(tcfg, total)
         os.makedirs(tcfg.out, exist_ok=True)
         self.ckpts = RunCheckpoints(tcfg.out, keep=tcfg.keep)
@@ -285,7 +286,7 @@ class Trainer:
         self.state, self.frozen, self.state_report, self.layout = create_train_state(
             self.bb, tcfg, self.mesh, self.tx, self.dtype, init, restore_state=restore)
         self.state_sh, self.frozen_sh = self.layout.state_shardings, self.layout.frozen_shardings
-        self.start_step = int(self.state.step)  # read once; the loop counts on the host
+        self.start_step = int(self.state.step)  # optimiser updates; read once, the loop counts on the host
         self._step = None
         self._compiled: dict = {}
         self._stop_signal = None
@@ -319,11 +320,10 @@ class Trainer:
                          + "; ".join(f"step {s}: {why}" for s, why in skipped))
 
     def step_fn(self):
-        """The jitted train step (one compilation per batch shape and n)."""
+        """The jitted micro-step (`build_train_step`, as the dry run compiles it; one compilation per shape and n)."""
         if self._step is None:
-            fn = make_train_step(self.bb, self.lcfg, self.tcfg, self.tx, self.schedule, self.dtype)
-            self._step = jax.jit(fn, in_shardings=(self.state_sh, self.frozen_sh, None),
-                                 out_shardings=(self.state_sh, sh.replicated(self.mesh)), donate_argnums=(0,))
+            self._step = build_train_step(self.bb, self.lcfg, self.tcfg, self.tx, self.schedule, self.dtype,
+                                          self.layout, self.mesh)
         return self._step
 
     def compiled_step(self, arrays: LatentBatch):
@@ -354,7 +354,7 @@ class Trainer:
         from ivtlr_jax.data import BatchIterator
 
         tcfg = self.tcfg
-        return BatchIterator(self.split, batch_size=tcfg.batch_size // self.nproc,
+        return BatchIterator(self.split, batch_size=self.micro_batch // self.nproc, steps_multiple=tcfg.grad_accum,
                              latent_id=self.cfg.latent_token_id if self.cfg.latent_token_id is not None else -1,
                              pad_id=self.tokenizer.pad_token_id, curriculum=self.curriculum, seed=tcfg.seed,
                              num_epochs=(stage + 1) * tcfg.epochs_per_stage,
@@ -437,13 +437,14 @@ class Trainer:
                 if record.get(k) is not None:
                     self._tb.add_scalar(f"train/{k}", record[k], record["step"])
 
-    def _trace(self, step: int, batch: _Batch) -> None:
+    def _trace(self, step: int, micro: int, batch: _Batch) -> None:
+        """--debug: one line per micro-step (the update it belongs to, its index in it, this process's rows)."""
         if not self.trace_rows:
             return
         folder = os.path.join(self.tcfg.out, "debug")
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, f"rows.process_{self.pid}.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, "process": self.pid, "epoch": batch.epoch,
+            f.write(json.dumps({"step": step, "micro": micro, "process": self.pid, "epoch": batch.epoch,
                                 "rows": [int(r) for r in batch.rows]}) + "\n")
 
     def _open_tensorboard(self):
@@ -476,13 +477,13 @@ class Trainer:
             raise TrainingStopped(f"{msg}; the last good checkpoint ({last}) is kept in {where}")
         losses.append(loss)
         b = p.batch
-        tokens = b.tokens * self.nproc
+        tokens = p.tokens * self.nproc
         record = {"step": p.step, "stage": p.stage, "epoch": b.epoch, "loss": loss, "lr": float(values["lr"]),
-                  "grad_norm": float(values["grad_norm"]), "n_latent": b.host.n, "tokens": tokens,
-                  "tokens_per_s": tokens / dt, "step_time_s": dt,
-                  "mfu": (b.flops / dt / (self._peak * self._ndev)) if (b.flops and self._peak) else None}
+                  "grad_norm": float(values["grad_norm"]), "n_latent": b.host.n, "rows": self.tcfg.batch_size,
+                  "micro_steps": self.tcfg.grad_accum, "tokens": tokens, "tokens_per_s": tokens / dt,
+                  "step_time_s": dt,
+                  "mfu": (p.flops / dt / (self._peak * self._ndev)) if (p.flops and self._peak) else None}
         self._log(record)
-        self._trace(p.step, b)
         bar.update(1)
         if p.step % self.tcfg.log_every == 0:
             self.ckpts.poll()  # a failed asynchronous checkpoint write surfaces here, not much later
@@ -497,27 +498,38 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def _run_stage(self, stage: int, position: dict | None, step: int) -> tuple[int, list, bool, str | None]:
-        """Train one stage from `position` (None: its start); (step, losses, stage finished, stop reason)."""
+        """Train one stage from `position` (None: its start); (step, losses, stage finished, stop reason).
+
+        Every micro-batch is one call of the step; every `grad_accum`-th closes an optimiser update, and only
+        there are steps counted, metrics read, checkpoints written and stops taken (an epoch is a whole number
+        of updates, so a stage ends on one).
+        """
         from tqdm.auto import tqdm
 
         tcfg = self.tcfg
         it = self.iterator(stage)
         if position:
             it.load_state_dict(self._position_for(position, it))
-        done = (it.epoch - stage * tcfg.epochs_per_stage) * it.steps_per_epoch + it.step
-        bar = tqdm(total=tcfg.epochs_per_stage * it.steps_per_epoch, initial=done, desc=f"stage {stage}",
-                   disable=self.pid != 0, leave=False)
+        done = ((it.epoch - stage * tcfg.epochs_per_stage) * it.steps_per_epoch + it.step) // tcfg.grad_accum
+        bar = tqdm(total=tcfg.epochs_per_stage * it.steps_per_epoch // tcfg.grad_accum, initial=done,
+                   desc=f"stage {stage}", disable=self.pid != 0, leave=False)
         feed = Prefetcher(self._positions(it), self._prepare, depth=self.prefetch_depth)
         losses: list[float] = []
         pending, finished, stop = None, False, None
+        micro, tokens, flops = 0, 0, 0.0
         self._t_done = time.perf_counter()
         try:
             for b in feed:
                 self.state, metrics = self.compiled_step(b.arrays)(self.state, self.frozen, b.arrays)
+                self._trace(step + 1, micro, b)
+                micro, tokens, flops = micro + 1, tokens + b.tokens, flops + b.flops
+                if micro < tcfg.grad_accum:
+                    continue
                 step += 1
                 if pending is not None:
                     self._finish_step(pending, bar, losses)
-                pending = _Pending(step, stage, b, metrics)
+                pending = _Pending(step, stage, b, metrics, tokens, flops)
+                micro, tokens, flops = 0, 0, 0.0
                 finished = b.last
                 at_max = tcfg.max_steps is not None and step >= tcfg.max_steps
                 stop = "max_steps" if at_max else self._stop_requested(step)

@@ -9,7 +9,6 @@ While the state is created, every new live array is sampled per device (`DeviceB
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +20,7 @@ from ivtlr_jax.config import TrainConfig
 from ivtlr_jax.models import spec as sp
 from ivtlr_jax.models.base import Backbone
 from ivtlr_jax.train.lora import init_lora, lora_spec
-from ivtlr_jax.train.step import TrainState, tree_bytes_per_device
+from ivtlr_jax.train.step import GradAccum, TrainState, empty_accum, tree_bytes_per_device
 
 
 @dataclasses.dataclass
@@ -80,7 +79,10 @@ def state_layout(bb: Backbone, tcfg: TrainConfig, mesh, tx, dtype) -> StateLayou
                                    is_leaf=lambda x: x is None)
     opt = jax.tree.map(lambda s, shd: _sds(s.shape, s.dtype, shd), opt, opt_sh)
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-    state = TrainState(_sds((), jnp.int32, rep), trainable, opt, _sds(key.shape, key.dtype, rep))
+    accum = None
+    if tcfg.grad_accum > 1:  # the update's gradient sum, sharded like the trainable leaves
+        accum = GradAccum(trainable, _sds((), jnp.float32, rep), _sds((), jnp.float32, rep), _sds((), jnp.int32, rep))
+    state = TrainState(_sds((), jnp.int32, rep), trainable, opt, _sds(key.shape, key.dtype, rep), accum)
     return StateLayout(frozen, state, adapter_spec)
 
 
@@ -109,18 +111,9 @@ class DeviceBytes:
 
 def _restore_params(ckpt_dir: str, spec, targets, subdir: str | None = None):
     """Read the non-None leaves of `targets` (spec-shaped) from a checkpoint's params/ (or `subdir`), shard by shard."""
-    import orbax.checkpoint as ocp
+    from ivtlr_jax.convert.checkpoint import restore_sharded
 
-    from ivtlr_jax.convert.checkpoint import PARAMS_DIR
-
-    wanted = {n: t for n, t in sp.named_leaves(spec, targets).items() if t is not None}
-    args = {n: ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=t.sharding, dtype=t.dtype, global_shape=t.shape)
-            for n, t in wanted.items()}
-    restored = ocp.PyTreeCheckpointer().restore(
-        os.path.join(os.path.abspath(ckpt_dir), subdir or PARAMS_DIR),
-        args=ocp.args.PyTreeRestore(item=sp.nest({n: 0 for n in wanted}), restore_args=sp.nest(args),
-                                    partial_restore=True))
-    return sp.from_named(spec, sp.unnest(restored, wanted))
+    return restore_sharded(ckpt_dir, spec, targets, subdir)
 
 
 def _init_params(spec, targets, seed: int):
@@ -210,7 +203,11 @@ def create_train_state(bb: Backbone, tcfg: TrainConfig, mesh, tx, dtype, init_ck
         monitor.sample()
         step = jax.device_put(jnp.zeros((), jnp.int32), rep)
         rng = jax.device_put(jax.random.PRNGKey(tcfg.seed), rep)
-        state = TrainState(step, trainable, opt_state, rng)
+        accum = None
+        if layout.state.accum is not None:
+            accum_sh = jax.tree.map(lambda s: s.sharding, layout.state.accum)
+            accum = jax.jit(empty_accum, out_shardings=accum_sh)(trainable)
+        state = TrainState(step, trainable, opt_state, rng, accum)
         monitor.sample()
     report = {**layout.report(), "state_peak_bytes_per_device": monitor.peak}
     return state, frozen, report, layout

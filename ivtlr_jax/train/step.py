@@ -10,8 +10,9 @@ import numpy as np
 import optax
 from flax import struct
 
+from ivtlr_jax import sharding as sh
 from ivtlr_jax.config import LatentConfig, TrainConfig
-from ivtlr_jax.latent import LatentBatch, latent_loss
+from ivtlr_jax.latent import IGNORE, LatentBatch, latent_loss
 from ivtlr_jax.models import spec as sp
 from ivtlr_jax.models.base import Backbone
 from ivtlr_jax.train.lora import apply_lora
@@ -19,10 +20,21 @@ from ivtlr_jax.train.lora import apply_lora
 
 @struct.dataclass
 class TrainState:
-    step: Any  # () int32: micro-steps taken
+    step: Any  # () int32: optimiser updates taken
     trainable: Any  # LoRA adapters, or the params tree with only the trainable leaves (None elsewhere), float32
     opt_state: Any
     rng: Any
+    accum: Any = None  # grad_accum > 1: the update's GradAccum so far (between updates), else None
+
+
+@struct.dataclass
+class GradAccum:
+    """The micro-steps of one optimiser update so far: summed token-loss gradients, loss and labelled tokens."""
+
+    grads: Any  # like `trainable`, float32: sum over micro-steps of d(sum of token losses)
+    loss: Any  # () float32: sum of token losses
+    tokens: Any  # () float32: labelled tokens
+    micro: Any  # () int32: micro-steps taken in this update
 
 
 def compute_dtype(tcfg: TrainConfig, platform: str | None = None):
@@ -34,7 +46,8 @@ def compute_dtype(tcfg: TrainConfig, platform: str | None = None):
 
 
 def make_optimizer(tcfg: TrainConfig, total_steps: int):
-    """AdamW with global-norm clipping, optional warmup and decay; gradient accumulation via MultiSteps."""
+    """AdamW with global-norm clipping, optional warmup and decay, stepped once per optimiser update (the train
+    step accumulates `grad_accum` micro-steps itself, see `make_train_step`)."""
     total = max(int(total_steps), 1)
     warm = min(tcfg.warmup_steps, total)
     if tcfg.schedule == "constant":
@@ -48,8 +61,6 @@ def make_optimizer(tcfg: TrainConfig, total_steps: int):
         optax.clip_by_global_norm(tcfg.clip),
         optax.adamw(schedule, b1=tcfg.beta1, b2=tcfg.beta2, weight_decay=tcfg.weight_decay),
     )
-    if tcfg.grad_accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=tcfg.grad_accum)
     return tx, schedule
 
 
@@ -89,25 +100,90 @@ def batch_loss(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, rem
     return latent_loss(bb, params, lcfg, batch, remat, attention)
 
 
+def micro_batch_size(tcfg: TrainConfig, processes: int = 1, data_parallel: int = 1) -> int:
+    """Rows of one micro-step: batch_size (rows per optimiser update) / grad_accum; ValueError (one line) when
+    it does not split evenly over the processes and the mesh's data-parallel devices."""
+    if tcfg.batch_size % tcfg.grad_accum:
+        raise ValueError(f"batch_size={tcfg.batch_size} (rows per optimiser update) does not divide into "
+                         f"grad_accum={tcfg.grad_accum} micro-steps; use a batch_size that is a multiple of it")
+    micro = tcfg.batch_size // tcfg.grad_accum
+    need = np.lcm(processes, data_parallel)
+    if micro % need:
+        raise ValueError(f"a micro-step of batch_size/grad_accum = {tcfg.batch_size}/{tcfg.grad_accum} = {micro} "
+                         f"rows does not divide over {processes} process(es) and {data_parallel} data-parallel "
+                         f"device(s); make batch_size/grad_accum a multiple of {need}")
+    return micro
+
+
+def labelled_tokens(labels):
+    """Tokens the loss counts: positions whose next token is labelled (as in `cross_entropy`)."""
+    return jnp.sum(labels[:, 1:] != IGNORE).astype(jnp.float32)
+
+
 def make_train_step(bb: Backbone, lcfg: LatentConfig, tcfg: TrainConfig, tx, schedule, dtype):
-    """(state, frozen, batch) -> (new state, metrics). One function for every n (n is static in the batch)."""
+    """(state, frozen, micro-batch) -> (new state, metrics): one micro-step; every `grad_accum`-th applies the update.
+
+    The update is the gradient of the mean token loss over all rows of its micro-steps: each micro-step adds
+    the gradient of its summed token losses, and the update divides by the labelled tokens of them all, so
+    grad_accum micro-steps equal one step over the same rows. One function for every n (static in the batch).
+    `metrics` hold the update's loss (over its micro-steps so far), its gradient norm and learning rate.
+    """
+    accumulate = tcfg.grad_accum > 1
 
     def loss_fn(trainable, frozen, batch, key):
         params = assemble_params(bb, trainable, frozen, tcfg, dtype, key)
         return batch_loss(bb, params, lcfg, batch, tcfg.remat, tcfg.attention)
 
-    def step(state: TrainState, frozen, batch: LatentBatch):
-        rng, key = jax.random.split(state.rng)
-        loss, grads = jax.value_and_grad(loss_fn)(state.trainable, frozen, batch, key)
+    def summed_loss(trainable, frozen, batch, key):
+        tokens = labelled_tokens(batch.labels)
+        return loss_fn(trainable, frozen, batch, key) * tokens, tokens
+
+    def apply(state: TrainState, grads, loss, tokens):
+        grads = jax.tree.map(lambda g: g / jnp.maximum(tokens, 1.0), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        opt_steps = state.step // tcfg.grad_accum
-        new = TrainState(state.step + 1, trainable, opt_state, rng)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(opt_steps)}
-        return new, metrics
+        metrics = {"loss": loss / jnp.maximum(tokens, 1.0), "grad_norm": optax.tree.norm(grads),
+                   "lr": schedule(state.step)}
+        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+    def step(state: TrainState, frozen, batch: LatentBatch):
+        rng, key = jax.random.split(state.rng)
+        (loss, tokens), grads = jax.value_and_grad(summed_loss, has_aux=True)(state.trainable, frozen, batch, key)
+        state = state.replace(rng=rng)
+        if not accumulate:
+            return apply(state, grads, loss, tokens)
+        acc = state.accum
+        acc = GradAccum(jax.tree.map(jnp.add, acc.grads, grads), acc.loss + loss, acc.tokens + tokens, acc.micro + 1)
+
+        def update(_):
+            new, metrics = apply(state, acc.grads, acc.loss, acc.tokens)
+            return new.replace(accum=empty_accum(state.trainable)), metrics
+
+        def wait(_):
+            metrics = {"loss": acc.loss / jnp.maximum(acc.tokens, 1.0), "grad_norm": jnp.zeros((), jnp.float32),
+                       "lr": schedule(state.step)}
+            return state.replace(accum=acc), metrics
+
+        return jax.lax.cond(acc.micro == tcfg.grad_accum, update, wait, None)
 
     step.loss_fn = loss_fn  # (trainable, frozen, batch, key) -> loss: what the step differentiates
     return step
+
+
+def empty_accum(trainable) -> GradAccum:
+    """A GradAccum with nothing accumulated (zeros like the trainable leaves)."""
+    return GradAccum(jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((), jnp.float32),
+                     jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+
+
+def build_train_step(bb: Backbone, lcfg: LatentConfig, tcfg: TrainConfig, tx, schedule, dtype, layout, mesh):
+    """The sharded, jitted train step the trainer runs and the dry run compiles: one builder for both.
+
+    `layout` is the run's `StateLayout` (state and frozen shardings); the state is donated.
+    """
+    fn = make_train_step(bb, lcfg, tcfg, tx, schedule, dtype)
+    return jax.jit(fn, in_shardings=(layout.state_shardings, layout.frozen_shardings, None),
+                   out_shardings=(layout.state_shardings, sh.replicated(mesh)), donate_argnums=(0,))
 
 
 def model_flops(bb: Backbone, tcfg: TrainConfig, batch: LatentBatch) -> float:
