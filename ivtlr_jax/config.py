@@ -1,13 +1,20 @@
 """Plain dataclasses: backbone configs (read from Hugging Face config.json files), prompt formats and options.
 
 Each backbone config carries `model_type`; `model_config_from_dict` picks the class from it.
+Every config class coerces its values to the field types on construction (`coerce`: PyYAML reads `1e-3`
+as a string), and `config_from_dict` builds any of them, nested sections included, from a mapping.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import numbers
 import os
+import types
+import typing
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -18,6 +25,140 @@ SUPPORTED_DTYPES = ("float32", "bfloat16")
 ATTENTION_CHOICES = ("auto", "xla", "cudnn", "pallas", "dense")
 # layer rematerialisation: auto = by model size (models.layers.resolve_remat); full keeps least memory
 REMAT_CHOICES = ("auto", "full", "dots_except_mlp", "dots", "none")
+
+
+# ----------------------------------------------------------------------------- coercion
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+_TYPE_NAMES = {int: "an int", float: "a float", bool: "a bool (true or false)", str: "a string"}
+
+
+def _expected(tp) -> str:
+    """How an error names the type a value should have: 'a float', 'an int or null', 'a list of ints'."""
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} fields"
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a) for a in sorted(args, key=lambda a: a is type(None)))
+    if typing.get_origin(tp) is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_expected(args[0]).split(' ', 1)[1].split(' (')[0]}s"
+        kinds = {_expected(a).split(" ", 1)[1].split(" (")[0] for a in args}
+        return f"a list of {len(args)} {kinds.pop()}s" if len(kinds) == 1 else f"a list of {len(args)} values"
+    return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _scalar(value, tp):
+    """value as int, float, bool or str, or None when it is not one (bools are not numbers here)."""
+    is_bool = isinstance(value, (bool, np.bool_))
+    text = value.strip() if isinstance(value, str) else None
+    if tp is bool:
+        if is_bool or (isinstance(value, numbers.Integral) and value in (0, 1)):
+            return bool(value)
+        return _BOOL_WORDS.get(text.lower()) if text is not None else None
+    if is_bool:
+        return None
+    if tp is int:
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        if text is not None:
+            try:
+                return int(text)
+            except ValueError:
+                pass
+        try:
+            f = float(text if text is not None else value)
+        except (TypeError, ValueError):
+            return None
+        return int(f) if f.is_integer() else None
+    if tp is float:
+        if isinstance(value, numbers.Real):
+            return float(value)
+        try:
+            return float(text) if text is not None else None
+        except ValueError:
+            return None
+    if tp is str:
+        return value if isinstance(value, str) else str(value) if isinstance(value, numbers.Real) else None
+    raise TypeError(f"no coercion to {tp!r}")
+
+
+def coerce(value, tp, key: str, shown=None):
+    """`value` as the type annotation `tp` names (int, float, bool, str, tuples, X | None, a config
+    dataclass from a mapping, Any); a ValueError naming `key`, the value and the type when it cannot be."""
+    if tp is Any or type(value) is tp:  # already right (fast path: configs are built often)
+        return value
+    shown = tp if shown is None else shown
+    bad = ValueError(f"{key}: {value!r} is not {_expected(shown)}")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return coerce(value, options[0], key, shown)
+        for a in options:
+            try:
+                return coerce(value, a, key)
+            except ValueError:
+                pass
+        raise bad
+    if value is None:
+        raise bad
+    if origin is tuple:
+        if isinstance(value, (str, bytes, Mapping)):
+            raise bad
+        items = value.tolist() if isinstance(value, np.ndarray) else value
+        items = list(items) if isinstance(items, (list, tuple)) else None
+        if len(args) == 2 and args[1] is Ellipsis:
+            if isinstance(value, tuple) and all(type(v) is args[0] for v in value):
+                return value
+            items = [value] if items is None else items  # one value: a list of one
+            return tuple(coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items))
+        if items is None or len(items) != len(args):
+            raise bad
+        return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(items, args)))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, Mapping):
+            return config_from_dict(tp, value, prefix=f"{key}.")
+        raise bad
+    if tp in (int, float, bool, str):
+        out = _scalar(value, tp)
+        if out is None:
+            raise bad
+        return out
+    if isinstance(value, tp):
+        return value
+    raise bad
+
+
+@functools.cache
+def _field_hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def coerce_fields(obj) -> None:
+    """Coerce every field of a config dataclass to its annotated type, in place (frozen ones included)."""
+    hints = _field_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        object.__setattr__(obj, f.name, coerce(getattr(obj, f.name), hints[f.name], f.name))
+
+
+def config_from_dict(cls, d: Mapping, prefix: str = ""):
+    """A config dataclass from a mapping (YAML, JSON, flags): unknown keys refused, every value coerced to its
+    field's type (nested sections too; errors name the key as `section.key`)."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{prefix.rstrip('.') or cls.__name__}: {d!r} is not {_expected(cls)}")
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown key(s) {[prefix + str(k) for k in unknown]} for {cls.__name__}; valid keys: "
+                         f"{sorted(names)}")
+    hints = _field_hints(cls)
+    return cls(**{k: coerce(v, hints[k], prefix + k) for k, v in d.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +179,7 @@ class PromptFormat:
     answer_format: str = "letter"
 
     def __post_init__(self):
+        coerce_fields(self)
         if self.style not in ("chat", "plain"):
             raise ValueError(f"PromptFormat.style={self.style!r} is not valid; use 'chat' or 'plain'")
         if self.answer_format not in ("letter", "index"):
@@ -61,6 +203,9 @@ class VisionConfig:
     spatial_merge_size: int = 2
     out_hidden_size: int = 3584  # the merger's output width = the LLM's hidden size
     rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        coerce_fields(self)
 
     @property
     def head_dim(self) -> int:
@@ -110,6 +255,7 @@ class ModelConfig:
         return self.hidden_size // self.num_attention_heads
 
     def __post_init__(self):
+        coerce_fields(self)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} must be divisible by num_attention_heads="
@@ -140,13 +286,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        d = dict(d)
-        d.pop("model_type", None)
-        vision = VisionConfig(**d.pop("vision", {}))
-        for key in ("mrope_section", "eos_token_id"):
-            if key in d and d[key] is not None:
-                d[key] = tuple(d[key])
-        return cls(vision=vision, **d)
+        """From `to_dict()` or a YAML `model:` section; values coerced to the field types."""
+        return config_from_dict(cls, {k: v for k, v in d.items() if k != "model_type"})
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -246,10 +387,7 @@ class VQConfig:
     attn_type: str = "vanilla"
 
     def __post_init__(self):
-        for name in ("channel_multiplier", "attn_resolutions"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, tuple):
-                object.__setattr__(self, name, tuple(int(v) for v in value))
+        coerce_fields(self)
 
     @property
     def latent_size(self) -> int:
@@ -319,10 +457,7 @@ class ChameleonConfig:
     vq: VQConfig = dataclasses.field(default_factory=VQConfig)
 
     def __post_init__(self):
-        if not isinstance(self.image_vocab, tuple):
-            object.__setattr__(self, "image_vocab", tuple(int(v) for v in self.image_vocab))
-        if not isinstance(self.eos_token_id, tuple):
-            object.__setattr__(self, "eos_token_id", tuple(np.atleast_1d(self.eos_token_id).tolist()))
+        coerce_fields(self)
         if self.position_mode not in (None, "sequential"):
             raise ValueError(f"position_mode={self.position_mode!r} is not valid for Chameleon; use 'sequential' or "
                              "None (1-D RoPE has no other rule)")
@@ -345,13 +480,8 @@ class ChameleonConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ChameleonConfig:
-        d = dict(d)
-        d.pop("model_type", None)
-        vq = VQConfig(**d.pop("vq", {}))
-        for key in ("eos_token_id", "image_vocab"):
-            if key in d and d[key] is not None:
-                d[key] = tuple(d[key])
-        return cls(vq=vq, **d)
+        """From `to_dict()` or a YAML `model:` section; values coerced to the field types."""
+        return config_from_dict(cls, {k: v for k, v in d.items() if k != "model_type"})
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -429,7 +559,8 @@ class LatentConfig:
     latent_grad: str = "stop"  # or "full": back-propagate through every latent step
 
     def __post_init__(self):
-        if not isinstance(self.k, int) or self.k < 0:
+        coerce_fields(self)
+        if self.k < 0:
             raise ValueError(f"k={self.k!r} must be an integer >= 0 (image embeddings per latent step)")
         choices = {
             "position_mode": ("sequential", "mrope"),
@@ -505,6 +636,7 @@ class TrainConfig:
     num_workers: int = 2
 
     def __post_init__(self):
+        coerce_fields(self)
         if self.finetune not in ("lora", "full"):
             raise ValueError(f"finetune={self.finetune!r} is not valid; use 'lora' or 'full'")
         if self.schedule not in ("constant", "cosine", "linear"):
@@ -519,9 +651,13 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.stages is not None:
-            self.stages = tuple(int(s) for s in self.stages)
             if any(s < 0 for s in self.stages):
                 raise ValueError(f"stages={list(self.stages)} must be >= 0")
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> TrainConfig:
+        """From YAML values and flags: unknown keys refused, every value coerced to its field's type."""
+        return config_from_dict(cls, d)
 
     def latent(self, default_k: int = 32) -> LatentConfig:
         """The latent options; `default_k` (the backbone's) when k is not set."""

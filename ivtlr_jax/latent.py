@@ -4,7 +4,9 @@ Final sequence per row: prefix, V_0, h_0, ..., V_{n-1}, h_{n-1}, suffix, where V
 embeddings the last query attended to most (not used before) and h_t the final-norm hidden state of
 the previous chunk's last position. The KV cache makes the total decoder work one pass over it.
 The batch is a `LatentBatch`, made once on the host and used unchanged by `latent_forward`, the
-train step and `generate`.
+train step and `generate`. Decoder calls are numbered (prefix 0, chunk t 1 + t, suffix 1 + n) and the
+params are passed through `for_call` with that number: per-call state such as dropout keys is fresh
+for every call, whatever the trainer wrapped the layers with.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from flax import struct
 
 from ivtlr_jax.config import LatentConfig
 from ivtlr_jax.models.base import Backbone, Embedded
-from ivtlr_jax.models.layers import acc_dtype
+from ivtlr_jax.models.layers import acc_dtype, for_call
 
 IGNORE = -100
 LOSS_CHUNK = 128  # positions per block of the chunked training loss (memory O(B * LOSS_CHUNK * V))
@@ -107,7 +109,6 @@ def make_latent_batch(bb: Backbone, lcfg: LatentConfig, input_ids, attention_mas
     labels = np.asarray(labels).astype(np.int32)
     if labels.shape != ids.shape:
         raise ValueError(f"labels has shape {labels.shape}; it must equal input_ids' {ids.shape} (use -100 to ignore)")
-    images = bb.prepare_images(ids, mask, pixel_values, image_grid_thw)
     latent_id = cfg.latent_token_id
     if latent_id is None and not allow_no_latent_token:
         raise ValueError(
@@ -115,6 +116,15 @@ def make_latent_batch(bb: Backbone, lcfg: LatentConfig, input_ids, attention_mas
             "`python tools/convert_weights.py --add-latent-tokens`"
         )
     n, p = latent_token_layout(latent_id, ids, mask)
+    late = ((ids[:, p:] == cfg.image_token_id) & mask[:, p:]).any(1)  # only the prefix is embedded with images
+    if late.any():
+        bad = int(np.nonzero(late)[0][0])
+        raise ValueError(
+            f"row {bad}: image tokens (id {cfg.image_token_id}) come after the first <|latent|> (index {p}); they "
+            "would be read as the placeholder token, not the image: put every image in the prompt, before the "
+            "latent tokens"
+        )
+    images = bb.prepare_images(ids, mask, pixel_values, image_grid_thw)
     c = lcfg.chunk_len if n else 0
     prefix_ids, suffix_ids = ids[:, :p], ids[:, p + n :]
     valid = np.concatenate([mask[:, :p], np.ones((b, n * c), bool), mask[:, p + n :]], 1)
@@ -185,7 +195,7 @@ def latent_start(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, c
     kv_valid = _kv_valid(batch, cache_len)
     emb = bb.embed(params, batch.prefix_ids, batch.images)
     cache = bb.init_cache(b, cache_len, emb.embeds.dtype)
-    hidden, cache, attn = bb.decode(params, emb.embeds, batch.positions[:, :, :p], cache, 0, kv_valid,
+    hidden, cache, attn = bb.decode(for_call(params, 0), emb.embeds, batch.positions[:, :, :p], cache, 0, kv_valid,
                                     attn_row=True, remat=remat, attention=attention)
     carry = LatentCarry(cache, hidden[:, -1], attn, jnp.zeros(emb.image_valid.shape, bool))
     return hidden, emb, carry, kv_valid
@@ -210,8 +220,8 @@ def latent_step(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, em
     chunk = jnp.concatenate(parts, 1)  # (B, C, H)
     start = p + t * c
     cpos = jax.lax.dynamic_slice_in_dim(batch.positions, start, c, axis=2)
-    out, cache, attn = bb.decode(params, chunk, cpos, carry.cache, start, kv_valid, attn_row=True, remat=remat,
-                                 attention=attention, kv_len=p + batch.n * c)  # the slots before the suffix
+    out, cache, attn = bb.decode(for_call(params, 1 + t), chunk, cpos, carry.cache, start, kv_valid, attn_row=True,
+                                 remat=remat, attention=attention, kv_len=p + batch.n * c)  # slots before the suffix
     return LatentCarry(cache, out[:, -1], attn, used), (out, idx.astype(jnp.int32))
 
 
@@ -238,8 +248,8 @@ def suffix_hidden(bb: Backbone, params, batch: LatentBatch, hidden, cache, remat
     if not batch.suffix_ids.shape[1]:
         return hidden
     emb = bb.token_embed(params, batch.suffix_ids)
-    out, _, _ = bb.decode(params, emb, batch.positions[:, :, start:], cache, start, batch.kv_valid, remat=remat,
-                          attention=attention)
+    out, _, _ = bb.decode(for_call(params, 1 + batch.n), emb, batch.positions[:, :, start:], cache, start,
+                          batch.kv_valid, remat=remat, attention=attention)
     return jnp.concatenate([hidden, out], 1)
 
 

@@ -303,3 +303,62 @@ def test_preset_xla_flags_are_known_to_this_jaxlib():
     out = subprocess.run([sys.executable, "-c", "import jax; print(jax.device_count())"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- masks with holes, right padding
+HOLES = [[0] * 3 + [1] * 6 + [0] * 2 + [1] * 9 + [0, 1, 1, 0], [1] * 4 + [0] + [1] * 10 + [0] * 3 + [1] * 6]
+
+
+@pytest.mark.parametrize("attention", ["xla", "pallas"])
+def test_fused_prefill_with_holes_in_the_mask_equals_dense(attention):
+    """Real tokens need not be one run: a mask with holes gives the dense path's hidden states, cache and row."""
+    if attention == "pallas":
+        from jax.experimental.pallas import tpu as pltpu
+
+        d = dims(kv_heads=1)
+    else:
+        d = dims()
+    params = decoder_params(d)
+    embeds, pos, kv_valid = inputs(HOLES, d, extra=3)
+    want = run(d, params, embeds, pos, kv_valid, "dense", cache_len=27)
+    if attention == "pallas":
+        with pltpu.force_tpu_interpret_mode():
+            got = run(d, params, embeds, pos, kv_valid, "pallas", cache_len=27)
+    else:
+        got = run(d, params, embeds, pos, kv_valid, "xla", cache_len=27)
+    valid = np.asarray(kv_valid[:, :24])
+    np.testing.assert_allclose(np.asarray(got[0])[valid], np.asarray(want[0])[valid], atol=1e-4, rtol=1e-4)
+    for a, b in ((want[1].k, got[1].k), (want[1].v, got[1].v)):
+        np.testing.assert_allclose(np.asarray(b)[:, :, :24][:, valid], np.asarray(a)[:, :, :24][:, valid], atol=1e-5)
+    assert np.abs(np.asarray(got[2]) - np.asarray(want[2])).max() <= 1e-6  # rows of the last real queries
+
+
+def test_attention_row_on_right_padding_is_the_last_real_tokens(tiny_pair):
+    """Right-padded input: the row (fused and dense) is the last real token's, as transformers' eager attentions
+    averaged over layers and heads at that query."""
+    import torch
+
+    hf, m = tiny_pair
+    bb = m.backbone
+    ids = np.zeros((2, 30), np.int64)
+    mask = np.zeros_like(ids)
+    for r, n in enumerate((23, 30)):
+        ids[r, :n] = np.arange(5, 5 + n) + 3 * r
+        mask[r, :n] = 1
+    pos = bb.positions(ids, mask, None, "sequential")
+    emb = bb.embed(m.params, jnp.asarray(ids), None).embeds
+    rows = {}
+    for attention in ("xla", "dense"):
+        cache = bb.init_cache(2, 30, emb.dtype)
+        _, _, rows[attention] = jax.jit(bb.decode, static_argnames=("attn_row", "attention"), static_argnums=4)(
+            m.params, emb, jnp.asarray(pos), cache, 0, jnp.asarray(mask, bool), attn_row=True, attention=attention)
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(pos[:, 0]).long(), output_attentions=True)
+    att = torch.stack(out.attentions).mean((0, 2)).numpy()  # (B, S, S) layers and heads averaged
+    last = mask.sum(1) - 1
+    ref = att[np.arange(2), last]
+    for attention, row in rows.items():
+        assert np.abs(np.asarray(row) - ref).max() <= 1e-4, attention
+    assert np.abs(np.asarray(rows["xla"]) - np.asarray(rows["dense"])).max() <= 1e-6
+    assert (np.asarray(rows["xla"])[0, 23:] == 0).all()

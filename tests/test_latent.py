@@ -280,3 +280,35 @@ def test_repadded_batch_gives_the_same_loss(lm, mode):
     np.testing.assert_array_equal(a.selected, b.selected)
     valid = make_latent_batch(m.backbone, LatentConfig(k=4), ids, mask, labels, pv, grid).kv_valid  # real tokens
     np.testing.assert_allclose(b.logits[:, 5:5 + a.logits.shape[1]][valid], a.logits[valid], atol=1e-4)
+
+
+def test_image_after_the_first_latent_token_is_refused(lm):
+    """Only the prefix is embedded with images: image tokens in the suffix are an error naming the row."""
+    _, m = lm
+    ids, mask, labels, pv, grid = latent_batch(2)
+    p = int(np.argmax(ids[0] == LATENT))
+    late = np.concatenate([ids[:, :p], ids[:, p:p + 2], np.full((2, 2), 290), ids[:, p + 2:]], 1)
+    mask2 = np.concatenate([mask[:, :p + 2], np.ones((2, 2), mask.dtype), mask[:, p + 2:]], 1)
+    late[0, p + 2:p + 4] = 30  # row 1 only
+    with pytest.raises(ValueError, match=r"^row 1: image tokens \(id 290\) come after the first <\|latent\|>") as e:
+        make_latent_batch(m.backbone, LatentConfig(k=4), late, mask2)
+    assert "\n" not in str(e.value) and "before the latent tokens" in str(e.value)
+
+
+def test_mask_with_holes_gives_the_dense_result(lm):
+    """A prompt whose real tokens are not one run (a masked token inside it): the fused prefill (xla) gives the
+    dense path's loss, logits and selections."""
+    _, m = lm
+    ids, mask, labels, pv, grid = latent_batch(2)
+    holes = mask.copy()
+    first = int(np.argmax(mask[0]))
+    holes[0, first + 1] = 0  # row 0: its second prompt token masked out
+    holes[1, -3] = 0  # row 1: a hole in the suffix too
+    labels = np.where(holes > 0, labels, -100)
+    lcfg = LatentConfig(k=4)
+    a = latent_forward(m.backbone, m.params, lcfg, ids, holes, labels, pv, grid, attention="xla")
+    b = latent_forward(m.backbone, m.params, lcfg, ids, holes, labels, pv, grid, attention="dense")
+    np.testing.assert_array_equal(np.asarray(a.selected), np.asarray(b.selected))
+    assert abs(float(a.loss) - float(b.loss)) <= 1e-5 * abs(float(b.loss))
+    valid = make_latent_batch(m.backbone, lcfg, ids, holes, labels, pv, grid).kv_valid
+    np.testing.assert_allclose(np.asarray(a.logits)[valid], np.asarray(b.logits)[valid], atol=1e-4)

@@ -103,6 +103,18 @@ class Linear:
         return y
 
 
+def _per_call(x) -> bool:
+    return callable(getattr(type(x), "fold_in", None))
+
+
+def for_call(params, i):
+    """params for decoder call `i` (an int or a traced index): every node with a `fold_in(i)` method (a
+    trainer's layer wrapper holding dropout keys) is replaced by what it returns, so every call (prefix,
+    each latent chunk, suffix) draws fresh dropout masks, as PEFT does per forward call. A plain params
+    tree comes back unchanged."""
+    return jax.tree.map(lambda x: x.fold_in(i) if _per_call(x) else x, params, is_leaf=_per_call)
+
+
 @struct.dataclass
 class LayerNorm:
     scale: Any
@@ -300,17 +312,29 @@ def _head_norm(x, p: LayerNorm | None, eps: float):
 
 
 # ----------------------------------------------------------------------------- attention
-def _roll_rows(x, shift):
-    """x (B, T, ...) with row b rotated left by shift[b]: out[b, i] = x[b, (i + shift[b]) % T]."""
-    t = x.shape[1]
-    idx = (jnp.arange(t)[None, :] + shift[:, None]) % t  # (B, T)
+def _gather_rows(x, idx):
+    """x (B, T, ...) with each row reordered: out[b, j] = x[b, idx[b, j]]."""
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def valid_run(valid):
-    """(start, length) (B,) int32 of each row's one contiguous run of valid slots (length >= 1)."""
-    start = jnp.argmax(valid, axis=1).astype(jnp.int32)
-    return start, jnp.maximum(valid.sum(1), 1).astype(jnp.int32)
+def compact_order(valid):
+    """Each row's real slots first, in order, then its pads: (src, dest, length), (B, T), (B, T), (B,) int32.
+
+    src[b, j] is the slot moved to place j, dest its inverse; length the real slots (at least 1). Any mask
+    works (left or right padding, or holes), so a fused kernel that takes sequence lengths sees every row's
+    real tokens as one run starting at 0, in their causal order.
+    """
+    t = valid.shape[1]
+    length = valid.sum(1, dtype=jnp.int32)
+    dest = jnp.where(valid, jnp.cumsum(valid, 1) - 1, length[:, None] + jnp.cumsum(~valid, 1) - 1).astype(jnp.int32)
+    src = jnp.zeros_like(dest).at[jnp.arange(valid.shape[0])[:, None], dest].set(jnp.arange(t, dtype=jnp.int32))
+    return src, dest, jnp.maximum(length, 1)
+
+
+def last_real_index(valid):
+    """(B,) int32 index of each row's last real slot (the last slot when a row has none)."""
+    t = valid.shape[1]
+    return (t - 1 - jnp.argmax(valid[:, ::-1], axis=1)).astype(jnp.int32)
 
 
 def _pallas_flash(q, k, v, valid):
@@ -331,21 +355,21 @@ def _pallas_flash(q, k, v, valid):
     return o.transpose(0, 2, 1, 3)[:, :t]
 
 
-def causal_self_attention(q, k, v, valid, impl: str):
+def causal_self_attention(q, k, v, valid, impl: str, order=None):
     """Causal attention of a chunk over itself (nothing cached before it) with a fused kernel.
 
-    q (B, T, N, hd), k/v (B, T, KV, hd) in the compute dtype; valid (B, T) holds one contiguous run of real
-    tokens per row (left and/or right padding). The mask each kernel takes: xla/cudnn rotate every row so
-    its run starts at slot 0, then `is_causal` plus query/key sequence lengths (cuDNN's PADDING_CAUSAL),
-    and rotate the output back; pallas gives the run segment id 1 and the pads 0. Pad queries return 0.
+    q (B, T, N, hd), k/v (B, T, KV, hd) in the compute dtype; valid (B, T) any mask of real tokens (left
+    and/or right padding, holes): query t sees the real keys <= t. The mask each kernel takes: xla/cudnn
+    move every row's real tokens to the front in order (`compact_order`, or `order` if given), then
+    `is_causal` plus query/key sequence lengths (cuDNN's PADDING_CAUSAL), and put the output back; pallas
+    gives real tokens segment id 1 and pads 0. Pad queries return 0.
     """
-    t = q.shape[1]
     if impl in ("xla", "cudnn"):
-        start, length = valid_run(valid)
-        o = jax.nn.dot_product_attention(_roll_rows(q, start), _roll_rows(k, start), _roll_rows(v, start),
+        src, dest, length = compact_order(valid) if order is None else order
+        o = jax.nn.dot_product_attention(_gather_rows(q, src), _gather_rows(k, src), _gather_rows(v, src),
                                          is_causal=True, query_seq_lengths=length, key_value_seq_lengths=length,
                                          implementation=impl)
-        o = _roll_rows(o, (t - start) % t)
+        o = _gather_rows(o, dest)
     elif impl == "pallas":
         o = _pallas_flash(q, k, v, valid)
     else:
@@ -375,7 +399,7 @@ def cached_attention(q, k, v, ck, cv, past_valid, valid, attn_row: bool):
     may be read (S static, only those are read; None: nothing cached), past_valid (B, S) the ones holding
     earlier real tokens; valid (B, T) the chunk's real tokens (query t sees chunk keys <= t). Scores and
     softmax in float32.
-    Returns (o (B, T, N, hd), the last query's probabilities over [past; chunk] averaged over heads or None).
+    Returns (o (B, T, N, hd), the last real query's probabilities over [past; chunk] averaged over heads or None).
     """
     b, t, n, hd = q.shape
     nkv, s_len = k.shape[2], 0 if ck is None else ck.shape[1]
@@ -393,7 +417,10 @@ def cached_attention(q, k, v, ck, cv, past_valid, valid, attn_row: bool):
     if s_len:
         o = o + jnp.einsum("bkgts,bskd->btkgd", a[..., :s_len].astype(dtype), cv.astype(dtype),
                            preferred_element_type=f)
-    row = jax.lax.stop_gradient(a[:, :, :, -1, :].mean((1, 2))) if attn_row else None  # (B, S + T)
+    row = None
+    if attn_row:  # the row of each row's last real query (a pad on right-padded input is not one)
+        at = last_real_index(valid)[:, None, None, None, None]
+        row = jax.lax.stop_gradient(jnp.take_along_axis(a, at, axis=3)[:, :, :, 0].mean((1, 2)))  # (B, S + T)
     return o.astype(dtype).reshape(b, t, n, hd), row
 
 
@@ -404,13 +431,13 @@ def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cac
     embeds (B, T, H) go to cache slots [cache_index, cache_index + T); positions (B, R, T); kv_valid
     (B, max_len) marks slots holding real tokens. Query t sees valid slots <= cache_index + t.
     Attention (static `attention`, see resolve_attention): a chunk with nothing cached before it
-    (cache_index the Python int 0: prefill, a full pass) runs the fused kernel, its real tokens being one
-    contiguous run per row (left and/or right padding); a chunk after cached slots (latent chunks, the
+    (cache_index the Python int 0: prefill, a full pass) runs the fused kernel (any mask of real tokens:
+    left/right padding or holes); a chunk after cached slots (latent chunks, the
     suffix, decoding) runs dense attention over only the cache slots before it: [0, cache_index) when
     cache_index is a Python int, else [0, kv_len) (a static bound >= cache_index; default the whole cache).
     Returns (hidden after the final norm (B, T, H), new cache, attention row or None), where the
-    attention row (B, max_len) float32 is the last query's probabilities averaged over layers and heads
-    (computed without gradient).
+    attention row (B, max_len) float32 is the probabilities of each row's last real query of the chunk,
+    averaged over layers and heads (computed without gradient).
     """
     b, t, _ = embeds.shape
     max_len = cache.max_len
@@ -431,6 +458,8 @@ def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cac
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     valid = jax.lax.dynamic_slice_in_dim(kv_valid, cache_index, t, axis=1)  # (B, T)
     past_valid = kv_valid[:, :past] & (jnp.arange(past) < cache_index)[None]  # (B, past)
+    order = compact_order(valid) if fused and impl in ("xla", "cudnn") else None  # once for every layer
+    last = last_real_index(valid) if fused else None  # (B,) the query whose attention row is returned
     eps = d.rms_norm_eps
 
     def attention_block(h, p: DecoderLayer, ck, cv):
@@ -441,8 +470,9 @@ def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cac
         k = apply_rotary(k, cos, sin).astype(cache.k.dtype).astype(dtype)  # as stored in the cache
         v = v.astype(cache.v.dtype).astype(dtype)
         if fused:
-            o = causal_self_attention(q, k, v, valid, impl)
-            row = last_query_row(q[:, -1], k, valid) if attn_row else None  # (B, T)
+            o = causal_self_attention(q, k, v, valid, impl, order)
+            q_last = jnp.take_along_axis(q, last[:, None, None, None], axis=1)[:, 0]  # (B, N, hd)
+            row = last_query_row(q_last, k, valid) if attn_row else None  # (B, T)
         else:
             if past:  # only the slots before the chunk are read
                 ck, cv = ck[:, :past], cv[:, :past]

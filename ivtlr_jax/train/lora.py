@@ -2,7 +2,9 @@
 
 The adapters mirror the params tree: a `LoRAAdapter` (A (L, in, r), B (L, r, out), float32) where the
 backbone's spec marks a kernel as a LoRA target (q, k, v, o, gate, up, down of the LLM), None elsewhere.
-`apply_lora` swaps those `Linear`s for `LoRALinear`s, which compute x W + b + s (dropout(x) A) B.
+`apply_lora` swaps those `Linear`s for `LoRALinear`s, which compute x W + b + s (dropout(x) A) B. A
+LoRALinear's dropout keys are folded with the decoder call's index (`fold_in`, through the model's
+`layers.for_call`), so the prefix, every latent chunk and the suffix draw their own masks, as PEFT does.
 """
 
 from __future__ import annotations
@@ -37,11 +39,27 @@ class LoRALinear:
     scale: float = struct.field(pytree_node=False, default=1.0)
     rate: float = struct.field(pytree_node=False, default=0.0)
 
+    def fold_in(self, i):
+        """This layer for decoder call i: every dropout key folded with i (a fresh mask per call)."""
+        if self.key is None:
+            return self
+        fold = lambda k: jax.random.fold_in(k, i)
+        lead = self.key.ndim - (0 if jax.dtypes.issubdtype(self.key.dtype, jax.dtypes.prng_key) else 1)
+        for _ in range(lead):  # one key per stacked layer
+            fold = jax.vmap(fold)
+        return self.replace(key=fold(self.key))
+
+    def keep_mask(self, shape):
+        """The dropout keep mask for an input of this shape, or None without dropout."""
+        if self.key is None or self.rate <= 0.0:
+            return None
+        return jax.random.bernoulli(self.key, 1.0 - self.rate, shape)
+
     def __call__(self, x):
         y = self.base(x)
         xa = x
-        if self.key is not None and self.rate > 0.0:  # LoRA dropout on the adapter's input
-            keep = jax.random.bernoulli(self.key, 1.0 - self.rate, x.shape)
+        keep = self.keep_mask(x.shape)
+        if keep is not None:  # LoRA dropout on the adapter's input
             xa = jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
         return y + ((xa @ self.a.astype(x.dtype)) @ self.b.astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
 

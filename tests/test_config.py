@@ -1,0 +1,97 @@
+"""Config values are coerced to their field types on load (PyYAML reads `1e-3` as a string); bad ones are one line."""
+
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import yaml
+
+from ivtlr_jax.config import (
+    ChameleonConfig,
+    LatentConfig,
+    ModelConfig,
+    TrainConfig,
+    VisionConfig,
+    coerce,
+    model_config_from_dict,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_yaml_lr_1e_3_is_a_float_and_an_optimiser_step_takes_it():
+    from ivtlr_jax.train.step import make_optimizer
+
+    values = yaml.safe_load("lr: 1e-3\nweight_decay: 0\nwarmup_steps: '0'\nstages: [1, 2]\n")
+    assert values["lr"] == "1e-3"  # what PyYAML gives
+    tcfg = TrainConfig.from_dict(values)
+    assert tcfg.lr == 0.001 and type(tcfg.lr) is float
+    assert tcfg.weight_decay == 0.0 and type(tcfg.weight_decay) is float and tcfg.warmup_steps == 0
+    assert tcfg.stages == (1, 2)
+    tx, schedule = make_optimizer(tcfg, 10)
+    params = {"w": jnp.ones(3)}
+    updates, _ = tx.update({"w": jnp.asarray([1.0, -2.0, 0.5])}, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(np.asarray(new["w"]), [0.999, 1.001, 0.999], rtol=1e-6)  # Adam's first step: lr
+    assert float(schedule(0)) == pytest.approx(0.001)
+
+
+def test_cli_reports_a_bad_value_in_one_line(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("data: synthetic\nlr: abc\n")
+    out = subprocess.run([sys.executable, "-m", "experiments.train", "--config", str(cfg), "--out",
+                          str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert lines == ["config error: lr: 'abc' is not a float"], out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value,tp,want", [
+    ("1e-3", float, 0.001), (3, float, 3.0), (np.float32(0.5), float, 0.5), ("7", int, 7), (4.0, int, 4),
+    ("1e3", int, 1000), (np.int64(9), int, 9), ("true", bool, True), ("False", bool, False), (1, bool, True),
+    ([1, "2"], tuple[int, ...], (1, 2)), (5, tuple[int, ...], (5,)), ([16, 24, 24], tuple[int, int, int], (16, 24, 24)),
+    (None, int | None, None), ("3", int | None, 3), (12, str, "12"), ("x", str, "x"),
+])
+def test_coerce(value, tp, want):
+    got = coerce(value, tp, "key")
+    assert got == want and type(got) is type(want)
+
+
+@pytest.mark.parametrize("value,tp,message", [
+    ("abc", float, "lr: 'abc' is not a float"), (True, float, "lr: True is not a float"),
+    (2.5, int, "lr: 2.5 is not an int"), ("maybe", bool, "lr: 'maybe' is not a bool (true or false)"),
+    (None, float, "lr: None is not a float"), ("x", int | None, "lr: 'x' is not an int or null"),
+    ([1, 2], tuple[int, int, int], "lr: [1, 2] is not a list of 3 ints"),
+    ([1, "b"], tuple[int, ...], "lr[1]: 'b' is not an int"), ("12", tuple[int, ...], "lr: '12' is not a list of ints"),
+])
+def test_coerce_errors_name_key_value_and_type(value, tp, message):
+    with pytest.raises(ValueError) as e:
+        coerce(value, tp, "lr")
+    assert str(e.value) == message
+
+
+def test_model_sections_are_coerced_alike():
+    qwen = model_config_from_dict(yaml.safe_load(
+        "model_type: qwen2_vl\nrms_norm_eps: 1e-6\nrope_theta: 1e6\nhidden_size: '3584'\nmrope_section: [16, 24, 24]\n"
+        "tie_word_embeddings: 'false'\neos_token_id: [151645]\npad_token_id: null\nvision: {mlp_ratio: '4', depth: 2}"))
+    assert qwen.rms_norm_eps == 1e-6 and type(qwen.rms_norm_eps) is float and qwen.rope_theta == 1e6
+    assert qwen.hidden_size == 3584 and qwen.mrope_section == (16, 24, 24) and qwen.tie_word_embeddings is False
+    assert qwen.vision == VisionConfig(mlp_ratio=4.0, depth=2) and qwen.eos_token_id == (151645,)
+    assert ModelConfig.from_dict(qwen.to_dict()) == qwen
+    cham = model_config_from_dict(yaml.safe_load(
+        "model_type: chameleon\nrms_norm_eps: 1e-5\neos_token_id: 2\nswin_norm: 'true'\n"
+        "vq: {channel_multiplier: [1, 2], attn_resolutions: [], resolution: '64'}"))
+    assert cham.rms_norm_eps == 1e-5 and cham.eos_token_id == (2,) and cham.swin_norm is True
+    assert cham.vq.channel_multiplier == (1, 2) and cham.vq.attn_resolutions == () and cham.vq.resolution == 64
+    assert ChameleonConfig.from_dict(cham.to_dict()) == cham
+    with pytest.raises(ValueError, match=r"^vision\.depth: 'two' is not an int$"):
+        model_config_from_dict({"vision": {"depth": "two"}})
+    with pytest.raises(ValueError, match=r"^rms_norm_eps: 'small' is not a float$"):
+        model_config_from_dict({"model_type": "chameleon", "rms_norm_eps": "small"})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['vq\.colour'\] for VQConfig"):
+        model_config_from_dict({"model_type": "chameleon", "vq": {"colour": 1}})
+    assert LatentConfig(k="4", latent_text="no") == LatentConfig(k=4, latent_text=False)
