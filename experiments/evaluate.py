@@ -1,7 +1,13 @@
 """Evaluate a converted (or trained) checkpoint on M3CoT, ScienceQA or the synthetic set.
 
   python -m experiments.evaluate --ckpt CKPT --data m3cot --split test [--method ivtlr] [--n-latent 3]
-      [--batch-size 16] [--limit N] [--out DIR] [--save-selections DIR]
+      [--batch-size 16] [--limit N] [--out DIR] [--save-selections DIR] [--mesh auto] [--dtype auto]
+  python -m experiments.evaluate --ckpt CKPT --dry-run --mesh tpu_v5e_8 [--batch-size 16]   # memory per chip
+
+The model is read shard by shard onto --mesh (default: every local device) in the training layout; generation
+runs there with the batch split over the data axes. --dry-run compiles generation ahead of time on abstract
+arrays (only the checkpoint's config is read) and prints the per-chip memory of parameters, KV cache and
+temporaries; on a CPU-only host a preset's device count is simulated.
 
 Writes to --out: predictions.jsonl (one row per example), summary.json, summary.md and
 accuracy_by_domain.png. Accuracy is exact match of the option letter extracted from the generated
@@ -90,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                "--save-selections out/sel",
     )
     p.add_argument("--ckpt", required=True, help="checkpoint folder (tools/convert_weights.py or the trainer)")
-    p.add_argument("--data", required=True, choices=["m3cot", "scienceqa", "synthetic"], help="dataset")
+    p.add_argument("--data", default=None, choices=["m3cot", "scienceqa", "synthetic"],
+                   help="dataset (required unless --dry-run)")
     p.add_argument("--data-source", default=None,
                    help="hub id, hub-layout parquet folder or save_to_disk folder (default: the dataset's hub id; "
                         "synthetic: generated in memory)")
@@ -118,7 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="parameter dtype (default: auto = bfloat16 on accelerators, float32 on CPU)")
+    p.add_argument("--mesh", default="auto",
+                   help="device mesh preset the model is sharded over (ivtlr_jax.sharding.PRESETS: cpu, gpu_1, gpu_8, "
+                        "tpu_v4_8, tpu_v5e_8, ...; default: auto = every local device)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="no evaluation and no weights read: compile generation for --mesh on abstract arrays and "
+                        "print the per-chip memory (parameters, KV cache, temporaries); JSON to --out "
+                        "(default eval/dry_run.json)")
     p.add_argument("--resize-mode", default="reference", choices=["reference", "smart"],
                    help="reference: every image 280x280 (release); smart: Qwen2-VL's smart_resize")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the checkpoint's)")
@@ -238,7 +253,9 @@ def _markdown(summary: dict) -> str:
         f"checkpoint `{summary['ckpt']}`; n_latent={summary['n_latent']}, k={summary['k']}, "
         f"latent_text={summary['latent_text']}, position_mode={summary['position_mode']}, "
         f"max_new_tokens={summary['max_new_tokens']}, batch_size={summary['batch_size']}, "
-        f"device {summary['device']}",
+        f"device {summary['device']}, mesh {summary['mesh']} {summary['mesh_axes']}, "
+        f"parameters {summary['param_peak_bytes_per_device'] / 2**30:.3f} GiB per device "
+        f"({summary['param_bytes_total'] / 2**30:.3f} GiB in all)",
         "",
         "| metric | value |",
         "|---|---|",
@@ -282,6 +299,8 @@ def evaluate(args) -> dict:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.data is None:
+        raise ValueError("--data is required (m3cot, scienceqa or synthetic) unless --dry-run")
     n, k, latent_text = method_settings(args)  # k None: the backbone's default, once the model is loaded
     max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(args.method, 64)
     if max_new < 1:
@@ -289,7 +308,7 @@ def evaluate(args) -> dict:
     out_dir = args.out or os.path.join("eval", f"{args.data}-{args.split}-{args.method}")
     os.makedirs(out_dir, exist_ok=True)
 
-    model = IVTLRModel.from_pretrained(args.ckpt, dtype=args.dtype)
+    model = IVTLRModel.from_pretrained(args.ckpt, dtype=args.dtype, mesh=args.mesh)
     cfg, bb = model.config, model.backbone
     k = bb.default_k if k is None else k
     args.position_mode = model.resolve_position_mode(args.position_mode)  # the checkpoint's default when not given
@@ -416,6 +435,10 @@ def evaluate(args) -> dict:
         "position_mode": args.position_mode, "selection_order": args.selection_order,
         "max_new_tokens": max_new, "batch_size": args.batch_size, "temperature": args.temperature,
         "answer_format": args.answer_format, "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+        "mesh": args.mesh, "mesh_axes": dict(model.mesh.shape), "mesh_devices": int(model.mesh.devices.size),
+        "dtype": str(model.dtype),
+        "param_bytes_total": model.load_report["param_bytes_total"],
+        "param_peak_bytes_per_device": model.load_report["param_peak_bytes_per_device"],
         "examples": count, "correct": int(sum(r["correct"] for r in records)),
         "accuracy": sum(r["correct"] for r in records) / count if count else 0.0,
         "no_answer": sum(r["extracted"] is None for r in records),
@@ -444,9 +467,120 @@ def evaluate(args) -> dict:
     return summary
 
 
+# ----------------------------------------------------------------------------- dry run
+def generation_dry_run(cfg, mesh_name: str, dtype: str = "auto", batch_size: int = 16, max_new_tokens: int = 64,
+                       n: int = 3, k: int | None = None, latent_text: bool = True, text: int | None = None) -> dict:
+    """Compile `generate_jit` for `mesh_name` on abstract arrays (ShapeDtypeStructs with the inference layout) and
+    report per-device bytes: parameters, KV cache, and the compiler's memory analysis (arguments, outputs,
+    temporaries). The batch is the train dry run's reference row (text + one reference image) ending with n
+    latent tokens (`train.dry_run.example_batch` with no tail)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from ivtlr_jax import sharding as sh
+    from ivtlr_jax.config import LatentConfig
+    from ivtlr_jax.generate import generate_jit
+    from ivtlr_jax.model import abstract_params, resolve_dtype
+    from ivtlr_jax.models import backbone_for
+    from ivtlr_jax.models.layers import resolve_attention
+    from ivtlr_jax.train.dry_run import DRY_RUN_TEXT, _memory, example_batch
+    from ivtlr_jax.train.step import tree_bytes_per_device
+
+    if cfg.latent_token_id is None:  # any id inside the vocabulary lays the batch out the same way
+        cfg = dataclasses.replace(cfg, latent_token_id=cfg.vocab_size - 1)
+    if getattr(cfg, "image_vocab", None) == ():  # Chameleon without its vocabulary map: any ids size the gathers
+        cfg = dataclasses.replace(cfg, image_vocab=tuple(range(4, 4 + cfg.vq.num_embeddings)))
+    bb = backbone_for(cfg)
+    preset = sh.get_preset(mesh_name)
+    mesh = sh.make_mesh(preset)
+    platform = preset.platform or mesh.devices.flat[0].platform
+    dtype = resolve_dtype(dtype, platform)
+    k = bb.default_k if k is None else k
+    lcfg = LatentConfig(k=k if n else 0, latent_text=latent_text)
+    one = example_batch(bb, lcfg, 1, DRY_RUN_TEXT if text is None else text, tail=0, n=n)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch_size,) + x.shape[1:], x.dtype), one)
+    batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch,
+                         sh.batch_shardings(mesh, batch))
+    params = abstract_params(bb, mesh, dtype)
+    rep = sh.replicated(mesh)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+    eos = tuple(cfg.eos_token_id) or (0,)
+    compiled = generate_jit.lower(bb, params, lcfg, batch, key, scalar, scalar, max_new_tokens=max_new_tokens,
+                                  eos_ids=eos, pad_id=eos[0], greedy=True, mesh=mesh).compile()
+    final_len = int(one.kv_valid.shape[1])
+    d = bb.dims
+    cache_shape = (d.num_layers, batch_size, final_len + max_new_tokens, d.num_kv_heads, d.head_dim)
+    cache_shard = sh.cache_sharding(mesh, cache_shape).shard_shape(cache_shape)
+    target = {"gpu": "cuda"}.get(preset.platform, preset.platform or platform)
+    leaves = jax.tree_util.tree_leaves(params)
+    out = {
+        "mesh": mesh_name, "mesh_describe": sh.describe(mesh), "mesh_axes": dict(mesh.shape), "dtype": dtype,
+        "batch_size": batch_size, "prompt_len": int(one.prefix_ids.shape[1]) + n, "final_len": final_len,
+        "max_new_tokens": max_new_tokens, "n_latent": n, "k": lcfg.k,
+        "attention": resolve_attention("auto", dtype, d.head_dim, target),  # on the preset's devices
+        "attention_compiled": resolve_attention("auto", dtype, d.head_dim),  # here
+        "param_bytes_total": int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in leaves)),
+        "param_bytes_per_device": tree_bytes_per_device(params, jax.tree.map(lambda x: x.sharding, params)),
+        "kv_cache_bytes_total": 2 * int(np.prod(cache_shape)) * jnp.dtype(dtype).itemsize,
+        "kv_cache_bytes_per_device": 2 * int(np.prod(cache_shard)) * jnp.dtype(dtype).itemsize,
+    }
+    out.update(_memory(compiled))
+    return out
+
+
+def format_generation_dry_run(r: dict) -> str:
+    """A readable table of `generation_dry_run`'s figures (GiB per device)."""
+    gib = 2**30
+    rows = [("parameters", r["param_bytes_per_device"]), ("KV cache", r["kv_cache_bytes_per_device"])]
+    if "compiler_total_bytes_per_device" in r:
+        rows += [("compiler: arguments", r["compiler_argument_size_in_bytes"]),
+                 ("compiler: outputs", r["compiler_output_size_in_bytes"]),
+                 ("compiler: temporaries", r["compiler_temp_size_in_bytes"]),
+                 ("compiler: total", r["compiler_total_bytes_per_device"])]
+    lines = [f"generation memory per device on --mesh {r['mesh']} ({r['mesh_describe']})",
+             f"{'':<24}{'GiB':>10}"] + [f"{name:<24}{v / gib:>10.3f}" for name, v in rows]
+    lines.append(f"batch {r['batch_size']} rows, prompt {r['prompt_len']} tokens ({r['final_len']} with the latent "
+                 f"chunks of n={r['n_latent']}, k={r['k']}) + {r['max_new_tokens']} new, {r['dtype']} parameters "
+                 f"({r['param_bytes_total'] / gib:.2f} GiB in all), attention {r['attention']} (compiled here with "
+                 f"{r['attention_compiled']}); the KV cache lives in the temporaries")
+    return "\n".join(lines)
+
+
+def run_dry(args) -> dict:
+    """--dry-run: the checkpoint's config only (no weights), the generation program compiled for --mesh."""
+    from ivtlr_jax.convert.checkpoint import load_config
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    n, k, latent_text = method_settings(args)
+    max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(args.method, 64)
+    result = generation_dry_run(load_config(args.ckpt), args.mesh, args.dtype, args.batch_size, max_new, n, k,
+                                latent_text)
+    print(format_generation_dry_run(result))
+    path = args.out or os.path.join("eval", "dry_run.json")
+    if not path.endswith(".json"):
+        path = os.path.join(path, "dry_run.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from experiments.train import simulate_devices_for_dry_run
+    from ivtlr_jax import sharding as sh
+
+    sh.get_preset(args.mesh)  # an unknown --mesh: one line naming the presets
+    if args.dry_run:
+        simulate_devices_for_dry_run(args.mesh)  # CPU-only host: the preset's device count (before JAX starts)
+        return run_dry(args)
+    sh.apply_xla_flags(args.mesh)  # before JAX starts its backend
     return evaluate(args)
 
 

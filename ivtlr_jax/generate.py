@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ivtlr_jax import sharding as sh
 from ivtlr_jax.config import LatentConfig
 from ivtlr_jax.latent import LatentBatch, latent_prefill, make_latent_batch, to_device
 from ivtlr_jax.models.base import Backbone
@@ -72,11 +73,14 @@ def decode_phase_ends(max_new_tokens: int, block: int = DECODE_BLOCK) -> list[in
 
 
 def _prefill(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, key, temperature, top_p, *,
-             max_new_tokens: int, greedy: bool, attention: str = "auto"):
-    """Prefix + latent steps into a cache of L_final + max_new_tokens slots; (cache, first tokens (B,), selected)."""
+             max_new_tokens: int, greedy: bool, attention: str = "auto", mesh=None):
+    """Prefix + latent steps into a cache of L_final + max_new_tokens slots; (cache, first tokens (B,), selected).
+
+    mesh: the cache is constrained to `sharding.cache_sharding` (batch over the data axes), None: no constraint."""
     total = batch.kv_valid.shape[1]  # L_final: prompt with its latent chunks
     hidden, cache, selected = latent_prefill(bb, params, lcfg, batch, cache_len=total + max_new_tokens,
                                              attention=attention)
+    cache = sh.constrain_cache(cache, mesh)
     first = pick_tokens(bb.lm_head(params, hidden[:, -1:])[:, 0], jax.random.fold_in(key, 0),
                         temperature, top_p, greedy)  # (B,)
     return cache, first, selected
@@ -84,7 +88,7 @@ def _prefill(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, key, 
 
 def _decode(bb: Backbone, params, kv_valid, positions, cache, first, key, temperature, top_p, *,
             max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, greedy: bool, attention: str = "auto",
-            decode_block: int = DECODE_BLOCK):
+            decode_block: int = DECODE_BLOCK, mesh=None):
     """The decode loop after `_prefill`: one token per row per step until every row is done.
 
     kv_valid (B, L_final) and positions (B, R, L_final) are the prompt's (the LatentBatch's). The loop runs
@@ -112,6 +116,7 @@ def _decode(bb: Backbone, params, kv_valid, positions, cache, first, key, temper
             pos = jnp.broadcast_to((next_pos + i - 1)[:, None, None], (b, rows, 1))
             out, cache, _ = bb.decode(params, emb, pos, cache, total + i - 1, kv_valid, attention=attention,
                                       kv_len=kv_len)
+            cache = sh.constrain_cache(cache, mesh)  # the loop carry keeps the prefill's layout
             tok = pick_tokens(bb.lm_head(params, out)[:, 0], jax.random.fold_in(key, i), temperature, top_p, greedy)
             tok = jnp.where(done, pad_id, tok)
             tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
@@ -127,27 +132,31 @@ def _decode(bb: Backbone, params, kv_valid, positions, cache, first, key, temper
     return tokens, lengths, steps, cache
 
 
-_GEN_STATIC = ("bb", "lcfg", "max_new_tokens", "eos_ids", "pad_id", "greedy", "attention")
+_GEN_STATIC = ("bb", "lcfg", "max_new_tokens", "eos_ids", "pad_id", "greedy", "attention", "mesh")
 
 
 @functools.partial(jax.jit, static_argnames=_GEN_STATIC)
 def generate_jit(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, key, temperature, top_p, *,
-                 max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, greedy: bool, attention: str = "auto"):
+                 max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, greedy: bool, attention: str = "auto",
+                 mesh=None):
     """Prefix + latent steps, then the whole decode loop, in one program (the cache never leaves the device
-    program; the while loop updates it in place). Returns (tokens, lengths, selected, steps)."""
+    program; the while loop updates it in place). Returns (tokens, lengths, selected, steps).
+
+    mesh: params and batch live on it (`sharding.param_shardings`, `sharding.put_batch`); the KV cache is
+    constrained to `sharding.cache_sharding` there."""
     cache, first, selected = _prefill(bb, params, lcfg, batch, key, temperature, top_p,
-                                      max_new_tokens=max_new_tokens, greedy=greedy, attention=attention)
+                                      max_new_tokens=max_new_tokens, greedy=greedy, attention=attention, mesh=mesh)
     tokens, lengths, steps, _ = _decode(bb, params, batch.kv_valid, batch.positions, cache, first, key, temperature,
                                      top_p, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
-                                     greedy=greedy, attention=attention)
+                                     greedy=greedy, attention=attention, mesh=mesh)
     return tokens, lengths, selected, steps
 
 
 # The two halves as separate programs (the decode benchmark times decoding alone): the cache the prefill
 # returns is donated to the decode loop, which updates it in place and returns it.
-prefill_jit = jax.jit(_prefill, static_argnames=("bb", "lcfg", "max_new_tokens", "greedy", "attention"))
+prefill_jit = jax.jit(_prefill, static_argnames=("bb", "lcfg", "max_new_tokens", "greedy", "attention", "mesh"))
 decode_jit = jax.jit(_decode, static_argnames=("bb", "max_new_tokens", "eos_ids", "pad_id", "greedy", "attention",
-                                              "decode_block"), donate_argnames=("cache",))
+                                              "decode_block", "mesh"), donate_argnames=("cache",))
 
 
 def trim_prompt(input_ids, attention_mask):
@@ -185,8 +194,11 @@ def latent_prompt(cfg, prompt_ids, n: int) -> list[int]:
 
 def generate_batch(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, *, max_new_tokens: int = 64,
                    sampling: SamplingConfig | None = None, eos_token_ids=None, pad_token_id: int | None = None,
-                   max_cache_len: int | None = None, attention: str = "auto") -> GenerateOutput:
-    """Generate after the latent steps of a prompt-only LatentBatch (no suffix: the prompt ends with its latents)."""
+                   max_cache_len: int | None = None, attention: str = "auto", mesh=None) -> GenerateOutput:
+    """Generate after the latent steps of a prompt-only LatentBatch (no suffix: the prompt ends with its latents).
+
+    mesh: run on this mesh (params already on it), the batch split over its data axes (replicated where the batch
+    size does not divide them)."""
     cfg = bb.config
     sampling = sampling or SamplingConfig()
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -212,24 +224,26 @@ def generate_batch(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch,
     key = jax.random.PRNGKey(sampling.seed)
     temperature = jnp.float32(max(sampling.temperature, 1e-6))
     tokens, lengths, selected, steps = generate_jit(
-        bb, params, lcfg, to_device(batch), key, temperature, jnp.float32(sampling.top_p),
-        max_new_tokens=int(max_new_tokens), eos_ids=eos, pad_id=pad, greedy=sampling.greedy, attention=attention)
+        bb, params, lcfg, to_device(batch) if mesh is None else sh.put_batch(mesh, batch), key, temperature,
+        jnp.float32(sampling.top_p), max_new_tokens=int(max_new_tokens), eos_ids=eos, pad_id=pad,
+        greedy=sampling.greedy, attention=attention, mesh=mesh)
     return GenerateOutput(np.asarray(tokens), np.asarray(lengths), np.asarray(selected), int(steps))
 
 
 def generate(bb: Backbone, params, lcfg: LatentConfig, input_ids, attention_mask, pixel_values=None,
              image_grid_thw=None, *, max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
              eos_token_ids=None, pad_token_id: int | None = None, max_cache_len: int | None = None,
-             attention: str = "auto") -> GenerateOutput:
+             attention: str = "auto", mesh=None) -> GenerateOutput:
     """Generate after the prompt's latent steps (n = `<|latent|>` tokens ending the prompt; 0 = plain decoding).
 
     input_ids/attention_mask (B, S) are left-padded prompts ending with the n latent tokens (no suffix).
     eos_token_ids default to the config's eos_token_id; pad_token_id to its pad_token_id, else the first EOS.
     max_cache_len: reject a request whose final prompt length + max_new_tokens exceeds it.
     attention: the attention implementation (config.ATTENTION_CHOICES; auto picks the platform's kernel).
+    mesh: the mesh params live on (None: one device); see generate_batch.
     """
     ids, mask = trim_prompt(input_ids, attention_mask)
     batch = make_latent_batch(bb, lcfg, ids, mask, None, pixel_values, image_grid_thw, allow_no_latent_token=True)
     return generate_batch(bb, params, lcfg, batch, max_new_tokens=max_new_tokens, sampling=sampling,
                           eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, max_cache_len=max_cache_len,
-                          attention=attention)
+                          attention=attention, mesh=mesh)

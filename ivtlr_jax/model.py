@@ -9,16 +9,66 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ivtlr_jax import sharding as sh
 from ivtlr_jax.config import LatentConfig, check_dtype
 from ivtlr_jax.models import Backbone, backbone_for
+from ivtlr_jax.models import spec as sp
 
 
-@functools.partial(jax.jit, static_argnames=("bb",))
-def forward_logits(bb: Backbone, params, input_ids, attention_mask, positions, images):
-    """One full pass: token ids (+ images) -> float32 logits (B, S, V)."""
+def resolve_dtype(dtype: str, platform: str | None = None) -> str:
+    """A parameter dtype name; "auto" is bfloat16 on accelerators and float32 on CPU (of `platform`, default:
+    the first device's)."""
+    if dtype == "auto":
+        platform = platform or jax.devices()[0].platform
+        return "float32" if platform == "cpu" else "bfloat16"
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype={dtype!r} is not supported; use 'auto', 'float32' or 'bfloat16'")
+    return check_dtype(dtype)
+
+
+def resolve_mesh(mesh) -> jax.sharding.Mesh | None:
+    """None (one device), a preset name (`ivtlr_jax.sharding.PRESETS`) or a jax.sharding.Mesh -> a Mesh or None."""
+    if mesh is None or isinstance(mesh, jax.sharding.Mesh):
+        return mesh
+    if isinstance(mesh, (str, sh.MeshPreset)):
+        return sh.make_mesh(mesh)
+    raise ValueError(f"mesh={mesh!r} is not valid; pass None (one device), a preset name ({sorted(sh.PRESETS)}) or a "
+                     "jax.sharding.Mesh")
+
+
+def abstract_params(bb: Backbone, mesh, dtype: str, lora_float32: bool = False):
+    """ShapeDtypeStructs of the backbone's params on `mesh`, in the training layout (`sharding.param_shardings`),
+    in `dtype` except the leaves the spec pins; lora_float32: LoRA target kernels in float32 (to fold into)."""
+    spec = bb.param_spec()
+    target = jnp.dtype(dtype)
+    return jax.tree.map(
+        lambda i, s: jax.ShapeDtypeStruct(i.shape, jnp.float32 if lora_float32 and i.lora else i.leaf_dtype(target),
+                                          sharding=s),
+        spec, sh.param_shardings(mesh, spec), is_leaf=sp.is_info)
+
+
+def _fold_adapters(params, adapters, scale: float, dtypes):
+    """On device: each adapted kernel + scale * A @ B in float32, cast to its target dtype (`dtypes`: the spec's
+    tree of dtypes); the same rule as convert.checkpoint.fold_lora."""
+    from ivtlr_jax.models.layers import Linear
+
+    def fold(p, ad, dt):
+        if ad is None:
+            return p
+        delta = jnp.einsum("...ir,...ro->...io", ad.a.astype(jnp.float32), ad.b.astype(jnp.float32),
+                           precision=jax.lax.Precision.HIGHEST)
+        return p.replace(kernel=(delta * jnp.float32(scale) + p.kernel.astype(jnp.float32)).astype(dt.kernel))
+
+    return jax.tree.map(fold, params, adapters, dtypes, is_leaf=lambda x: isinstance(x, Linear))
+
+
+@functools.partial(jax.jit, static_argnames=("bb", "mesh"))
+def forward_logits(bb: Backbone, params, input_ids, attention_mask, positions, images, mesh=None):
+    """One full pass: token ids (+ images) -> float32 logits (B, S, V); on `mesh`, the cache and activations are
+    kept in the inference layout (batch over the data axes)."""
     emb = bb.embed(params, input_ids, images)
     b, s = input_ids.shape
-    cache = bb.init_cache(b, s, emb.embeds.dtype)
+    cache = sh.constrain_cache(bb.init_cache(b, s, emb.embeds.dtype), mesh)
     hidden, _, _ = bb.decode(params, emb.embeds, positions, cache, 0, attention_mask.astype(bool))
     return bb.lm_head(params, hidden)
 
@@ -28,32 +78,91 @@ def _image_features(bb: Backbone, params, images):
     return bb.image_features(params, images)
 
 
+def _load_on_mesh(ckpt_dir: str, dtype: str, mesh):
+    """(config, params on the mesh, report): each device reads only its shards (orbax ArrayRestoreArgs, the
+    trainer's mechanism); unmerged adapters are read sharded too and folded in on the mesh."""
+    from ivtlr_jax.convert.checkpoint import (
+        LORA_DIR,
+        PARAMS_DIR,
+        check_stored,
+        load_config,
+        read_lora_config,
+        restore_sharded,
+    )
+    from ivtlr_jax.train.lora import lora_spec
+    from ivtlr_jax.train.state import DeviceBytes
+    from ivtlr_jax.train.step import tree_bytes_per_device
+
+    cfg = load_config(ckpt_dir)
+    bb = backbone_for(cfg)
+    spec = bb.param_spec()
+    check_stored(spec, os.path.join(ckpt_dir, PARAMS_DIR), what=f"params in {ckpt_dir!r}")
+    meta = read_lora_config(ckpt_dir, bb)
+    monitor = DeviceBytes()
+    targets = abstract_params(bb, mesh, dtype, lora_float32=meta is not None)
+    params = restore_sharded(ckpt_dir, spec, targets)
+    monitor.sample()
+    if meta is not None:
+        rank = int(meta["r"])
+        aspec = lora_spec(spec, rank)
+        check_stored(aspec, os.path.join(ckpt_dir, LORA_DIR), what=f"LoRA adapters in {ckpt_dir!r}")
+        atargets = jax.tree.map(lambda i, s: jax.ShapeDtypeStruct(i.shape, jnp.float32, sharding=s), aspec,
+                                sh.param_shardings(mesh, aspec), is_leaf=sp.is_info)
+        adapters = restore_sharded(ckpt_dir, aspec, atargets, subdir=LORA_DIR)
+        monitor.sample()
+        final = abstract_params(bb, mesh, dtype)
+        dtypes = jax.tree.map(lambda t: t.dtype, final)
+        fold = jax.jit(functools.partial(_fold_adapters, scale=float(meta["alpha"]) / rank, dtypes=dtypes),
+                       out_shardings=jax.tree.map(lambda t: t.sharding, final), donate_argnums=(0,))
+        params = fold(params, adapters)
+        monitor.sample()
+        del adapters
+    leaves = jax.tree_util.tree_leaves(params)
+    report = {"param_bytes_total": int(sum(x.nbytes for x in leaves)),
+              "param_bytes_per_device": tree_bytes_per_device(params, jax.tree.map(lambda x: x.sharding, params)),
+              "param_peak_bytes_per_device": int(monitor.peak)}
+    return cfg, params, report
+
+
 class IVTLRModel:
     """A converted checkpoint of any backbone: config, params (a typed pytree) and the calls users make."""
 
-    def __init__(self, config, params, path: str | None = None):
+    def __init__(self, config, params, path: str | None = None, mesh=None, load_report: dict | None = None):
         self.config = config
         self.params = params
         self.path = path
+        self.mesh = mesh  # None: one device; else params live on this mesh and every call runs on it
+        self.load_report = load_report or {}
 
     @property
     def backbone(self) -> Backbone:
         return backbone_for(self.config)
 
     @classmethod
-    def from_pretrained(cls, ckpt_dir: str, dtype: str = "float32") -> IVTLRModel:
+    def from_pretrained(cls, ckpt_dir: str, dtype: str = "float32", mesh=None) -> IVTLRModel:
         """Load a CKPT_DIR written by `tools/convert_weights.py` (or the trainer's merged export).
 
-        A folder with unmerged LoRA adapters (`--from-release --keep-lora`) loads with them folded in (float32).
+        dtype: "float32", "bfloat16" or "auto" (bfloat16 on accelerators, float32 on CPU).
+        mesh: None keeps the whole model on one device; a preset name (`ivtlr_jax.sharding.PRESETS`, e.g.
+        "tpu_v4_8", "auto") or a jax.sharding.Mesh reads the parameters shard by shard onto that mesh in the
+        training layout, so no device ever holds the whole model; logits, latent_forward and generate then run
+        on it. A folder with unmerged LoRA adapters (`--from-release --keep-lora`) loads with them folded in
+        (float32). `load_report` holds param_bytes_total and param_peak_bytes_per_device.
         """
-        from ivtlr_jax.convert import load_checkpoint
-
-        check_dtype(dtype)
         if not os.path.isdir(ckpt_dir):
             raise ValueError(f"ckpt_dir={ckpt_dir!r} is not a folder; convert one with tools/convert_weights.py")
-        cfg, params = load_checkpoint(ckpt_dir, dtype=dtype)
-        params = jax.tree_util.tree_map(jnp.asarray, params)
-        return cls(cfg, params, path=ckpt_dir)
+        mesh = resolve_mesh(mesh)
+        dtype = resolve_dtype(dtype, None if mesh is None else mesh.devices.flat[0].platform)
+        if mesh is None:
+            from ivtlr_jax.convert import load_checkpoint
+
+            cfg, params = load_checkpoint(ckpt_dir, dtype=dtype)
+            params = jax.tree_util.tree_map(jnp.asarray, params)
+            total = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+            report = {"param_bytes_total": int(total), "param_peak_bytes_per_device": int(total)}
+            return cls(cfg, params, path=ckpt_dir, load_report=report)
+        cfg, params, report = _load_on_mesh(ckpt_dir, dtype, mesh)
+        return cls(cfg, params, path=ckpt_dir, mesh=mesh, load_report=report)
 
     @property
     def dtype(self):
@@ -77,9 +186,14 @@ class IVTLRModel:
                             position_mode=self.resolve_position_mode(position_mode),
                             selection_order=selection_order, latent_grad=latent_grad)
 
+    def _put(self, batch):
+        """Host arrays onto this model's devices: one device, or the mesh with the batch over the data axes."""
+        if batch is None:
+            return None
+        return jax.tree.map(jnp.asarray, batch) if self.mesh is None else sh.put_batch(self.mesh, batch)
+
     def _images(self, input_ids, attention_mask, pixel_values, image_grid_thw):
-        images = self.backbone.prepare_images(input_ids, attention_mask, pixel_values, image_grid_thw)
-        return None if images is None else jax.tree.map(jnp.asarray, images)
+        return self._put(self.backbone.prepare_images(input_ids, attention_mask, pixel_values, image_grid_thw))
 
     def image_features(self, pixel_values, image_grid_thw=None):
         """(num_image_tokens, hidden) image embeddings of the images in order (each encoded on its own)."""
@@ -111,19 +225,20 @@ class IVTLRModel:
         images = self._images(input_ids, attention_mask, pixel_values, image_grid_thw)
         ids, mask = np.asarray(input_ids).astype(np.int32), np.asarray(attention_mask).astype(np.int32)
         pos = bb.positions(ids, mask, image_grid_thw, self.resolve_position_mode(position_mode, native=True))
-        out = forward_logits(bb, self.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos), images)
-        return np.asarray(out)
+        ids, mask, pos = self._put((ids, mask, np.asarray(pos)))
+        return np.asarray(forward_logits(bb, self.params, ids, mask, pos, images, mesh=self.mesh))
 
     def latent_forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None,
                        k: int | None = None, latent_text: bool = True, position_mode: str | None = None,
                        selection_order: str = "position", latent_grad: str = "stop"):
         """IVT-LR forward with the latent steps the `<|latent|>` tokens ask for; loss, logits, selections."""
-        from ivtlr_jax.latent import LatentOutput, latent_forward
+        from ivtlr_jax.latent import LatentOutput, latent_forward_jit, make_latent_batch
 
         lcfg = self.latent_config(k, latent_text, position_mode, selection_order, latent_grad)
-        out = latent_forward(self.backbone, self.params, lcfg, input_ids, attention_mask, labels, pixel_values,
-                             image_grid_thw)
-        return LatentOutput(float(out.loss), np.asarray(out.logits), np.asarray(out.selected))
+        batch = make_latent_batch(self.backbone, lcfg, input_ids, attention_mask, labels, pixel_values,
+                                  image_grid_thw)
+        loss, logits, selected = latent_forward_jit(self.backbone, self.params, lcfg, self._put(batch))
+        return LatentOutput(float(loss), np.asarray(logits), np.asarray(selected))
 
     def generate(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, max_new_tokens: int = 64,
                  k: int | None = None, latent_text: bool = True, position_mode: str | None = None,
@@ -140,4 +255,4 @@ class IVTLRModel:
         sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
         return generate(self.backbone, self.params, lcfg, input_ids, attention_mask, pixel_values, image_grid_thw,
                         max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos_token_ids,
-                        pad_token_id=pad_token_id, max_cache_len=max_cache_len)
+                        pad_token_id=pad_token_id, max_cache_len=max_cache_len, mesh=self.mesh)

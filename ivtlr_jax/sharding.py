@@ -52,7 +52,9 @@ class MeshPreset:
     fsdp: int = 1
     tensor: int = 1
     description: str = ""
-    xla_flags: tuple[str, ...] = ()  # set by `apply_xla_flags` before the backend starts
+    # set by `apply_xla_flags` before the backend starts. The CPU flags every preset needs on CPU devices
+    # (ivtlr_jax.CPU_XLA_FLAGS) are set by `import ivtlr_jax`, before this module can run.
+    xla_flags: tuple[str, ...] = ()
 
     def axis_sizes(self, num_devices: int) -> dict[str, int]:
         """Mesh axis sizes for `num_devices` devices; a size of -1 takes what the others leave."""
@@ -203,6 +205,14 @@ def apply_xla_flags(preset: str | MeshPreset) -> str:
                        get_preset(preset).name, flags)
     os.environ["XLA_FLAGS"] = flags
     return flags
+
+
+def joins_several_processes(preset: str | MeshPreset, num_processes: int | None = None) -> bool:
+    """Whether `maybe_initialize_distributed` with these arguments joins (or tries to join) a multi-process run."""
+    if num_processes is not None:
+        return num_processes > 1
+    hosts = get_preset(preset).num_hosts
+    return hosts is not None and hosts > 1
 
 
 def maybe_initialize_distributed(preset: str | MeshPreset, coordinator_address: str | None = None,
@@ -357,3 +367,29 @@ def host_batch_to_global(mesh: Mesh, local_batch):
 def batch_shardings(mesh: Mesh, batch):
     """The shardings `host_batch_to_global` gives a batch pytree (arrays or ShapeDtypeStructs)."""
     return jax.tree.map(lambda v: batch_sharding(mesh, len(v.shape), v.shape[0]), batch)
+
+
+# ---------------------------------------------------------------------------------------- inference
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", None)  # KVCache k/v: (layers, batch, max_len, kv_heads, hd)
+
+
+def cache_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """A KV cache array's layout: batch over the data axes, kv heads over tensor (replicated where not dividing)."""
+    return NamedSharding(mesh, logical_to_spec(CACHE_AXES, mesh, tuple(shape)))
+
+
+def constrain_cache(cache, mesh: Mesh | None):
+    """Inside jit: the cache's arrays constrained to `cache_sharding` (no-op without a mesh)."""
+    if mesh is None:
+        return cache
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, cache_sharding(mesh, x.shape)), cache)
+
+
+def put_batch(mesh: Mesh, batch):
+    """Host arrays of one process's batch pytree onto the mesh, each leaf's leading axis split over the data axes
+    (replicated where its size does not divide them, as `batch_sharding`); scalars replicated."""
+    def place(value):
+        value = np.asarray(value)
+        return jax.device_put(value, batch_sharding(mesh, value.ndim, value.shape[0] if value.ndim else None))
+
+    return jax.tree.map(place, batch)

@@ -145,3 +145,54 @@ def test_cli_bad_inputs(workspace):
     help_text = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--help"], cwd=ROOT,
                                capture_output=True, text=True, check=True).stdout
     assert "--save-selections" in help_text and "no-latent-text" in help_text
+
+
+def _cli(args, devices=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    if devices:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    return subprocess.run([sys.executable, "-m", "experiments.evaluate", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_on_a_mesh_equals_one_device(workspace):
+    """--mesh tpu_v4_8 on 4 simulated devices: the same predictions as one device; the summary names the mesh and
+    the parameter bytes (each device holds about a quarter)."""
+    root, _ = workspace
+    one, four = root / "mesh_one", root / "mesh_four"
+    main(_common(root, one, "--mesh", "cpu", "--dtype", "float32"))
+    proc = _cli(_common(root, four, "--mesh", "tpu_v4_8", "--dtype", "auto"), devices=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows_one, s_one = _read(one)
+    rows_four, s_four = _read(four)
+    assert [r["generated"] for r in rows_four] == [r["generated"] for r in rows_one]
+    assert [r["selected"] for r in rows_four] == [r["selected"] for r in rows_one]
+    assert s_four["mesh"] == "tpu_v4_8" and s_four["mesh_axes"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert s_four["dtype"] == "float32"  # auto on CPU
+    assert s_one["mesh"] == "cpu" and s_one["param_peak_bytes_per_device"] == s_one["param_bytes_total"]
+    assert s_four["param_bytes_total"] == s_one["param_bytes_total"]
+    assert s_four["param_bytes_total"] / 4 <= s_four["param_peak_bytes_per_device"] < 0.5 * s_four["param_bytes_total"]
+
+
+def test_dry_run_reports_generation_memory_per_device(workspace):
+    """--dry-run reads only the config (params/ is emptied here) and simulates the preset's 4 devices on CPU."""
+    import shutil
+
+    root, _ = workspace
+    cfg_only = root / "config_only"
+    cfg_only.mkdir()
+    shutil.copy(root / "ckpt" / "ivtlr_config.json", cfg_only / "ivtlr_config.json")
+    (cfg_only / "params").mkdir()
+    out = root / "dry.json"
+    proc = _cli(["--ckpt", str(cfg_only), "--dry-run", "--mesh", "tpu_v4_8", "--batch-size", "4",
+                 "--max-new-tokens", "4", "--k", "4", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "generation memory per device on --mesh tpu_v4_8" in proc.stdout and "KV cache" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["mesh_axes"] == {"data": 1, "fsdp": 4, "tensor": 1} and r["dtype"] == "bfloat16"  # a TPU preset
+    assert 0 < r["param_bytes_per_device"] < r["param_bytes_total"] / 2
+    assert r["kv_cache_bytes_per_device"] * 4 == r["kv_cache_bytes_total"]  # batch 4 over the 4 data devices
+    assert r["compiler_total_bytes_per_device"] >= r["param_bytes_per_device"]
+    assert r["compiler_temp_size_in_bytes"] > 0
+    bad = _cli(["--ckpt", str(cfg_only), "--dry-run", "--mesh", "tpu_v9"])
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: --mesh='tpu_v9'")

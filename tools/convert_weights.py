@@ -3,6 +3,7 @@ or import the authors' released IVT-LR checkpoint.
 
   python tools/convert_weights.py --src HF_DIR --dst CKPT_DIR [--dtype float32|bfloat16] [--add-latent-tokens]
   python tools/convert_weights.py --to-hf --src CKPT_DIR --dst HF_DIR
+  python tools/convert_weights.py --merge-lora RUN_DIR/stage_ends/<stage> --dst CKPT_DIR   (no optimiser state read)
   python tools/convert_weights.py --from-release FILE.pth --base HF_BASE_DIR --dst CKPT_DIR [--keep-lora]
 """
 
@@ -100,10 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.base or args.keep_lora:
         raise SystemExit("--base and --keep-lora go with --from-release FILE")
     if args.merge_lora:
-        from ivtlr_jax.train.export import export_trained_checkpoint
+        from ivtlr_jax.convert import export_run_checkpoint
 
-        return export_trained_checkpoint(args.merge_lora, args.dst, base=args.src, overwrite=args.overwrite,
-                                         verbose=not args.quiet)
+        return export_run_checkpoint(args.merge_lora, args.dst, base=args.src, overwrite=args.overwrite,
+                                     verbose=not args.quiet)
     if args.src is None:
         raise SystemExit("--src is required (a Hugging Face folder, or with --to-hf a checkpoint folder)")
     if args.to_hf:

@@ -1,6 +1,6 @@
 """Hugging Face / release files <-> ivtlr_jax weight conversion and the self-contained checkpoint folder."""
 
-from ivtlr_jax.convert.checkpoint import check_params, load_checkpoint, save_checkpoint
+from ivtlr_jax.convert.checkpoint import check_params, export_run_checkpoint, load_checkpoint, save_checkpoint
 from ivtlr_jax.convert.hf_to_jax import LATENT_TOKENS, convert_hf_to_checkpoint
 from ivtlr_jax.convert.jax_to_hf import export_checkpoint_to_hf
 from ivtlr_jax.convert.release import convert_release_to_checkpoint
@@ -11,6 +11,7 @@ __all__ = [
     "convert_hf_to_checkpoint",
     "convert_release_to_checkpoint",
     "export_checkpoint_to_hf",
+    "export_run_checkpoint",
     "load_checkpoint",
     "save_checkpoint",
 ]

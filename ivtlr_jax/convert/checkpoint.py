@@ -226,8 +226,9 @@ def lora_targets(bb) -> list[str]:
     return [name for name, info in sp.infos(bb.param_spec()) if info.lora]
 
 
-def read_lora_config(ckpt_dir: str) -> dict | None:
-    """The {r, alpha, targets, ...} of a folder's unmerged adapters, or None when it has none."""
+def read_lora_config(ckpt_dir: str, bb=None) -> dict | None:
+    """The {r, alpha, targets, ...} of a folder's unmerged adapters, or None when it has none; with the backbone
+    `bb`, checked against its LoRA targets."""
     path = os.path.join(ckpt_dir, LORA_CONFIG_NAME)
     if not os.path.exists(path):
         return None
@@ -236,6 +237,9 @@ def read_lora_config(ckpt_dir: str) -> dict | None:
     if not os.path.isdir(os.path.join(ckpt_dir, LORA_DIR)) or not {"r", "alpha", "targets"} <= set(meta):
         raise ValueError(f"checkpoint {ckpt_dir!r}: {LORA_CONFIG_NAME} needs r, alpha, targets and a {LORA_DIR}/ "
                          "folder beside it; convert the release again with --keep-lora")
+    if bb is not None and meta["targets"] != lora_targets(bb):
+        raise ValueError(f"checkpoint {ckpt_dir!r}: its adapters target {meta['targets']} but the backbone's LoRA "
+                         f"targets are {lora_targets(bb)}")
     return meta
 
 
@@ -258,12 +262,9 @@ def load_lora(ckpt_dir: str, bb):
 
     from ivtlr_jax.train.lora import lora_spec
 
-    meta = read_lora_config(ckpt_dir)
+    meta = read_lora_config(ckpt_dir, bb)
     if meta is None:
         return None
-    if meta["targets"] != lora_targets(bb):
-        raise ValueError(f"checkpoint {ckpt_dir!r}: its adapters target {meta['targets']} but the backbone's LoRA "
-                         f"targets are {lora_targets(bb)}")
     aspec = lora_spec(bb.param_spec(), int(meta["r"]))
     restore = sp.map_spec(lambda i: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32), aspec)
     nested = _checkpointer().restore(os.path.join(os.path.abspath(ckpt_dir), LORA_DIR),
@@ -279,14 +280,138 @@ def remove_lora(ckpt_dir: str) -> None:
         os.remove(os.path.join(ckpt_dir, LORA_CONFIG_NAME))
 
 
-def restore_sharded(ckpt_dir: str, spec, targets):
-    """The params of a checkpoint folder as jax.Arrays laid out like `targets` (ShapeDtypeStructs with
-    shardings, the spec's tree): each device reads only its own shard, cast to the target dtype."""
+def restore_sharded(ckpt_dir: str, spec, targets, subdir: str | None = None):
+    """The non-None leaves of `targets` (ShapeDtypeStructs with shardings, shaped like `spec`) read from a
+    checkpoint folder's params/ (or `subdir`) as jax.Arrays: each device reads only its own shard, cast to the
+    target dtype on read. None leaves are not read (orbax partial restore); they stay None."""
     import jax
     import orbax.checkpoint as ocp
 
-    args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=t.sharding, dtype=t.dtype,
-                                                       global_shape=t.shape), targets)
-    nested = ocp.PyTreeCheckpointer().restore(os.path.join(os.path.abspath(ckpt_dir), PARAMS_DIR),
-                                              args=ocp.args.PyTreeRestore(restore_args=sp.to_nested_dict(args)))
-    return sp.from_nested_dict(spec, nested)
+    wanted = {n: t for n, t in sp.named_leaves(spec, targets).items() if t is not None}
+    args = {n: ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=t.sharding, dtype=t.dtype, global_shape=t.shape)
+            for n, t in wanted.items()}
+    restored = ocp.PyTreeCheckpointer().restore(
+        os.path.join(os.path.abspath(ckpt_dir), subdir or PARAMS_DIR),
+        args=ocp.args.PyTreeRestore(item=sp.nest({n: 0 for n in wanted}), restore_args=sp.nest(args),
+                                    partial_restore=True))
+    return sp.from_named(spec, sp.unnest(restored, wanted))
+
+
+# ---------------------------------------------------------------- training checkpoint -> model checkpoint
+RUN_STATE_DIR = "state"  # a run checkpoint's train state: step, trainable, opt_state (never read here), rng
+RUN_META_FILE = os.path.join("meta", "metadata")
+
+
+def read_leaf(folder: str, name: str, dtype=None, prefix: tuple[str, ...] = ()) -> np.ndarray:
+    """One leaf ("a/b/c" under `prefix`) of an orbax tree as a numpy array, cast to `dtype` on read; nothing else
+    of the tree is read (orbax partial restore)."""
+    import orbax.checkpoint as ocp
+
+    path = (*prefix, *name.split("/"))
+    item = sp.nest({"/".join(path): 0})
+    args = sp.nest({"/".join(path): ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)})
+    out = _checkpointer().restore(os.path.abspath(folder), args=ocp.args.PyTreeRestore(
+        item=item, restore_args=args, partial_restore=True))
+    for key in path:
+        out = out[key]
+    return out
+
+
+def read_run_meta(run_ckpt: str) -> dict:
+    """The meta of a training checkpoint folder (RUN_DIR/checkpoints/<step> or RUN_DIR/stage_ends/<stage>)."""
+    run_ckpt = os.path.abspath(run_ckpt)
+    if not os.path.isdir(os.path.join(run_ckpt, RUN_STATE_DIR)):
+        raise ValueError(f"--merge-lora {run_ckpt!r} is not a training checkpoint (no {RUN_STATE_DIR}/ inside); give "
+                         "RUN_DIR/checkpoints/<step> or RUN_DIR/stage_ends/<stage>")
+    try:
+        with open(os.path.join(run_ckpt, RUN_META_FILE)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--merge-lora {run_ckpt!r}: its {RUN_META_FILE} cannot be read ({e}); give a complete "
+                         "training checkpoint") from None
+    if meta.get("finetune") not in ("lora", "full"):
+        raise ValueError(f"--merge-lora {run_ckpt!r}: meta finetune={meta.get('finetune')!r} is not 'lora' or 'full'")
+    return meta
+
+
+def merge_run_params(run_ckpt: str, base: str | None = None):
+    """(config, params as numpy, meta, base folder) of a training checkpoint: the base checkpoint's params with
+    the run's LoRA adapters folded in (float32, stored in the base dtype) or its trained leaves (cast to the base
+    dtype). Reads only the parameters written, leaf by leaf, never the optimiser state; each adapted kernel is
+    folded in place one layer at a time, so host memory stays the output's size plus one layer's float32 copy."""
+    from ivtlr_jax.train.lora import lora_spec
+
+    meta = read_run_meta(run_ckpt)
+    base = base or meta.get("init")
+    if not base or not os.path.isdir(base):
+        raise ValueError(f"--merge-lora: the run's base checkpoint {base!r} is not a folder; pass --src BASE_CKPT_DIR")
+    cfg = load_config(base)
+    spec = backbone_for(cfg).param_spec()
+    state_dir = os.path.join(os.path.abspath(run_ckpt), RUN_STATE_DIR)
+    params_dir = os.path.join(os.path.abspath(base), PARAMS_DIR)
+    stored = {n: dt for n, (_, dt) in check_stored(spec, params_dir, f"params in {base!r}").items()}
+    trained = {n for n, i in sp.infos(spec) if i.trainable} if meta["finetune"] == "full" else set()
+    named = {}
+    for name, _ in sp.infos(spec):
+        if name in trained:  # the run's leaf, cast on read to the base checkpoint's dtype
+            named[name] = read_leaf(state_dir, name, stored.get(name), prefix=("trainable",))
+        else:
+            named[name] = read_leaf(params_dir, name)  # as stored: the base the run's adapters apply to
+    params = sp.from_named(spec, named)
+    del named
+    if meta["finetune"] == "lora":
+        rank = int(meta["lora_r"])
+        aspec = lora_spec(spec, rank)
+        scale = float(meta["lora_alpha"]) / rank
+        flat = sp.flatten(params)
+        for name, _ in sp.infos(aspec):
+            if not name.endswith("/a"):
+                continue
+            owner = name[: -len("/a")]
+            a = read_leaf(state_dir, name, np.float32, prefix=("trainable",))
+            b = read_leaf(state_dir, owner + "/b", np.float32, prefix=("trainable",))
+            kernel = flat[owner + "/kernel"]
+            for idx in np.ndindex(kernel.shape[:-2]):  # in place, one (in, out) matrix at a time
+                kernel[idx] = fold_lora(kernel[idx], a[idx], b[idx], scale)
+    check_params(cfg, params)
+    return cfg, params, meta, os.path.abspath(base)
+
+
+def stored_leaves(folder: str) -> dict:
+    """{name: (shape, numpy dtype)} of the leaves of an orbax tree folder, from its metadata (no array is read)."""
+    import jax
+
+    meta = _checkpointer().metadata(os.path.abspath(folder))
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {sp.path_name(p): (tuple(m.shape), np.dtype(m.dtype)) for p, m in flat
+            if getattr(m, "dtype", None) is not None}
+
+
+def check_stored(spec, folder: str, what: str) -> dict:
+    """check_tree of an orbax folder's leaves (names and shapes from its metadata) against `spec`; returns them."""
+    stored = stored_leaves(folder)
+    shaped = {n: np.broadcast_to(np.zeros((), np.int8), shape) for n, (shape, _) in stored.items()}  # no memory
+    sp.check_tree(spec, sp.nest(shaped), what=what)
+    return stored
+
+
+def export_run_checkpoint(run_ckpt: str, dst: str, base: str | None = None, overwrite: bool = False,
+                          verbose: bool = True) -> dict:
+    """RUN_DIR/checkpoints/<step> (or stage_ends/<stage>) -> a self-contained CKPT_DIR at `dst` (LoRA merged, or
+    the fully fine-tuned weights), reading only the parameters it writes (`merge_run_params`)."""
+    cfg, params, meta, base = merge_run_params(run_ckpt, base)
+    hf_config = None
+    if os.path.exists(os.path.join(base, HF_CONFIG_NAME)):
+        with open(os.path.join(base, HF_CONFIG_NAME)) as f:
+            hf_config = json.load(f)
+    save_checkpoint(dst, cfg, params, hf_config=hf_config, overwrite=overwrite)
+    copied = copy_tokenizer_files(base, dst)
+    nbytes = int(sum(x.nbytes for x in sp.flatten(params).values()))
+    summary = {"from": os.path.abspath(run_ckpt), "base": base, "dst": os.path.abspath(dst),
+               "finetune": meta.get("finetune"), "stage": meta.get("stage"), "copied": copied, "bytes": nbytes}
+    if verbose:
+        print(f"merged {summary['finetune']} weights of {summary['from']} into {summary['dst']} (base {base}; "
+              f"{nbytes / 2**20:.1f} MiB, optimiser state not read)")
+    return summary
