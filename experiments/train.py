@@ -34,7 +34,7 @@ import threading
 import time
 
 from experiments.embedded_default import CONFIGS as EMBEDDED_CONFIGS
-from experiments.tiny_setup import AUTO_TINY, config_path, prepare_auto_tiny
+from experiments.tiny_setup import AUTO_TINY, build_auto_tiny_in_subprocess, config_path, prepare_auto_tiny
 
 HELP = {
     "init": "converted checkpoint to start from (tools/convert_weights.py --add-latent-tokens); "
@@ -62,8 +62,11 @@ HELP = {
     "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (scale = alpha / r)", "lora_dropout": "LoRA dropout",
     "lr": "peak learning rate (AdamW)", "weight_decay": "AdamW weight decay", "beta1": "AdamW beta1",
     "beta2": "AdamW beta2", "clip": "gradient clipping by global norm", "warmup_steps": "linear warmup steps",
-    "schedule": "after warmup: constant | cosine | linear", "batch_size": "global batch (rows per step)",
-    "grad_accum": "micro-steps accumulated per optimiser update",
+    "schedule": "after warmup: constant | cosine | linear",
+    "batch_size": "rows per optimiser update, over all processes and devices (the release: 64); each micro-step "
+                  "feeds batch_size/grad_accum of them",
+    "grad_accum": "micro-steps per optimiser update; the update is the mean token loss over all its rows, as one "
+                  "step over batch_size rows would be",
     "remat": "layer rematerialisation in the backward pass: auto (by model size: dots up to 4B decoder "
              "parameters, dots_except_mlp above) | full (least memory) | dots_except_mlp (keep the q/k/v/o "
              "projections and the attention output, recompute the MLP) | dots (keep every projection) | none; "
@@ -74,13 +77,15 @@ HELP = {
     "compute_dtype": "auto (bfloat16 on accelerators, float32 on CPU) | float32 | bfloat16",
     "max_length": "truncate steps so prompt + steps + answer fit this many tokens",
     "seed": "seed for data order, LoRA init and dropout",
-    "max_steps": "stop (with a checkpoint) after this many steps in total, counted from the start of the curriculum",
+    "max_steps": "stop (with a checkpoint) after this many optimiser updates in total, counted from the start of "
+                 "the curriculum",
     "mesh": "device mesh preset: cpu, gpu_1, gpu_8, tpu_v4_8, tpu_v4_32, tpu_v5e_8, auto. GPU presets (and auto) "
             "add XLA flags unless XLA_FLAGS already names them: --xla_gpu_enable_latency_hiding_scheduler=true, "
             "--xla_gpu_enable_triton_gemm=false (cuBLAS GEMMs); gpu_8 also "
             "--xla_gpu_enable_highest_priority_async_stream=true and 128 MiB all-gather/reduce-scatter "
             "combine thresholds (ivtlr_jax.sharding.apply_xla_flags)",
-    "log_every": "print a metrics line every N steps", "save_every": "checkpoint every N steps",
+    "log_every": "print a metrics line every N optimiser updates",
+    "save_every": "checkpoint every N optimiser updates",
     "keep": "periodic checkpoints to keep", "peak_tflops": "peak TFLOP/s per device for MFU (default: by device kind)",
     "eval_limit": "evaluate on the first N held-out rows", "eval_batch_size": "evaluation batch size",
     "max_new_tokens": "generation length at evaluation", "num_workers": "image decoding threads",
@@ -100,11 +105,13 @@ def build_parser(field_types: dict) -> argparse.ArgumentParser:
                     help="alone: run that backbone's embedded default (a tiny random model trained on the synthetic "
                          "set through every stage, then evaluated); with a config whose init is auto-tiny: build "
                          "that backbone's tiny model")
-    ap.add_argument("--dry-run", action="store_true", help="compile the train step for the config's model on the "
-                    "mesh with abstract arrays (no weights) and print per-device memory, for LoRA and full")
+    ap.add_argument("--dry-run", action="store_true", help="compile the trainer's own micro-step (batch_size/"
+                    "grad_accum rows) on the mesh with abstract arrays (no weights) and print per-device memory, for "
+                    "LoRA and full; the model's shape comes from --init CKPT (its config), the auto-tiny default, "
+                    "or the YAML's model: section")
     ap.add_argument("--debug", action="store_true", help="print the traceback of an error (otherwise one line; "
                     "process 0 also writes it to RUN_DIR/train.log), show library logs, and have every process "
-                    "record the data rows of each step in RUN_DIR/debug/rows.process_<i>.jsonl")
+                    "record the data rows of each micro-step in RUN_DIR/debug/rows.process_<i>.jsonl")
     multi = ap.add_argument_group(
         "multi-process runs (one process per host; try a pod layout on one machine with experiments.launch_local)")
     multi.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address for JAX's coordination "
@@ -165,8 +172,8 @@ def load_train_config(args, field_types) -> tuple:
         except ValueError:
             raise SystemExit(f"--stages {args.stages!r}: use A-B, e.g. --stages 0-3") from None
         values["stages"] = list(range(a, b + 1))
-    try:
-        return TrainConfig(**values), yaml_values
+    try:  # every value coerced to its field's type (PyYAML reads `lr: 1e-3` as a string)
+        return TrainConfig.from_dict(values), yaml_values
     except (TypeError, ValueError) as e:
         raise SystemExit(f"config error: {e}") from None
 
@@ -181,16 +188,37 @@ def simulate_devices_for_dry_run(preset: str) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={want}".strip()
 
 
-def run_dry(tcfg, yaml_values) -> list[dict]:
+def dry_run_model_config(tcfg, yaml_values, backbone: str | None = None):
+    """The model config a dry run sizes, from wherever the run would take its model: `--init CKPT` (its saved
+    config), the auto-tiny default (the tiny model's config, built without weights; a YAML `model:` section
+    overrides its sizes as it does for training), or else the YAML's `model:` section."""
     from ivtlr_jax.config import model_config_from_dict
+
+    model = dict(yaml_values.get("model") or {})
+    if backbone:
+        model["backbone"] = backbone
+    if tcfg.init == AUTO_TINY:
+        from experiments.tiny_setup import tiny_model_config
+
+        return tiny_model_config(tcfg, model)
+    if tcfg.init and os.path.isdir(tcfg.init):
+        from ivtlr_jax.convert.checkpoint import load_config
+
+        return load_config(tcfg.init)
+    model.pop("backbone", None)
+    if not model:
+        where = f"--init {tcfg.init!r} is not a checkpoint folder and " if tcfg.init else ""
+        raise SystemExit(f"--dry-run needs the model's shape: {where}give --init CKPT_DIR (a converted checkpoint; "
+                         "only its config is read), a `model:` section in the YAML (see "
+                         "experiments/configs/qwen2vl_7b_m3cot.yaml), or the auto-tiny default")
+    return model_config_from_dict(model)
+
+
+def run_dry(tcfg, yaml_values, backbone: str | None = None) -> list[dict]:
     from ivtlr_jax.models import backbone_for
     from ivtlr_jax.train.dry_run import dry_run, format_dry_run
 
-    model = dict(yaml_values.get("model") or {}) if tcfg.init != AUTO_TINY else {}
-    if not model:
-        raise SystemExit("--dry-run needs the model's shape: a `model:` section in the YAML (see "
-                         "experiments/configs/qwen2vl_7b_m3cot.yaml), not the auto-tiny default")
-    cfg = model_config_from_dict(model)
+    cfg = dry_run_model_config(tcfg, yaml_values, backbone)
     if cfg.latent_token_id is None:  # any id inside the vocabulary lays the batch out the same way
         cfg = dataclasses.replace(cfg, latent_token_id=cfg.vocab_size - 1)
     if getattr(cfg, "image_vocab", None) == ():  # Chameleon without its vocabulary map: any ids size the gathers
@@ -248,7 +276,7 @@ def main(argv=None) -> dict | list:
     try:
         if args.dry_run:
             simulate_devices_for_dry_run(tcfg.mesh)
-            return run_dry(tcfg, yaml_values)
+            return run_dry(tcfg, yaml_values, args.backbone)
         return run_training(args, tcfg, yaml_values)
     except (SystemExit, KeyboardInterrupt):
         raise
@@ -341,6 +369,20 @@ def run_training(args, tcfg, yaml_values) -> dict:
         print(plan.notice, file=sys.stderr, flush=True)
     if plan.meta is not None and tcfg.init == AUTO_TINY:
         tcfg.init = None  # continue with the model the run recorded
+    model = dict(yaml_values.get("model") or {})
+    if args.backbone:
+        model["backbone"] = args.backbone
+    build_error, built_before_join = None, False
+    if tcfg.init == AUTO_TINY and sh.joins_several_processes(tcfg.mesh, args.num_processes):
+        # Built before joining, in a child process (JAX here must stay unstarted until the join): the peers
+        # wait in jax.distributed.initialize for process 0, never on a collective. Without a process id (an
+        # auto-detected cluster) every process builds; the folder is renamed into place, so one wins.
+        if not args.process_id:
+            try:
+                build_auto_tiny_in_subprocess(tcfg, model)
+            except Exception as e:  # raised after joining, so that the peers hear of it and stop
+                build_error = e
+        tcfg.init, built_before_join = os.path.join(tcfg.out, "init"), True
     sh.apply_xla_flags(tcfg.mesh)  # before JAX starts its backend
     sh.maybe_initialize_distributed(tcfg.mesh, coordinator_address=args.coordinator,
                                     num_processes=args.num_processes, process_id=args.process_id,
@@ -352,15 +394,14 @@ def run_training(args, tcfg, yaml_values) -> dict:
     if nproc > 1:
         watchdog = PeerWatchdog(args.peer_timeout, resume_hint=lambda: resume_hint(tcfg.out)).start()
     try:
-        model = dict(yaml_values.get("model") or {})
-        if args.backbone:
-            model["backbone"] = args.backbone
-        if pid == 0:
-            prepare_auto_tiny(tcfg, model)
+        if build_error is not None:
+            raise build_error
+        prepare_auto_tiny(tcfg, model)  # one process: built here, after the (skipped) join
         if nproc > 1:
-            barrier("ivtlr_jax/prepare_init")  # process 0 built RUN_DIR/init
-            if tcfg.init == AUTO_TINY:
-                tcfg.init = os.path.join(tcfg.out, "init")
+            barrier("ivtlr_jax/prepare_init")  # every process is past its start (the model is built)
+            if built_before_join and not os.path.isdir(tcfg.init):
+                raise FileNotFoundError(f"process {pid}: --init {tcfg.init} not found (process 0 built it there; "
+                                        "RUN_DIR must be on a filesystem every process sees)")
         summary = Trainer(tcfg, plan=plan, watchdog=watchdog, peer_timeout_s=args.peer_timeout,
                           trace_rows=args.debug).run()
     except BaseException as e:

@@ -12,6 +12,8 @@ _FAST_COMPILE = "--xla_backend_optimization_level=0"
 if _FAST_COMPILE.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
 
+import ivtlr_jax  # noqa: E402,F401  (no JAX import) its CPU XLA flags into XLA_FLAGS before any test starts JAX
+
 
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory):

@@ -277,3 +277,77 @@ def test_launcher_stops_every_process_when_one_fails(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "experiments.launch_local", "--", "--process-id", "3"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "the launcher sets these itself" in bad.stderr
+
+
+def readme_launch_command() -> list[str]:
+    """The README's multi-process example (`python -m experiments.launch_local ...`, its continuation lines joined)."""
+    import shlex
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    start = text.index("python -m experiments.launch_local")
+    lines = []
+    for line in text[start:].splitlines():
+        lines.append(line.rstrip().removesuffix("\\"))
+        if not line.rstrip().endswith("\\"):
+            break
+    return shlex.split(" ".join(lines))
+
+
+def test_readme_two_process_command_runs_from_nothing(tmp_path):
+    """The README's command as written (plus --max-steps and a temporary --out), nothing prepared beforehand: process
+    0 builds the auto-tiny model before the processes join (no collective waits on it), both run to the end."""
+    cmd = readme_launch_command()
+    assert cmd[:3] == ["python", "-m", "experiments.launch_local"] and "--out" in cmd, cmd
+    out = tmp_path / "two_hosts"
+    cmd[0] = sys.executable
+    cmd[cmd.index("--out") + 1] = str(out)
+    cmd += ["--max-steps", "2"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("JAX_PLATFORMS", None)
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    run = Run(proc, time.time() - t0)
+    print(f"README two-process command: {run.seconds:.0f} s")
+    assert proc.returncode == 0, run
+    assert "[launch] all processes finished" in proc.stderr, run
+    assert summary_of(proc.stdout)["step"] == 2
+    assert os.path.exists(out / "init" / "ivtlr_config.json")
+    assert sorted(os.listdir(out / "checkpoints")) == ["2"]
+    assert not [d for d in os.listdir(out) if d.startswith(".tiny-build-")]  # the build folder was renamed
+
+
+def test_tiny_model_build_that_fails_leaves_no_init(tmp_path, monkeypatch):
+    """A build that stops half-way leaves no RUN_DIR/init that would look complete (it is built aside, then renamed)."""
+    import ivtlr_jax.convert as convert
+    from experiments.tiny_setup import make_tiny_checkpoint
+
+    real = convert.convert_hf_to_checkpoint
+
+    def half_then_fail(src, dst, **kw):
+        real(src, dst, **kw)  # a complete-looking folder, then a crash before the build ends
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(convert, "convert_hf_to_checkpoint", half_then_fail)
+    small = {k: v for k, v in SMALL_MODEL.items() if k != "vision"}
+    with pytest.raises(RuntimeError, match="killed"):
+        make_tiny_checkpoint(str(tmp_path), corpus=["a b c"], model=small, vision=SMALL_MODEL["vision"])
+    assert os.listdir(tmp_path) == []
+
+
+def test_sharded_train_step_on_two_cpu_devices_runs_to_its_end(setup):
+    """Issue 18: a train step on 2 simulated CPU devices with gradient accumulation hung at random (the devices at
+    different all-gathers) under XLA:CPU's concurrency-optimised scheduler; `import ivtlr_jax` turns it off. The
+    issue's command, 5 times in a row (the programs come from the compilation cache after the first run)."""
+    root, cfg, env = setup
+    env = dict(env, JAX_PLATFORMS="cpu", XLA_FLAGS=env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2")
+    for run in range(5):
+        out = root / f"two_devices_{run}"
+        proc = subprocess.run([sys.executable, "-m", "experiments.train", "--config", cfg, "--stage", "1", "--mesh",
+                               "auto", "--batch-size", "8", "--grad-accum", "4", "--max-steps", "2", "--log-every",
+                               "1", "--debug", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, f"run {run}: {proc.stderr[-3000:]}"
+        assert sorted(os.listdir(out / "checkpoints")) == ["2"]
+        with open(out / "debug" / "rows.process_0.jsonl") as f:
+            assert [json.loads(line)["micro"] for line in f] == [0, 1, 2, 3] * 2  # 2 updates of 4 micro-steps

@@ -262,5 +262,21 @@ def test_spec_axes_are_known_rules(tie):
         sharding.logical_to_spec(("embed", ("heads", "nope")), sharding.make_mesh("cpu"))
 
 
+def test_import_sets_the_cpu_xla_flags_before_jax_starts():
+    """`import ivtlr_jax` adds CPU_XLA_FLAGS to XLA_FLAGS (a user's own value of a flag wins); this jaxlib accepts
+    them (an unknown flag aborts at the first device query)."""
+    from ivtlr_jax import CPU_XLA_FLAGS
+
+    probe = "import os, ivtlr_jax, jax; jax.devices(); print(os.environ['XLA_FLAGS'])"
+    name = CPU_XLA_FLAGS[0].split("=")[0]
+    for given, want in ((None, CPU_XLA_FLAGS[0]), (f"{name}=true", f"{name}=true")):
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **({"XLA_FLAGS": given} if given else {}))
+        proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        flags = proc.stdout.split()
+        assert want in flags and sum(f.startswith(name) for f in flags) == 1, flags
+
+
 if __name__ == "__main__":
     _child_main()
