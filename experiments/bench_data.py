@@ -61,20 +61,23 @@ def main() -> None:
     from experiments.tiny_tokenizer import build_tiny_tokenizer
     from ivtlr_jax.data.curriculum import CurriculumOptions
     from ivtlr_jax.data.pipeline import BatchIterator, encode_split
+    from ivtlr_jax.models.qwen2_vl import ImageOptions
 
     tok = build_tiny_tokenizer()
     tok.add_tokens(["<|latent|>"], special_tokens=True)
     latent = tok.convert_tokens_to_ids("<|latent|>")
     ds = _dataset(args.n, args.format, args.source_size)
     t0 = time.perf_counter()
-    split = encode_split(ds, tok)
+    images = ImageOptions()  # the Qwen2-VL processor at the release's 280x280
+    split = encode_split(ds, tok, images)
     encode_s = time.perf_counter() - t0
     results = {"cores": os.cpu_count(), "n": len(split), "format": args.format, "source_size": args.source_size,
                "tokenise_examples_per_s": round(len(split) / encode_s, 1)}
     curriculum = CurriculumOptions(epochs_per_stage=1)
     for label, workers, kind in (("serial", 0, "thread"), ("threads_2", 2, "thread"), ("processes_2", 2, "process")):
         it = BatchIterator(split, batch_size=args.batch_size, latent_id=latent, pad_id=tok.pad_token_id,
-                           curriculum=curriculum, num_workers=workers, worker_type=kind, prefetch=4,
+                           curriculum=curriculum, image_options=images, num_workers=workers, worker_type=kind,
+                           prefetch=4,
                            start_epoch=args.stage, num_epochs=args.stage + 1, drop_last=True)
         next(it)  # warm the pool
         t0 = time.perf_counter()

@@ -90,9 +90,8 @@ def main(argv=None) -> dict:
     import jax.numpy as jnp
 
     from experiments.bench_train import model_config
-    from ivtlr_jax.config import LatentConfig
     from ivtlr_jax.generate import decode_jit, prefill_jit
-    from ivtlr_jax.latent import to_device
+    from ivtlr_jax.latent import LatentConfig, to_device
     from ivtlr_jax.models import backbone_for
     from ivtlr_jax.models.layers import resolve_attention
     from ivtlr_jax.train.dry_run import example_batch

@@ -97,8 +97,8 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from ivtlr_jax.config import TrainConfig
     from ivtlr_jax.train import Trainer
+    from ivtlr_jax.train.config import TrainConfig
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_loop_")
     data, ckpt = build(workdir, args.model, args.rows)

@@ -39,7 +39,7 @@ MODELS = {
 
 
 def model_config(name: str):
-    from ivtlr_jax.config import ModelConfig, VisionConfig
+    from ivtlr_jax.models.qwen2_vl import ModelConfig, VisionConfig
 
     spec = dict(MODELS[name])
     vision = VisionConfig(**spec.pop("vision"))
@@ -71,11 +71,12 @@ def main(argv=None) -> dict:
     sh.apply_xla_flags(args.mesh)  # before JAX starts its backend
     import jax
 
-    from ivtlr_jax.config import TrainConfig
     from ivtlr_jax.models import backbone_for
-    from ivtlr_jax.models.layers import resolve_attention, resolve_remat
+    from ivtlr_jax.models.layers import resolve_attention
+    from ivtlr_jax.train.config import TrainConfig
     from ivtlr_jax.train.dry_run import example_batch
-    from ivtlr_jax.train.loop import peak_flops
+    from ivtlr_jax.train.metrics import peak_flops
+    from ivtlr_jax.train.remat import resolve_remat
     from ivtlr_jax.train.state import create_train_state
     from ivtlr_jax.train.step import build_train_step, compute_dtype, make_optimizer, model_flops
 

@@ -18,7 +18,8 @@ import os
 import time
 
 DEFAULT_OUT = os.environ.get("IVTLR_DEFAULT_OUT")  # default: runs/tiny_default (runs/tiny_chameleon_default)
-CONFIGS = {"qwen2_vl": "tiny.yaml", "chameleon": "tiny_chameleon.yaml"}  # the embedded default per backbone
+# the embedded default per backbone
+CONFIGS = {"qwen2_vl": "tiny.yaml", "chameleon": "tiny_chameleon.yaml"}
 
 
 def _table(rows: list[dict]) -> str:
@@ -37,9 +38,9 @@ def run_embedded_default(out: str | None = DEFAULT_OUT, train_rows: int | None =
 
     from experiments import evaluate as ev
     from experiments.tiny_setup import CONFIG_DIR, prepare_auto_tiny
-    from ivtlr_jax.config import TrainConfig
     from ivtlr_jax.data.synthetic import write_synthetic
     from ivtlr_jax.train import Trainer
+    from ivtlr_jax.train.config import TrainConfig
     from ivtlr_jax.train.export import export_trained_checkpoint
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

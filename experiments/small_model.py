@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from ivtlr_jax.config import image_code_name
+from ivtlr_jax.models.chameleon.config import image_code_name
 
 IMAGE_GRID = (1, 20, 20)  # one 280x280 image: 400 patches of 14x14, 100 tokens after the 2x2 merge
 PATCH_DIM = 3 * 2 * 14 * 14  # C * temporal_patch * patch * patch: one pixel_values row

@@ -34,7 +34,7 @@ TINY_VQ = dict(embed_dim=16, num_embeddings=256, latent_channels=16, resolution=
 
 def _tiny_qwen2vl(corpus, vocab_size, model, vision):
     from experiments.tiny_tokenizer import build_tiny_tokenizer
-    from ivtlr_jax.config import ModelConfig, VisionConfig
+    from ivtlr_jax.models.qwen2_vl import ModelConfig, VisionConfig
 
     tok = build_tiny_tokenizer(corpus, vocab_size=vocab_size)
     ids = {t: tok.convert_tokens_to_ids(t) for t in
@@ -51,7 +51,7 @@ def _tiny_qwen2vl(corpus, vocab_size, model, vision):
 
 def _tiny_chameleon(corpus, vocab_size, model, vq):
     from experiments.tiny_tokenizer import build_tiny_chameleon_tokenizer
-    from ivtlr_jax.config import ChameleonConfig, VQConfig, image_code_name
+    from ivtlr_jax.models.chameleon import ChameleonConfig, VQConfig, image_code_name
 
     v = {**TINY_VQ, **(vq or {})}
     tok = build_tiny_chameleon_tokenizer(v["num_embeddings"], corpus, vocab_size=vocab_size)
@@ -94,8 +94,9 @@ def tiny_vq_tokenizer(params, cfg, images=(), seed: int = 0, iters: int = 15):
     """
     import jax
 
-    from ivtlr_jax.data.images import chameleon_pixels, decode_image
+    from ivtlr_jax.data.images import decode_image
     from ivtlr_jax.models.chameleon import encode_latents
+    from ivtlr_jax.models.chameleon.images import pixels as chameleon_pixels
 
     def identity_branch(block):
         c = block.conv2
@@ -261,7 +262,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="{}", help="JSON of the YAML's `model:` section (sizes, vision, backbone)")
     args = ap.parse_args(argv)
-    from ivtlr_jax.config import TrainConfig
+    from ivtlr_jax.train.config import TrainConfig
 
     tcfg = TrainConfig(init=AUTO_TINY, out=args.out, data=args.data, data_source=args.data_source,
                        train_split=args.train_split, seed=args.seed)

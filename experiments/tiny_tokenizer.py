@@ -10,8 +10,8 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ivtlr_jax.config import image_code_name
-from ivtlr_jax.data.text import QWEN2VL_CHAT_TEMPLATE
+from ivtlr_jax.models.chameleon.config import image_code_name
+from ivtlr_jax.models.qwen2_vl.prompt import CHAT_TEMPLATE as QWEN2VL_CHAT_TEMPLATE
 
 # Order fixes their ids: 0..6 right after training (special tokens come first).
 TINY_SPECIAL_TOKENS = [

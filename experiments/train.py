@@ -136,7 +136,7 @@ def build_parser(field_types: dict) -> argparse.ArgumentParser:
 
 
 def _field_types() -> dict:
-    from ivtlr_jax.config import TrainConfig
+    from ivtlr_jax.train.config import TrainConfig
 
     out = {}
     for f in dataclasses.fields(TrainConfig):
@@ -149,7 +149,7 @@ def load_train_config(args, field_types) -> tuple:
     """TrainConfig from YAML (if any) with every given flag on top; returns (config, yaml dict)."""
     import yaml
 
-    from ivtlr_jax.config import TrainConfig
+    from ivtlr_jax.train.config import TrainConfig
 
     values = {}
     if args.config:
@@ -192,7 +192,7 @@ def dry_run_model_config(tcfg, yaml_values, backbone: str | None = None):
     """The model config a dry run sizes, from wherever the run would take its model: `--init CKPT` (its saved
     config), the auto-tiny default (the tiny model's config, built without weights; a YAML `model:` section
     overrides its sizes as it does for training), or else the YAML's `model:` section."""
-    from ivtlr_jax.config import model_config_from_dict
+    from ivtlr_jax.models import model_config_from_dict
 
     model = dict(yaml_values.get("model") or {})
     if backbone:
@@ -361,8 +361,8 @@ def run_training(args, tcfg, yaml_values) -> dict:
 
     from ivtlr_jax import sharding as sh
     from ivtlr_jax.train import Trainer, plan_start
-    from ivtlr_jax.train.loop import resume_hint
     from ivtlr_jax.train.peers import PeerWatchdog, barrier
+    from ivtlr_jax.train.planning import resume_hint
 
     plan = plan_start(tcfg)  # from RUN_DIR alone: a refusal is the first and only line
     if plan.notice and not args.process_id:

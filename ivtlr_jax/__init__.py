@@ -1,11 +1,12 @@
 """ivtlr_jax: IVT-LR (interleaved vision-text latent reasoning) in JAX/Flax.
 
-`IVTLRModel` is imported lazily so that light subpackages (e.g. `ivtlr_jax.data`) do not pull in JAX.
+`IVTLRModel`, `LatentConfig` (ivtlr_jax.latent) and `TrainConfig` (ivtlr_jax.train.config) are imported lazily
+so that light subpackages (e.g. `ivtlr_jax.data`) do not pull in JAX.
 """
 
 import os as _os
 
-__all__ = ["IVTLRModel"]
+__all__ = ["IVTLRModel", "LatentConfig", "TrainConfig"]
 
 # XLA:CPU's concurrency-optimised scheduler lets the devices of one sharded program reach independent all-gathers
 # in different orders, each waiting at its own rendezvous until XLA aborts (a train step on 2 CPU devices hung in
@@ -29,4 +30,12 @@ def __getattr__(name):
         from ivtlr_jax.model import IVTLRModel
 
         return IVTLRModel
+    if name == "LatentConfig":
+        from ivtlr_jax.latent import LatentConfig
+
+        return LatentConfig
+    if name == "TrainConfig":
+        from ivtlr_jax.train.config import TrainConfig
+
+        return TrainConfig
     raise AttributeError(f"module 'ivtlr_jax' has no attribute {name!r}")

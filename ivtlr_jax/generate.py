@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ivtlr_jax import sharding as sh
-from ivtlr_jax.config import LatentConfig
-from ivtlr_jax.latent import LatentBatch, latent_prefill, make_latent_batch, to_device
+from ivtlr_jax.latent import LatentBatch, LatentConfig, latent_prefill, make_latent_batch, to_device
 from ivtlr_jax.models.base import Backbone
 
 DECODE_BLOCK = 256  # decode steps per phase: a phase reads a static cache prefix at most this much past the valid one
@@ -239,7 +238,7 @@ def generate(bb: Backbone, params, lcfg: LatentConfig, input_ids, attention_mask
     input_ids/attention_mask (B, S) are left-padded prompts ending with the n latent tokens (no suffix).
     eos_token_ids default to the config's eos_token_id; pad_token_id to its pad_token_id, else the first EOS.
     max_cache_len: reject a request whose final prompt length + max_new_tokens exceeds it.
-    attention: the attention implementation (config.ATTENTION_CHOICES; auto picks the platform's kernel).
+    attention: the attention implementation (models.layers.ATTENTION_CHOICES; auto picks the platform's kernel).
     mesh: the mesh params live on (None: one device); see generate_batch.
     """
     ids, mask = trim_prompt(input_ids, attention_mask)

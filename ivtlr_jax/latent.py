@@ -11,7 +11,9 @@ for every call, whatever the trainer wrapped the layers with.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -19,12 +21,43 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ivtlr_jax.config import LatentConfig
+from ivtlr_jax.config import coerce_fields
 from ivtlr_jax.models.base import Backbone, Embedded
-from ivtlr_jax.models.layers import acc_dtype, for_call
+from ivtlr_jax.models.layers import acc_dtype, for_call, identity
 
 IGNORE = -100
 LOSS_CHUNK = 128  # positions per block of the chunked training loss (memory O(B * LOSS_CHUNK * V))
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentConfig:
+    """IVT-LR latent-step options; the defaults are the release's behaviour (reference mode)."""
+
+    k: int = 32  # image embeddings selected per step; 0 = "without latent vision" (Coconut)
+    latent_text: bool = True  # False = "without latent text": the chunk is V_t alone
+    position_mode: str = "sequential"  # or "mrope": native 3-D positions for the prompt
+    selection_order: str = "position"  # or "score": order of V_t inside the chunk
+    latent_grad: str = "stop"  # or "full": back-propagate through every latent step
+
+    def __post_init__(self):
+        coerce_fields(self)
+        if self.k < 0:
+            raise ValueError(f"k={self.k!r} must be an integer >= 0 (image embeddings per latent step)")
+        choices = {
+            "position_mode": ("sequential", "mrope"),
+            "selection_order": ("position", "score"),
+            "latent_grad": ("stop", "full"),
+        }
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; use one of {list(valid)}")
+        if self.chunk_len == 0:
+            raise ValueError("k=0 with latent_text=False leaves nothing to feed back; use n=0 latent tokens instead")
+
+    @property
+    def chunk_len(self) -> int:
+        """Vectors per latent step: K image embeddings plus the hidden state when latent_text."""
+        return self.k + int(self.latent_text)
 
 
 @struct.dataclass
@@ -184,25 +217,26 @@ def _kv_valid(batch: LatentBatch, cache_len: int):
 
 
 def latent_start(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, cache_len: int | None = None,
-                 remat: str = "none", attention: str = "auto"):
+                 layer_wrapper: Callable = identity, attention: str = "auto", vision_wrapper: Callable = identity):
     """Embed and run the prefix; returns (prefix hidden (B, P, H), Embedded, first carry, kv_valid).
 
     The cache has `cache_len` slots (default: the final sequence length); slots past the final sequence
-    count as valid, for tokens decoded later.
+    count as valid, for tokens decoded later. `layer_wrapper` wraps each decoder layer and `vision_wrapper`
+    each image encoder block (the trainer's remat; the identity for inference).
     """
     b, p = batch.prefix_ids.shape
     cache_len = batch.kv_valid.shape[1] if cache_len is None else cache_len
     kv_valid = _kv_valid(batch, cache_len)
-    emb = bb.embed(params, batch.prefix_ids, batch.images)
+    emb = bb.embed(params, batch.prefix_ids, batch.images, vision_wrapper)
     cache = bb.init_cache(b, cache_len, emb.embeds.dtype)
     hidden, cache, attn = bb.decode(for_call(params, 0), emb.embeds, batch.positions[:, :, :p], cache, 0, kv_valid,
-                                    attn_row=True, remat=remat, attention=attention)
+                                    attn_row=True, layer_wrapper=layer_wrapper, attention=attention)
     carry = LatentCarry(cache, hidden[:, -1], attn, jnp.zeros(emb.image_valid.shape, bool))
     return hidden, emb, carry, kv_valid
 
 
 def latent_step(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, emb: Embedded, kv_valid,
-                carry: LatentCarry, t, remat: str = "none", attention: str = "auto"):
+                carry: LatentCarry, t, layer_wrapper: Callable = identity, attention: str = "auto"):
     """One latent step t: select K image tokens, run the chunk [V_t ; h]; returns (carry, (chunk hidden, idx))."""
     b, p, c, k = batch.batch_size, batch.prefix_len, lcfg.chunk_len, lcfg.k
     h, used = carry.h, carry.used
@@ -221,27 +255,30 @@ def latent_step(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, em
     start = p + t * c
     cpos = jax.lax.dynamic_slice_in_dim(batch.positions, start, c, axis=2)
     out, cache, attn = bb.decode(for_call(params, 1 + t), chunk, cpos, carry.cache, start, kv_valid, attn_row=True,
-                                 remat=remat, attention=attention, kv_len=p + batch.n * c)  # slots before the suffix
+                                 layer_wrapper=layer_wrapper, attention=attention,
+                                 kv_len=p + batch.n * c)  # slots before the suffix
     return LatentCarry(cache, out[:, -1], attn, used), (out, idx.astype(jnp.int32))
 
 
 def latent_prefill(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, cache_len: int | None = None,
-                   remat: str = "none", attention: str = "auto"):
+                   layer_wrapper: Callable = identity, attention: str = "auto", vision_wrapper: Callable = identity):
     """Prefix pass then the scan over n latent steps, filling the KV cache.
 
     Returns (hidden (B, P + n*C, H) after the final norm, cache, selected (n, B, k)).
     """
-    hidden, emb, carry, kv_valid = latent_start(bb, params, lcfg, batch, cache_len, remat, attention)
+    hidden, emb, carry, kv_valid = latent_start(bb, params, lcfg, batch, cache_len, layer_wrapper, attention,
+                                                vision_wrapper)
     n, b = batch.n, batch.batch_size
     if not n:
         return hidden, carry.cache, jnp.zeros((0, b, lcfg.k), jnp.int32)
-    step = functools.partial(latent_step, bb, params, lcfg, batch, emb, kv_valid, remat=remat, attention=attention)
+    step = functools.partial(latent_step, bb, params, lcfg, batch, emb, kv_valid, layer_wrapper=layer_wrapper,
+                             attention=attention)
     carry, (chunks, selected) = jax.lax.scan(lambda cr, t: step(cr, t), carry, jnp.arange(n))
     hidden = jnp.concatenate([hidden, chunks.transpose(1, 0, 2, 3).reshape(b, n * lcfg.chunk_len, -1)], 1)
     return hidden, carry.cache, selected
 
 
-def suffix_hidden(bb: Backbone, params, batch: LatentBatch, hidden, cache, remat: str = "none",
+def suffix_hidden(bb: Backbone, params, batch: LatentBatch, hidden, cache, layer_wrapper: Callable = identity,
                   attention: str = "auto"):
     """Run the suffix (remaining steps, answer) through the cache after `hidden` (B, P + n*C, H)."""
     start = hidden.shape[1]
@@ -249,15 +286,16 @@ def suffix_hidden(bb: Backbone, params, batch: LatentBatch, hidden, cache, remat
         return hidden
     emb = bb.token_embed(params, batch.suffix_ids)
     out, _, _ = bb.decode(for_call(params, 1 + batch.n), emb, batch.positions[:, :, start:], cache, start,
-                          batch.kv_valid, remat=remat, attention=attention)
+                          batch.kv_valid, layer_wrapper=layer_wrapper, attention=attention)
     return jnp.concatenate([hidden, out], 1)
 
 
-def latent_hidden(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, remat: str = "none",
-                  attention: str = "auto"):
+def latent_hidden(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, layer_wrapper: Callable = identity,
+                  attention: str = "auto", vision_wrapper: Callable = identity):
     """Final-norm hidden states over the whole final sequence (B, L_final, H), and the selections."""
-    hidden, cache, selected = latent_prefill(bb, params, lcfg, batch, remat=remat, attention=attention)
-    return suffix_hidden(bb, params, batch, hidden, cache, remat, attention), selected
+    hidden, cache, selected = latent_prefill(bb, params, lcfg, batch, layer_wrapper=layer_wrapper, attention=attention,
+                                             vision_wrapper=vision_wrapper)
+    return suffix_hidden(bb, params, batch, hidden, cache, layer_wrapper, attention), selected
 
 
 def _latent_forward(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, attention: str = "auto"):
@@ -295,10 +333,11 @@ def chunked_cross_entropy(bb: Backbone, params, hidden, labels, chunk: int = LOS
     return total / jnp.maximum(count, 1)
 
 
-def latent_loss(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, remat: str = "none",
-                attention: str = "auto"):
-    """The training loss: latent forward + chunked cross-entropy (same value as `_latent_forward`'s loss)."""
-    hidden, _ = latent_hidden(bb, params, lcfg, batch, remat, attention)
+def latent_loss(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, layer_wrapper: Callable = identity,
+                attention: str = "auto", vision_wrapper: Callable = identity):
+    """The training loss: latent forward + chunked cross-entropy (same value as `_latent_forward`'s loss).
+    The wrappers are the trainer's remat of the decoder layers and of the image encoder blocks."""
+    hidden, _ = latent_hidden(bb, params, lcfg, batch, layer_wrapper, attention, vision_wrapper)
     return chunked_cross_entropy(bb, params, hidden, batch.labels)
 
 

@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ivtlr_jax import sharding as sh
-from ivtlr_jax.config import LatentConfig, check_dtype
+from ivtlr_jax.config import check_dtype
+from ivtlr_jax.latent import LatentConfig
 from ivtlr_jax.models import Backbone, backbone_for
 from ivtlr_jax.models import spec as sp
+from ivtlr_jax.models.adapters import adapter_spec, fold_lora, is_linear
 
 
 def resolve_dtype(dtype: str, platform: str | None = None) -> str:
@@ -48,18 +50,15 @@ def abstract_params(bb: Backbone, mesh, dtype: str, lora_float32: bool = False):
 
 
 def _fold_adapters(params, adapters, scale: float, dtypes):
-    """On device: each adapted kernel + scale * A @ B in float32, cast to its target dtype (`dtypes`: the spec's
-    tree of dtypes); the same rule as convert.checkpoint.fold_lora."""
-    from ivtlr_jax.models.layers import Linear
+    """On device: each adapted kernel folded by the one merge rule (`adapters.fold_lora`, float32), cast to its
+    target dtype (`dtypes`: the spec's tree of dtypes)."""
 
     def fold(p, ad, dt):
         if ad is None:
             return p
-        delta = jnp.einsum("...ir,...ro->...io", ad.a.astype(jnp.float32), ad.b.astype(jnp.float32),
-                           precision=jax.lax.Precision.HIGHEST)
-        return p.replace(kernel=(delta * jnp.float32(scale) + p.kernel.astype(jnp.float32)).astype(dt.kernel))
+        return p.replace(kernel=fold_lora(p.kernel, ad.a, ad.b, scale).astype(dt.kernel))
 
-    return jax.tree.map(fold, params, adapters, dtypes, is_leaf=lambda x: isinstance(x, Linear))
+    return jax.tree.map(fold, params, adapters, dtypes, is_leaf=is_linear)
 
 
 @functools.partial(jax.jit, static_argnames=("bb", "mesh"))
@@ -89,7 +88,6 @@ def _load_on_mesh(ckpt_dir: str, dtype: str, mesh):
         read_lora_config,
         restore_sharded,
     )
-    from ivtlr_jax.train.lora import lora_spec
     from ivtlr_jax.train.state import DeviceBytes
     from ivtlr_jax.train.step import tree_bytes_per_device
 
@@ -104,7 +102,7 @@ def _load_on_mesh(ckpt_dir: str, dtype: str, mesh):
     monitor.sample()
     if meta is not None:
         rank = int(meta["r"])
-        aspec = lora_spec(spec, rank)
+        aspec = adapter_spec(spec, rank)
         check_stored(aspec, os.path.join(ckpt_dir, LORA_DIR), what=f"LoRA adapters in {ckpt_dir!r}")
         atargets = jax.tree.map(lambda i, s: jax.ShapeDtypeStruct(i.shape, jnp.float32, sharding=s), aspec,
                                 sh.param_shardings(mesh, aspec), is_leaf=sp.is_info)
@@ -207,11 +205,9 @@ class IVTLRModel:
         return np.concatenate([feats[r, :c] for r, c in enumerate(counts)])
 
     def image_tokens(self, pixel_values):
-        """(n_images, tokens per image) discrete image-token ids, for backbones that tokenize images (Chameleon)."""
-        bb = self.backbone
-        if not hasattr(bb, "image_token_ids"):
-            raise ValueError(f"{bb.model_type} does not turn images into discrete tokens; use image_features")
-        return np.asarray(bb.image_token_ids(self.params, jnp.asarray(pixel_values)))
+        """(n_images, tokens per image) discrete image-token ids, for backbones that tokenize images (a ValueError
+        for the others)."""
+        return np.asarray(self.backbone.image_token_ids(self.params, jnp.asarray(pixel_values)))
 
     def logits(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None,
                position_mode: str | None = None) -> np.ndarray:

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ivtlr_jax.config import LatentConfig, ModelConfig, VisionConfig
+from ivtlr_jax.latent import LatentConfig
 from ivtlr_jax.models import layers as ly
 from ivtlr_jax.models import spec as sp
+from ivtlr_jax.models.qwen2_vl import ModelConfig, VisionConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +55,7 @@ def inputs(mask, d, seed=1, extra=0):
     return embeds, jnp.asarray(pos), jnp.asarray(kv_valid)
 
 
-STATIC = ("attn_row", "remat_policy", "attention", "kv_len")
+STATIC = ("attn_row", "layer_wrapper", "attention", "kv_len")
 decode_at = jax.jit(ly.decoder, static_argnums=(1, 5), static_argnames=STATIC)  # cache_index a Python int
 decode_traced = jax.jit(ly.decoder, static_argnums=(1,), static_argnames=STATIC)  # cache_index traced
 
@@ -205,13 +206,15 @@ def test_remat_policies_give_the_same_loss_and_gradient_and_save_what_they_say()
 
     from jax._src.ad_checkpoint import saved_residuals
 
+    from ivtlr_jax.train.remat import Remat
+
     d = dims()
     params = decoder_params(d)
     embeds, pos, kv_valid = inputs(MASKS["left"], d)
 
     def loss(params, policy):
         cache = ly.init_cache(d, 2, 24, jnp.float32)
-        h, _, _ = ly.decoder(params, d, embeds, pos, cache, 0, kv_valid, remat_policy=policy)
+        h, _, _ = ly.decoder(params, d, embeds, pos, cache, 0, kv_valid, layer_wrapper=Remat(policy))
         return jnp.sum(jnp.where(kv_valid[..., None], jnp.sin(h), 0.0))
 
     def saved_widths(policy):  # widths of the per-layer values the backward pass keeps (stacked over layers)
@@ -235,12 +238,13 @@ def test_remat_policies_give_the_same_loss_and_gradient_and_save_what_they_say()
 def test_auto_remat_by_model_size():
     from experiments.bench_train import model_config
     from ivtlr_jax.models import backbone_for
+    from ivtlr_jax.train.remat import resolve_remat
 
-    assert ly.resolve_remat("auto", backbone_for(model_config("2b")).dims) == "dots"
-    assert ly.resolve_remat("auto", backbone_for(model_config("7b")).dims) == "dots_except_mlp"
-    assert ly.resolve_remat("full", dims()) == "full"
+    assert resolve_remat("auto", backbone_for(model_config("2b")).dims) == "dots"
+    assert resolve_remat("auto", backbone_for(model_config("7b")).dims) == "dots_except_mlp"
+    assert resolve_remat("full", dims()) == "full"
     with pytest.raises(ValueError, match="remat='some'"):
-        ly.resolve_remat("some", dims())
+        resolve_remat("some", dims())
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -105,14 +105,15 @@ def test_logits_match_transformers_on_left_padded_batch_with_images(pair, tok):
 def test_image_processor_matches_transformers():
     from transformers import ChameleonImageProcessorPil
 
-    from ivtlr_jax.data.images import ImageOptions, process_image
+    from ivtlr_jax.data.images import process_image
+    from ivtlr_jax.models.chameleon import ImageOptions
 
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 256, (90, 150, 3), dtype=np.uint8))
     rgba = Image.fromarray(rng.integers(0, 256, (170, 120, 4), dtype=np.uint8), mode="RGBA")
     for size in (RESOLUTION, 512):
         hf_proc = ChameleonImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        opts = ImageOptions(processor="chameleon", reference_size=(size, size), tokens_per_image=1024)
+        opts = ImageOptions(resolution=size, tokens_per_image=1024)
         for image in (rgb, rgba):
             buf = io.BytesIO()
             image.save(buf, format="PNG")
@@ -215,9 +216,9 @@ def test_train_then_evaluate_end_to_end(tmp_path):
 
     from experiments import evaluate as ev
     from experiments.tiny_setup import CONFIG_DIR, prepare_auto_tiny
-    from ivtlr_jax.config import TrainConfig
     from ivtlr_jax.data.synthetic import write_synthetic
     from ivtlr_jax.train import train
+    from ivtlr_jax.train.config import TrainConfig
     from ivtlr_jax.train.export import export_trained_checkpoint
 
     data = str(tmp_path / "data")
@@ -269,7 +270,8 @@ def test_embedded_default_vq_codebook_is_fitted_to_the_pictures():
     for lv in fitted.vq.encoder.down:
         assert all(not np.any(b.conv2.kernel) for b in lv.blocks)  # identity residual branches
     assert not np.array_equal(fitted.vq.codebook, random.vq.codebook)
-    from ivtlr_jax.data.images import chameleon_pixels, decode_image
+    from ivtlr_jax.data.images import decode_image
+    from ivtlr_jax.models.chameleon.images import pixels as chameleon_pixels
 
     px = np.stack([chameleon_pixels(decode_image(im), cfg.vq.resolution) for im in images])
     z = np.asarray(jax.jit(encode_latents)(fitted.vq, px)).reshape(-1, cfg.vq.embed_dim)

@@ -10,15 +10,12 @@ import optax
 import pytest
 import yaml
 
-from ivtlr_jax.config import (
-    ChameleonConfig,
-    LatentConfig,
-    ModelConfig,
-    TrainConfig,
-    VisionConfig,
-    coerce,
-    model_config_from_dict,
-)
+from ivtlr_jax.config import coerce
+from ivtlr_jax.latent import LatentConfig
+from ivtlr_jax.models import model_config_from_dict
+from ivtlr_jax.models.chameleon import ChameleonConfig
+from ivtlr_jax.models.qwen2_vl import ModelConfig, VisionConfig
+from ivtlr_jax.train.config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,7 +17,6 @@ import safetensors.torch as safetensors_torch
 import torch
 import transformers
 
-from ivtlr_jax.config import ModelConfig, VisionConfig
 from ivtlr_jax.convert import (
     LATENT_TOKENS,
     check_params,
@@ -29,6 +28,7 @@ from ivtlr_jax.convert import (
 from ivtlr_jax.convert.safetensors_io import SafetensorsReader
 from ivtlr_jax.models import backbone_for
 from ivtlr_jax.models import spec as sp
+from ivtlr_jax.models.qwen2_vl import ModelConfig, VisionConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = {
@@ -451,9 +451,9 @@ def _run_checkpoint(root, cfg, finetune, seed=0):
     """A run checkpoint (RUN_DIR/stage_ends/0) as the trainer writes it: its state (trainable + Adam moments) born
     on the mesh from a saved base, the trainable part moved away from the base so the export differs from it."""
     from ivtlr_jax import sharding as sh
-    from ivtlr_jax.config import TrainConfig
     from ivtlr_jax.convert import save_checkpoint
     from ivtlr_jax.train.checkpoints import RunCheckpoints
+    from ivtlr_jax.train.config import TrainConfig
     from ivtlr_jax.train.state import create_train_state
     from ivtlr_jax.train.step import make_optimizer
 

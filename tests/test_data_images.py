@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ivtlr_jax.data.images import ImageOptions, decode_image, num_image_tokens, process_image, smart_resize
+from ivtlr_jax.data.images import decode_image, process_image
+from ivtlr_jax.models.qwen2_vl.images import ImageOptions, num_image_tokens, smart_resize
 
 
 def _hf_processor(**kwargs):
@@ -64,7 +65,7 @@ def test_modes_become_rgb(mode):
     image.save(buf, format=fmt)
     rgb = decode_image(buf.getvalue())
     assert rgb.mode == "RGB" and rgb.size == (50, 40)
-    pixels, grid = process_image(buf.getvalue())
+    pixels, grid = process_image(buf.getvalue(), ImageOptions())
     assert pixels.shape == (400, 1176) and np.isfinite(pixels).all()
 
 

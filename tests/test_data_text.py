@@ -5,7 +5,6 @@ import pytest
 
 from experiments.tiny_tokenizer import TINY_SPECIAL_TOKENS, build_tiny_tokenizer
 from ivtlr_jax.data.text import (
-    QWEN2VL_CHAT_TEMPLATE,
     build_prompt_ids,
     build_prompt_text,
     encode_answer,
@@ -15,6 +14,7 @@ from ivtlr_jax.data.text import (
     render_chat,
     split_steps,
 )
+from ivtlr_jax.models.qwen2_vl.prompt import CHAT_TEMPLATE as QWEN2VL_CHAT_TEMPLATE
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +78,13 @@ EXPECTED_CHAT = (
 
 def test_builtin_template_structure(tok):
     assert render_chat(tok, "USER") == EXPECTED_CHAT
-    # a tokenizer without a template falls back to the built-in one
+    # a tokenizer without a template falls back to the backbone's built-in one
     class NoTemplate:
         chat_template = None
 
-    assert render_chat(NoTemplate(), "USER") == EXPECTED_CHAT
+    assert render_chat(NoTemplate(), "USER", fallback_template=QWEN2VL_CHAT_TEMPLATE) == EXPECTED_CHAT
+    with pytest.raises(ValueError, match="no chat template"):
+        render_chat(NoTemplate(), "USER")
     env = jinja2.Environment()
     with_system = env.from_string(QWEN2VL_CHAT_TEMPLATE).render(
         messages=[{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}],

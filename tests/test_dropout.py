@@ -10,9 +10,9 @@ from flax import struct
 from test_latent import LATENT, latent_batch
 
 from ivtlr_jax import IVTLRModel
-from ivtlr_jax.config import LatentConfig, TrainConfig
-from ivtlr_jax.latent import latent_hidden, latent_loss, make_latent_batch, to_device
+from ivtlr_jax.latent import LatentConfig, latent_hidden, latent_loss, make_latent_batch, to_device
 from ivtlr_jax.models.layers import for_call
+from ivtlr_jax.train.config import TrainConfig
 from ivtlr_jax.train.lora import LoRALinear, apply_lora, init_lora
 from ivtlr_jax.train.step import assemble_params
 

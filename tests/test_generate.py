@@ -8,8 +8,8 @@ from oracle import reference_greedy
 from tiny import image_batch, image_run, left_pad
 
 from ivtlr_jax import IVTLRModel
-from ivtlr_jax.config import LatentConfig
 from ivtlr_jax.generate import SamplingConfig, generate, generate_jit, latent_prompt
+from ivtlr_jax.latent import LatentConfig
 
 LATENT = 296
 GRID = [[1, 20, 20], [1, 20, 24]]  # 100 and 120 image tokens

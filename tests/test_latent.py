@@ -10,8 +10,8 @@ from oracle import oracle_latent_forward
 from tiny import image_batch, image_run
 
 from ivtlr_jax import IVTLRModel
-from ivtlr_jax.config import LatentConfig
 from ivtlr_jax.latent import (
+    LatentConfig,
     chunked_cross_entropy,
     latent_forward,
     latent_forward_jit,

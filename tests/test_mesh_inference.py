@@ -20,12 +20,12 @@ import numpy as np
 import jax
 from tiny import image_batch, left_pad
 from ivtlr_jax import IVTLRModel
-from ivtlr_jax.config import ModelConfig, VisionConfig
+from ivtlr_jax.models.qwen2_vl import ModelConfig, VisionConfig
 from ivtlr_jax.convert import save_checkpoint
 from ivtlr_jax.convert.checkpoint import save_lora
 from ivtlr_jax.models import backbone_for
 from ivtlr_jax.models import spec as sp
-from ivtlr_jax.train.lora import lora_spec
+from ivtlr_jax.models.adapters import adapter_spec
 
 assert len(jax.devices()) == 4, jax.devices()
 IMG, LAT, EOS = 500, 505, 511
@@ -39,7 +39,7 @@ root = tempfile.mkdtemp()
 params = bb.random_params(0, "float32")
 save_checkpoint(os.path.join(root, "plain"), cfg, params)
 save_checkpoint(os.path.join(root, "lora"), cfg, params)
-aspec = lora_spec(bb.param_spec(), 4)
+aspec = adapter_spec(bb.param_spec(), 4)
 rng = np.random.default_rng(1)
 adapters = sp.map_spec(lambda i: (rng.standard_normal(i.shape) * 0.1).astype(np.float32), aspec)
 save_lora(os.path.join(root, "lora"), bb, adapters, 4, 8.0)

@@ -131,7 +131,8 @@ def test_bad_inputs_raise_clear_errors(tiny_pair):
 
 
 def test_config_validation():
-    from ivtlr_jax.config import ModelConfig, VisionConfig, check_dtype
+    from ivtlr_jax.config import check_dtype
+    from ivtlr_jax.models.qwen2_vl import ModelConfig, VisionConfig
 
     with pytest.raises(ValueError, match="mrope_section"):
         ModelConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 2, 2),
@@ -143,7 +144,7 @@ def test_config_validation():
 def test_config_reads_flat_and_nested_layouts():
     from tiny import tiny_hf_config
 
-    from ivtlr_jax.config import ModelConfig
+    from ivtlr_jax.models.qwen2_vl import ModelConfig
 
     nested = ModelConfig.from_hf_dict(tiny_hf_config().to_dict())
     d = tiny_hf_config(tie=True).to_dict()

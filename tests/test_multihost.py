@@ -54,8 +54,8 @@ FAULT_MODULE = textwrap.dedent("""
 def setup(tmp_path_factory):
     """Synthetic data, one tiny model (built once), the YAML and the environment every run shares."""
     from experiments.tiny_setup import prepare_auto_tiny
-    from ivtlr_jax.config import TrainConfig
     from ivtlr_jax.data.synthetic import write_synthetic
+    from ivtlr_jax.train.config import TrainConfig
 
     root = tmp_path_factory.mktemp("multihost")
     write_synthetic(str(root / "data"), n=24, n_eval=8, seed=0)

@@ -403,9 +403,9 @@ def test_trainer_starts_from_kept_adapters(release):
     if rel.kind != "qwen2_vl":
         pytest.skip("one backbone is enough: the trainer is backbone-generic")
     from ivtlr_jax import sharding as sh
-    from ivtlr_jax.config import TrainConfig
     from ivtlr_jax.convert.checkpoint import load_lora
     from ivtlr_jax.models import backbone_for
+    from ivtlr_jax.train.config import TrainConfig
     from ivtlr_jax.train.state import create_train_state
     from ivtlr_jax.train.step import make_optimizer
 

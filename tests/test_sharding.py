@@ -21,7 +21,7 @@ NUM_DEVICES = 8
 def _tiny_cfg(tie=False):
     from tiny import tiny_hf_config
 
-    from ivtlr_jax.config import ModelConfig
+    from ivtlr_jax.models.qwen2_vl import ModelConfig
 
     return ModelConfig.from_hf_dict(tiny_hf_config(tie=tie).to_dict())
 
@@ -93,7 +93,7 @@ def check_param_shardings():
 
     from ivtlr_jax import sharding
     from ivtlr_jax.models import spec as sp
-    from ivtlr_jax.train.lora import lora_spec
+    from ivtlr_jax.models.adapters import adapter_spec
 
     meshes = {
         "tpu_v4_8": sharding.make_mesh("tpu_v4_8", devices=jax.devices()[:4]),
@@ -132,7 +132,7 @@ def check_param_shardings():
         assert tuple(sh.llm.layers.gate.kernel.spec) == (None, None, "tensor")
 
     # LoRA adapters: stacked A/B per target kernel, axes derived from the base kernel's input/output
-    aspec = lora_spec(_spec(_tiny_cfg()), 4)
+    aspec = adapter_spec(_spec(_tiny_cfg()), 4)
     assert aspec.llm.layers.q.a.axes == ("layers", ("embed", "embed"), "lora_rank")
     assert aspec.llm.layers.q.b.axes == ("layers", "lora_rank", ("heads", "embed"))
     assert aspec.llm.layers.down.b.axes == ("layers", "lora_rank", ("embed", "embed"))

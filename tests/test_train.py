@@ -252,8 +252,8 @@ def test_dry_run_takes_the_model_from_init_auto_tiny_or_the_yaml(workdir):
     import yaml
 
     from experiments.train import dry_run_model_config
-    from ivtlr_jax.config import TrainConfig
     from ivtlr_jax.convert.checkpoint import load_config
+    from ivtlr_jax.train.config import TrainConfig
 
     root, cfg = workdir
     values = yaml.safe_load(open(cfg))

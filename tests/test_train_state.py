@@ -18,8 +18,9 @@ ROOT = os.path.dirname(HERE)
 CHILD = r"""
 import dataclasses, json, os, sys, tempfile
 import jax
-from ivtlr_jax.config import ModelConfig, TrainConfig, VisionConfig
+from ivtlr_jax.models.qwen2_vl import ModelConfig, VisionConfig
 from ivtlr_jax.convert import save_checkpoint
+from ivtlr_jax.train.config import TrainConfig
 from ivtlr_jax.models import backbone_for
 from ivtlr_jax import sharding as sh
 from ivtlr_jax.train.dry_run import dry_run
@@ -113,9 +114,9 @@ def test_train_step_loss_and_grad_equal_latent_forward(tiny_pair, finetune):
     import jax.numpy as jnp
 
     from ivtlr_jax import sharding as sh
-    from ivtlr_jax.config import TrainConfig
     from ivtlr_jax.latent import latent_forward_jit, make_latent_batch, to_device
     from ivtlr_jax.models import spec as sp
+    from ivtlr_jax.train.config import TrainConfig
     from ivtlr_jax.train.lora import apply_lora, init_lora
     from ivtlr_jax.train.step import TrainState, make_optimizer, make_train_step, split_params
 

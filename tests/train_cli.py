@@ -78,7 +78,7 @@ def trainable_of(run_dir, step):
 
 def train_config(workdir, name, **kw):
     from experiments.train import prepare_auto_tiny
-    from ivtlr_jax.config import TrainConfig
+    from ivtlr_jax.train.config import TrainConfig
 
     root, cfg = workdir
     values = yaml.safe_load(open(cfg))

@@ -21,9 +21,10 @@ import shutil
 import ml_dtypes
 import numpy as np
 
-from ivtlr_jax.config import check_dtype, model_config_from_dict
-from ivtlr_jax.models import backbone_for
+from ivtlr_jax.config import check_dtype
+from ivtlr_jax.models import backbone_for, model_config_from_dict
 from ivtlr_jax.models import spec as sp
+from ivtlr_jax.models.adapters import adapter_spec, fold_adapters, fold_lora
 
 PARAMS_DIR = "params"
 CONFIG_NAME = "ivtlr_config.json"
@@ -194,33 +195,6 @@ def load_checkpoint(ckpt_dir: str, dtype: str | None = None, *, lora: str = "mer
 
 
 # ---------------------------------------------------------------- unmerged LoRA adapters
-def fold_lora(kernel, a, b, scale: float) -> np.ndarray:
-    """kernel (in, out) + scale * a (in, r) @ b (r, out) in float32: the one merge rule, used by every path."""
-    delta = np.matmul(np.asarray(a, np.float32), np.asarray(b, np.float32))
-    delta *= np.float32(scale)
-    delta += np.asarray(kernel).astype(np.float32)
-    return delta
-
-
-def fold_adapters(params, adapters, scale: float, dtype=None):
-    """params with each adapted kernel replaced by fold_lora of it, layer by layer, in `dtype` (or its own)."""
-    import jax
-
-    from ivtlr_jax.models.layers import Linear
-
-    def fold(p, ad):
-        if ad is None:
-            return p
-        kernel = np.asarray(p.kernel)
-        out = np.empty(kernel.shape, dtype if dtype is not None else kernel.dtype)
-        a, b = np.asarray(ad.a), np.asarray(ad.b)
-        for idx in np.ndindex(kernel.shape[:-2]):  # one (in, out) matrix at a time
-            out[idx] = fold_lora(kernel[idx], a[idx], b[idx], scale)
-        return p.replace(kernel=out)
-
-    return jax.tree.map(fold, params, adapters, is_leaf=lambda x: isinstance(x, Linear))
-
-
 def lora_targets(bb) -> list[str]:
     """Flat names of the kernels the backbone's spec marks as LoRA targets."""
     return [name for name, info in sp.infos(bb.param_spec()) if info.lora]
@@ -246,9 +220,8 @@ def read_lora_config(ckpt_dir: str, bb=None) -> dict | None:
 def save_lora(ckpt_dir: str, bb, adapters, rank: int, alpha: float, source: str | None = None,
               overwrite: bool = False) -> None:
     """Write LoRA adapters (the trainer's LoRAAdapter tree, float32) and their r/alpha/targets beside params/."""
-    from ivtlr_jax.train.lora import lora_spec
 
-    sp.check_tree(lora_spec(bb.param_spec(), rank), adapters, what="LoRA adapters")
+    sp.check_tree(adapter_spec(bb.param_spec(), rank), adapters, what="LoRA adapters")
     _checkpointer().save(os.path.join(os.path.abspath(ckpt_dir), LORA_DIR), sp.to_nested_dict(adapters),
                          force=overwrite)
     meta = {"r": int(rank), "alpha": float(alpha), "targets": lora_targets(bb), "source": source}
@@ -260,12 +233,11 @@ def load_lora(ckpt_dir: str, bb):
     """(adapters as the trainer's typed tree of numpy float32 arrays, meta) of a folder, or None."""
     import orbax.checkpoint as ocp
 
-    from ivtlr_jax.train.lora import lora_spec
 
     meta = read_lora_config(ckpt_dir, bb)
     if meta is None:
         return None
-    aspec = lora_spec(bb.param_spec(), int(meta["r"]))
+    aspec = adapter_spec(bb.param_spec(), int(meta["r"]))
     restore = sp.map_spec(lambda i: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32), aspec)
     nested = _checkpointer().restore(os.path.join(os.path.abspath(ckpt_dir), LORA_DIR),
                                      args=ocp.args.PyTreeRestore(restore_args=sp.to_nested_dict(restore)))
@@ -339,7 +311,6 @@ def merge_run_params(run_ckpt: str, base: str | None = None):
     the run's LoRA adapters folded in (float32, stored in the base dtype) or its trained leaves (cast to the base
     dtype). Reads only the parameters written, leaf by leaf, never the optimiser state; each adapted kernel is
     folded in place one layer at a time, so host memory stays the output's size plus one layer's float32 copy."""
-    from ivtlr_jax.train.lora import lora_spec
 
     meta = read_run_meta(run_ckpt)
     base = base or meta.get("init")
@@ -361,7 +332,7 @@ def merge_run_params(run_ckpt: str, base: str | None = None):
     del named
     if meta["finetune"] == "lora":
         rank = int(meta["lora_r"])
-        aspec = lora_spec(spec, rank)
+        aspec = adapter_spec(spec, rank)
         scale = float(meta["lora_alpha"]) / rank
         flat = sp.flatten(params)
         for name, _ in sp.infos(aspec):

@@ -16,10 +16,10 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from ivtlr_jax.config import check_dtype, model_config_from_hf_dir
+from ivtlr_jax.config import check_dtype
 from ivtlr_jax.convert.checkpoint import copy_tokenizer_files, np_dtype, save_checkpoint
 from ivtlr_jax.convert.safetensors_io import SafetensorsReader
-from ivtlr_jax.models import backbone_for
+from ivtlr_jax.models import backbone_for, model_config_from_hf_dir
 from ivtlr_jax.models import spec as sp
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,8 @@ import time
 
 import numpy as np
 
-from ivtlr_jax.config import check_dtype, model_config_from_hf_dir
-from ivtlr_jax.convert.checkpoint import LORA_CONFIG_NAME, LORA_DIR, fold_lora, np_dtype, save_lora
+from ivtlr_jax.config import check_dtype
+from ivtlr_jax.convert.checkpoint import LORA_CONFIG_NAME, LORA_DIR, np_dtype, save_lora
 from ivtlr_jax.convert.hf_to_jax import (
     EMBED_PATH,
     LATENT_INIT_TOKEN,
@@ -42,8 +42,9 @@ from ivtlr_jax.convert.hf_to_jax import (
     write_converted,
 )
 from ivtlr_jax.convert.safetensors_io import SafetensorsReader, read_header
-from ivtlr_jax.models import backbone_for
+from ivtlr_jax.models import backbone_for, model_config_from_hf_dir
 from ivtlr_jax.models import spec as sp
+from ivtlr_jax.models.adapters import adapter_spec, fold_lora
 
 log = logging.getLogger(__name__)
 
@@ -527,10 +528,9 @@ def convert_release_to_checkpoint(
 
 def _adapter_tree(bb, rplan: ReleasePlan, factors: dict):
     """The trainer's LoRA state (LoRAAdapter a (L, in, r), b (L, r, out), float32) from the file's factors."""
-    from ivtlr_jax.train.lora import lora_spec
 
     spec = bb.param_spec()
-    aspec = lora_spec(spec, rplan.rank)
+    aspec = adapter_spec(spec, rplan.rank)
     arrays = {name: np.empty(info.shape, np.float32) for name, info in sp.infos(aspec)}
     for e in rplan.plan.entries:
         if not e.info.lora:

@@ -13,22 +13,11 @@ from ivtlr_jax.data.curriculum import (
     encode_text,
     latent_plan,
 )
-from ivtlr_jax.data.images import (
-    ImageOptions,
-    decode_image,
-    model_view,
-    num_image_tokens,
-    patchify,
-    process_image,
-    resize_image,
-    smart_resize,
-    to_rgb,
-)
+from ivtlr_jax.data.images import ImageProcessor, decode_image, image_token_count, model_view, process_image, to_rgb
 from ivtlr_jax.data.loaders import DATASET_NAMES, LoadSummary, load_split, load_split_with_summary, normalise_row
 from ivtlr_jax.data.pipeline import BatchIterator, EncodedSplit, encode_split
 from ivtlr_jax.data.text import (
     LATENT_TOKEN,
-    QWEN2VL_CHAT_TEMPLATE,
     build_prompt_ids,
     build_prompt_text,
     encode_answer,
@@ -40,12 +29,11 @@ from ivtlr_jax.data.text import (
 )
 
 __all__ = [
-    "DATASET_NAMES", "DEFAULT_BUCKETS", "IGNORE_INDEX", "LATENT_TOKEN", "QWEN2VL_CHAT_TEMPLATE",
-    "BatchIterator", "CurriculumOptions", "EncodedSplit", "ImageOptions", "LoadSummary", "TextEncoding",
+    "DATASET_NAMES", "DEFAULT_BUCKETS", "IGNORE_INDEX", "LATENT_TOKEN",
+    "BatchIterator", "CurriculumOptions", "EncodedSplit", "ImageProcessor", "LoadSummary", "TextEncoding",
     "bucket_length", "build_prompt_ids", "build_prompt_text", "build_stage_example", "collate",
     "decode_image", "encode_answer", "encode_row", "encode_split", "encode_steps", "encode_text",
-    "format_question", "index_to_letter", "latent_plan", "load_split", "load_split_with_summary",
-    "make_buckets", "model_view", "normalise_row", "repad", "num_image_tokens", "patchify", "process_image",
-    "render_chat",
-    "resize_image", "smart_resize", "split_steps", "to_rgb",
+    "format_question", "image_token_count", "index_to_letter", "latent_plan", "load_split",
+    "load_split_with_summary", "make_buckets", "model_view", "normalise_row", "repad", "process_image",
+    "render_chat", "split_steps", "to_rgb",
 ]

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ivtlr_jax.data.images import num_image_tokens as _grid_tokens
 from ivtlr_jax.data.text import (
     build_prompt_ids,
     encode_answer,
@@ -74,9 +73,9 @@ def encode_text(tokenizer, question: str, choices: Sequence[str], rationale: str
 
 def encode_row(tokenizer, row: dict, grid_thw, *, merge_size: int = 2, chat_template: str | None = None,
                max_length: int | None = None) -> TextEncoding:
-    """encode_text for a normalised row whose image has grid grid_thw (t, h, w)."""
+    """encode_text for a normalised row whose image has grid grid_thw (t, h, w): t*h*w / merge_size^2 tokens."""
     return encode_text(tokenizer, row["question"], row["choices"], row["rationale"], row["answer"],
-                       _grid_tokens(grid_thw, merge_size), chat_template=chat_template, max_length=max_length)
+                       int(np.prod(grid_thw)) // merge_size**2, chat_template=chat_template, max_length=max_length)
 
 
 def latent_plan(stage: int, num_steps: int, options: CurriculumOptions) -> tuple[int, int]:

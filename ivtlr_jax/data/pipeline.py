@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
-from ivtlr_jax.config import QWEN2VL_PROMPT, PromptFormat
+from ivtlr_jax.config import PromptFormat
 from ivtlr_jax.data.collate import DEFAULT_BUCKETS, collate
 from ivtlr_jax.data.curriculum import (
     IGNORE_INDEX,
@@ -20,8 +18,9 @@ from ivtlr_jax.data.curriculum import (
     build_stage_example,
     stage_extent,
 )
-from ivtlr_jax.data.images import ImageOptions, image_token_count, process_image, target_size
+from ivtlr_jax.data.images import ImageProcessor, image_grid, image_token_count, process_image
 from ivtlr_jax.data.text import (
+    IMAGE_PAD_TOKEN,
     _token_id,
     answer_text,
     expand_image_pads,
@@ -52,30 +51,29 @@ class EncodedSplit:
         return self.dataset.select_columns(["image"])[[int(i) for i in indices]]["image"]
 
 
-def _grid_for(image_bytes: bytes, options: ImageOptions) -> np.ndarray:
-    if options.resize_mode == "reference":
-        h, w = options.reference_size
-    else:
-        with Image.open(io.BytesIO(image_bytes)) as im:  # header only: no pixel decode
-            h, w = target_size(im.height, im.width, options)
-    return np.array([1, h // options.patch_size, w // options.patch_size], dtype=np.int64)
+def _need_options(image_options: ImageProcessor | None) -> ImageProcessor:
+    if image_options is None:
+        raise ValueError("image_options is required: pass the backbone's image processor (Backbone.image_options())")
+    return image_options
 
 
-def encode_split(dataset, tokenizer, image_options: ImageOptions | None = None, *,
-                 prompt: PromptFormat = QWEN2VL_PROMPT, chat_template: str | None = None,
+def encode_split(dataset, tokenizer, image_options: ImageProcessor | None = None, *,
+                 prompt: PromptFormat | None = None, chat_template: str | None = None,
                  max_length: int | None = None) -> EncodedSplit:
-    """Tokenise every row of a normalised split (batched; same ids as curriculum.encode_text)."""
-    options = image_options or ImageOptions()
+    """Tokenise every row of a normalised split (batched; same ids as curriculum.encode_text).
+
+    image_options: the backbone's image processor; prompt: its PromptFormat (None: a chat prompt with the
+    tokenizer's own template and <|image_pad|> placeholders)."""
+    options = _need_options(image_options)
+    prompt = prompt or PromptFormat(style="chat", image_token=IMAGE_PAD_TOKEN)
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token; set it (Qwen2-VL-Instruct: <|im_end|>)")
     cols = dataset.select_columns(["id", "question", "choices", "rationale", "answer", "domain"]).to_dict()
     n = len(cols["id"])
-    if options.processor == "chameleon":  # one fixed square per image: no grid
-        grids = np.zeros((n, 3), np.int64)
-    elif options.resize_mode == "reference":
-        grids = np.tile(_grid_for(b"", options), (n, 1))
+    if options.same_grid:
+        grids = np.tile(image_grid(b"", options), (n, 1))
     else:
-        grids = np.stack([_grid_for(b, options) for b in dataset.select_columns(["image"])["image"]]) if n else \
+        grids = np.stack([image_grid(b, options) for b in dataset.select_columns(["image"])["image"]]) if n else \
             np.zeros((0, 3), np.int64)
     prompts = [prompt_text(tokenizer, q, c, prompt, chat_template)
                for q, c in zip(cols["question"], cols["choices"], strict=True)]
@@ -97,7 +95,7 @@ def encode_split(dataset, tokenizer, image_options: ImageOptions | None = None, 
     return EncodedSplit(dataset, encodings, grids, list(cols["id"]), list(cols["domain"]), list(cols["answer"]))
 
 
-def _process(value, options: ImageOptions):
+def _process(value, options: ImageProcessor):
     return process_image(value, options)
 
 
@@ -115,7 +113,7 @@ class BatchIterator:
     def __init__(self, split: EncodedSplit, *, batch_size: int, latent_id: int, pad_id: int,
                  curriculum: CurriculumOptions | None = None, seed: int = 0, num_epochs: int | None = None,
                  shuffle: bool = True, drop_last: bool = False, process_index: int = 0, process_count: int = 1,
-                 image_options: ImageOptions | None = None, prefix_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+                 image_options: ImageProcessor | None = None, prefix_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
                  tail_buckets: Sequence[int] | None = DEFAULT_BUCKETS, num_workers: int = 2,
                  worker_type: str = "thread", prefetch: int = 2, start_latent_id: int | None = None,
                  end_latent_id: int | None = None, start_epoch: int = 0, steps_multiple: int = 1):
@@ -133,7 +131,7 @@ class BatchIterator:
         self.curriculum = curriculum or CurriculumOptions()
         self.seed, self.num_epochs, self.shuffle, self.drop_last = seed, num_epochs, shuffle, drop_last
         self.process_index, self.process_count = process_index, process_count
-        self.image_options = image_options or ImageOptions()
+        self.image_options = image_options
         self.prefix_buckets, self.tail_buckets = prefix_buckets, tail_buckets
         self.marker_ids = {"start_latent_id": start_latent_id, "end_latent_id": end_latent_id}
         self.prefetch = max(0, prefetch)
@@ -210,11 +208,12 @@ class BatchIterator:
         if len(rows) == 0:
             rows = self.epoch_order(position[0])[:1]
         images = self.split.images(rows)
+        options = _need_options(self.image_options)
         pool = self._executor()
         if pool is None:
-            self._pending[position] = [_process(v, self.image_options) for v in images]
+            self._pending[position] = [_process(v, options) for v in images]
         else:
-            self._pending[position] = [pool.submit(_process, v, self.image_options) for v in images]
+            self._pending[position] = [pool.submit(_process, v, options) for v in images]
 
     def _advance(self, epoch: int, step: int) -> tuple[int, int]:
         return (epoch, step + 1) if step + 1 < self.steps_per_epoch else (epoch + 1, 0)

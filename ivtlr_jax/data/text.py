@@ -17,39 +17,7 @@ ANSWER_PREFIX = "Therefore, the answer is "
 MAX_CHOICES = 26
 NUM_STEP_CHUNKS = 3
 
-# Built-in chat template with the structure of Qwen2-VL-Instruct's: a default system turn
-# ("You are a helpful assistant.") unless the first message is a system message; each turn
-# "<|im_start|>{role}\n{content}<|im_end|>\n"; an image item renders as
-# "<|vision_start|><|image_pad|><|vision_end|>", a video item with <|video_pad|>; the
-# generation prompt is "<|im_start|>assistant\n". Used when a tokenizer has no template.
-QWEN2VL_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string -%}"
-    "{{ message['content'] }}"
-    "{%- else -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part.get('type') == 'image' or 'image' in part or 'image_url' in part -%}"
-    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{%- elif part.get('type') == 'video' or 'video' in part -%}"
-    "{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
-    "{%- elif 'text' in part -%}"
-    "{{ part['text'] }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{ '<|im_start|>assistant\\n' }}"
-    "{%- endif -%}"
-)
-
 _JINJA = jinja2.Environment(autoescape=False, keep_trailing_newline=True)
-_BUILTIN_TEMPLATE = _JINJA.from_string(QWEN2VL_CHAT_TEMPLATE)
 
 
 def split_steps(rationale: str) -> list[str]:
@@ -114,7 +82,8 @@ def format_plain_question(question: str, choices: Sequence[str], image_text: str
 def prompt_text(tokenizer, question: str, choices: Sequence[str], fmt=None, chat_template: str | None = None) -> str:
     """The prompt as text with ONE image placeholder (expanded to its token count after tokenising)."""
     if fmt is None or fmt.style == "chat":
-        return render_chat(tokenizer, format_question(question, choices), chat_template)
+        fallback = fmt.chat_template if fmt is not None else None
+        return render_chat(tokenizer, format_question(question, choices), chat_template, fallback_template=fallback)
     image = (fmt.image_start or "") + fmt.image_token + (fmt.image_end or "")
     return format_plain_question(question, choices, image)
 
@@ -127,8 +96,12 @@ def tokenize_prompts(tokenizer, texts: Sequence[str], fmt=None) -> list[list[int
     return [list(map(int, ids)) for ids in tokenizer(list(texts), add_special_tokens=plain)["input_ids"]]
 
 
-def render_chat(tokenizer, user_text: str, chat_template: str | None = None) -> str:
-    """Chat text for one user turn [image, text] with the generation prompt (one image pad)."""
+def render_chat(tokenizer, user_text: str, chat_template: str | None = None,
+                fallback_template: str | None = None) -> str:
+    """Chat text for one user turn [image, text] with the generation prompt (one image pad).
+
+    The template: `chat_template`, else the tokenizer's own, else `fallback_template` (the backbone's built-in
+    one, `PromptFormat.chat_template`)."""
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]}
     ]
@@ -137,7 +110,11 @@ def render_chat(tokenizer, user_text: str, chat_template: str | None = None) -> 
         return tokenizer.apply_chat_template(
             messages, chat_template=template, tokenize=False, add_generation_prompt=True
         )
-    return _BUILTIN_TEMPLATE.render(messages=messages, add_generation_prompt=True)
+    if not fallback_template:
+        raise ValueError("the tokenizer has no chat template and none was given; pass chat_template, or a "
+                         "PromptFormat whose chat_template is the model's built-in one")
+    template = _JINJA.from_string(fallback_template)
+    return template.render(messages=messages, add_generation_prompt=True)
 
 
 def _token_id(tokenizer, token: str) -> int:

@@ -1,32 +1,105 @@
-"""Backbones: one module per model, each exporting one backbone class built from its config.
+"""Backbones: one package per model, each owning its config, spec table, image processor and prompt.
 
-`backbone_for(config)` is the only place that maps a config to its backbone; everything above `models/`
-receives a backbone object and never imports a particular model.
+`BACKBONES` is the only place that names the models: model_type -> its backbone class and its config class
+("module:Name", imported on first use, so that reading a config imports no JAX). Everything above `models/`
+receives a backbone object (`backbone_for(config)`) and never imports a particular model.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import os
+from typing import Any, NamedTuple
 
-from ivtlr_jax.models.base import Backbone, Embedded
 
-# model_type -> (module, class)
+class Entry(NamedTuple):
+    backbone: str  # "module:Class" of the Backbone
+    config: str  # "module:Class" of its BackboneConfig
+
+
 BACKBONES = {
-    "qwen2_vl": ("ivtlr_jax.models.qwen2_vl", "Qwen2VL"),
-    "chameleon": ("ivtlr_jax.models.chameleon", "Chameleon"),
+    "qwen2_vl": Entry("ivtlr_jax.models.qwen2_vl.model:Qwen2VL", "ivtlr_jax.models.qwen2_vl.config:ModelConfig"),
+    "chameleon": Entry("ivtlr_jax.models.chameleon.model:Chameleon",
+                       "ivtlr_jax.models.chameleon.config:ChameleonConfig"),
+}
+DEFAULT_MODEL_TYPE = "qwen2_vl"  # configs written before model_type was recorded
+
+# Old `ivtlr_jax.config` names and where they live now (that module resolves them for old imports).
+MOVED_FROM_CONFIG = {
+    "ModelConfig": "ivtlr_jax.models.qwen2_vl.config:ModelConfig",
+    "Qwen2VLConfig": "ivtlr_jax.models.qwen2_vl.config:ModelConfig",
+    "VisionConfig": "ivtlr_jax.models.qwen2_vl.config:VisionConfig",
+    "QWEN2VL_PROMPT": "ivtlr_jax.models.qwen2_vl.prompt:PROMPT",
+    "ChameleonConfig": "ivtlr_jax.models.chameleon.config:ChameleonConfig",
+    "VQConfig": "ivtlr_jax.models.chameleon.config:VQConfig",
+    "CHAMELEON_PROMPT": "ivtlr_jax.models.chameleon.prompt:PROMPT",
+    "image_code_name": "ivtlr_jax.models.chameleon.config:image_code_name",
+    "image_vocabulary": "ivtlr_jax.models.chameleon.config:image_vocabulary",
+    "model_config_from_dict": "ivtlr_jax.models:model_config_from_dict",
+    "model_config_from_hf_dir": "ivtlr_jax.models:model_config_from_hf_dir",
 }
 
 
-def backbone_class(model_type: str) -> type[Backbone]:
-    if model_type not in BACKBONES:
-        raise ValueError(f"model_type={model_type!r} has no backbone; known: {sorted(BACKBONES)}")
-    module, name = BACKBONES[model_type]
+def _load(target: str):
+    module, name = target.split(":")
     return getattr(importlib.import_module(module), name)
 
 
-def backbone_for(config) -> Backbone:
+def moved_from_config(name: str):
+    return _load(MOVED_FROM_CONFIG[name])
+
+
+def _entry(model_type: str, where: str = "") -> Entry:
+    if model_type not in BACKBONES:
+        raise ValueError(f"{where}model_type={model_type!r} is not supported; known: {sorted(BACKBONES)}")
+    return BACKBONES[model_type]
+
+
+def backbone_class(model_type: str):
+    """The Backbone class of a model_type."""
+    return _load(_entry(model_type).backbone)
+
+
+def config_class(model_type: str):
+    """The config class (a BackboneConfig) of a model_type; imports no JAX."""
+    return _load(_entry(model_type).config)
+
+
+def backbone_for(config):
     """The backbone object for a model config (dispatch on `config.model_type`)."""
     return backbone_class(config.model_type)(config)
 
 
-__all__ = ["BACKBONES", "Backbone", "Embedded", "backbone_class", "backbone_for"]
+def model_config_from_dict(d: dict[str, Any]):
+    """A backbone config from its `to_dict()` form (no model_type: a config of before it was recorded)."""
+    return config_class(d.get("model_type", DEFAULT_MODEL_TYPE)).from_dict(d)
+
+
+def model_config_from_hf_dict(hf: dict[str, Any], where: str = ""):
+    """The backbone config of a Hugging Face config.json dict, by its model_type."""
+    kind = hf.get("model_type", DEFAULT_MODEL_TYPE)
+    return _load(_entry(kind, where).config).from_hf_dict(hf)
+
+
+def model_config_from_hf_dir(path: str):
+    """The backbone config of a Hugging Face model folder, by its config.json's model_type."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise ValueError(f"--src {path!r}: no config.json there; point it at a Hugging Face model folder")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    return model_config_from_hf_dict(hf, where=f"--src {path!r}: config.json: ")
+
+
+def __getattr__(name: str):
+    """`Backbone` and `Embedded` (base.py imports JAX, so they load on first use)."""
+    if name in ("Backbone", "Embedded"):
+        from ivtlr_jax.models import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["BACKBONES", "DEFAULT_MODEL_TYPE", "Backbone", "Embedded", "Entry", "backbone_class", "backbone_for",
+           "config_class", "model_config_from_dict", "model_config_from_hf_dict", "model_config_from_hf_dir"]

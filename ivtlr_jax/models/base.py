@@ -89,7 +89,6 @@ class Backbone:
     position_modes: ClassVar[tuple[str, ...]] = ("sequential",)
     native_position_mode: ClassVar[str] = "sequential"  # what `IVTLRModel.logits` uses by default
     position_rows: ClassVar[int] = 1  # rows of the positions array (3: M-RoPE sections)
-    trainable_root: ClassVar[str] = "llm"  # the subtree full fine-tuning trains
     default_k: ClassVar[int] = 32  # image embeddings per latent step when none is given (the release's K)
     config: Any
 
@@ -123,13 +122,30 @@ class Backbone:
         """Stored tensors that hold no parameters (rotary buffers, ...)."""
         return name.endswith(("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq"))
 
+    def hf_config(self) -> dict:
+        """The transformers config.json dict of this model (for checkpoints saved without one)."""
+        return self.config.to_hf_dict()
+
     # ------------------------------------------------------------------ host side
+    def image_options(self, resize_mode: str = "reference"):
+        """This model's image processor for the data layer (see `ivtlr_jax.data.images.ImageProcessor`)."""
+        raise NotImplementedError
+
+    def example_image(self):
+        """(pixel_values, image_grid_thw or None, image tokens) of one blank reference-size image (dry runs)."""
+        raise NotImplementedError
+
     def prepare_images(self, input_ids, attention_mask, pixel_values, image_grid_thw=None):
         """HF-processor image inputs -> this backbone's batch-leading image pytree (numpy) or None."""
         raise NotImplementedError
 
     def image_token_counts(self, pixel_values, image_grid_thw=None) -> list[int]:
         """LLM image tokens of each image given (validating the image inputs)."""
+        raise NotImplementedError
+
+    def image_token_layout(self, image_grid_thw=None) -> tuple[tuple[int, int, int], int, int]:
+        """((t, h, w) patches, merge, patch pixels) of one image as the model sees it: LLM image token j covers the
+        merge x merge patches at row-major place j of the (h / merge, w / merge) grid (pictures of the selections)."""
         raise NotImplementedError
 
     def count_check(self, input_ids, attention_mask) -> None:
@@ -155,18 +171,28 @@ class Backbone:
         return mode
 
     # ------------------------------------------------------------------ device side
-    def image_features(self, params, images):
-        """(B, I, H) embeddings of each row's image tokens, in order."""
+    def image_features(self, params, images, layer_wrapper=ly.identity):
+        """(B, I, H) embeddings of each row's image tokens, in order; `layer_wrapper` wraps the image encoder's
+        scanned blocks (the caller's choice: a trainer's remat, the identity for inference)."""
         raise NotImplementedError
 
-    def embed(self, params, input_ids, images) -> Embedded:
-        """Token embeddings with each row's image tokens replaced, in order, by its image embeddings."""
+    def image_flops(self, images) -> float:
+        """Forward FLOPs of the image encoder over a batch's image pytree (padding included: it is computed)."""
+        raise NotImplementedError
+
+    def image_token_ids(self, params, pixel_values):
+        """(N, tokens per image) discrete image-token ids, for backbones that tokenize images; others refuse."""
+        raise ValueError(f"{self.model_type} does not turn images into discrete tokens; use image_features")
+
+    def embed(self, params, input_ids, images, vision_wrapper=ly.identity) -> Embedded:
+        """Token embeddings with each row's image tokens replaced, in order, by its image embeddings
+        (`vision_wrapper`: the image encoder's layer wrapper, see `image_features`)."""
         tok = params.llm.embed[input_ids]  # (B, S, H)
         b = input_ids.shape[0]
         if images is None:
             zero = jnp.zeros((b, 1), jnp.int32)
             return Embedded(tok, zero, zero.astype(bool), jnp.zeros((b, 1, tok.shape[-1]), tok.dtype))
-        feats = self.image_features(params, images).astype(tok.dtype)  # (B, I, H)
+        feats = self.image_features(params, images, vision_wrapper).astype(tok.dtype)  # (B, I, H)
         n_img = feats.shape[1]
         is_img = input_ids == self.config.image_token_id  # (B, S)
         j = jnp.clip(jnp.cumsum(is_img, 1) - 1, 0, n_img - 1)
@@ -180,10 +206,11 @@ class Backbone:
         return ly.init_cache(self.dims, batch, max_len, dtype)
 
     def decode(self, params, embeds, positions, cache, cache_index, kv_valid, *, attn_row: bool = False,
-               remat: str = "none", attention: str = "auto", kv_len: int | None = None):
-        """The one decoder entry point (see layers.decoder); positions (B, R, T)."""
+               layer_wrapper=ly.identity, attention: str = "auto", kv_len: int | None = None):
+        """The one decoder entry point (see layers.decoder); positions (B, R, T); `layer_wrapper` wraps each
+        layer (the caller's remat)."""
         return ly.decoder(params.llm, self.dims, embeds, positions, cache, cache_index, kv_valid,
-                          attn_row=attn_row, remat_policy=remat, attention=attention, kv_len=kv_len)
+                          attn_row=attn_row, layer_wrapper=layer_wrapper, attention=attention, kv_len=kv_len)
 
     def lm_head(self, params, hidden):
         """Logits in float32 (B, T, V)."""
@@ -205,6 +232,11 @@ class Backbone:
 
     def replace_config(self, **changes):
         return dataclasses.replace(self, config=dataclasses.replace(self.config, **changes))
+
+    def for_compilation(self) -> Backbone:
+        """This backbone with any config entry that only sizes arrays, and that a config-only checkpoint may leave
+        unset, filled with in-range stand-ins: enough to compile its programs on abstract arrays (dry runs)."""
+        return self
 
 
 def param_dtype(params) -> jnp.dtype:

@@ -2,13 +2,15 @@
 
 Weights are typed pytrees (flax.struct dataclasses). A linear layer is called, never unpacked, so the
 trainer may hand the model a wrapped layer (LoRA) without the model knowing. Layers are stacked on a
-leading axis and run with `lax.scan` under a remat policy given as a static argument, as is the
-attention implementation (`attention`: a fused kernel where the platform has one, see `decoder`).
+leading axis and run with `lax.scan`, each layer wrapped by the caller's `layer_wrapper` (the trainer's
+remat policy; the identity by default); the attention implementation is a static argument (`attention`: a
+fused kernel where the platform has one, see `decoder`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -17,43 +19,20 @@ import numpy as np
 from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 
-from ivtlr_jax.config import ATTENTION_CHOICES, REMAT_CHOICES
 from ivtlr_jax.models.spec import HFKey, ParamInfo
 
+# attention implementation: auto = cudnn on CUDA GPUs (bf16/fp16), pallas on one TPU chip, xla elsewhere;
+# dense = the plain einsum over the cache (the reference every implementation is tested against)
+ATTENTION_CHOICES = ("auto", "xla", "cudnn", "pallas", "dense")
 MASK_VALUE = -1e30  # added to masked attention scores; finite so fully masked (pad) rows stay NaN-free
-# Names of the layer's attention-side matmul outputs (checkpoint_name): what "dots_except_mlp" keeps.
+# Names of the layer's attention-side matmul outputs (checkpoint_name): what a remat policy may keep.
 ATTENTION_DOTS = ("q_proj", "k_proj", "v_proj", "context", "o_proj")
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,  # least memory: recompute each layer in backward
-    # keep the attention projections and the attention output, recompute the MLP (the widest activations)
-    "dots_except_mlp": jax.checkpoint_policies.save_only_these_names(*ATTENTION_DOTS),
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep every projection output
-    "none": jax.checkpoint_policies.everything_saveable,
-}
-AUTO_REMAT_DOTS_MAX_PARAMS = 4e9  # "auto": save every dot up to this many decoder params, else all but the MLP's
-assert set(REMAT_CHOICES) == {"auto", *REMAT_POLICIES}
 PALLAS_BLOCK = 128  # the TPU flash kernel's sequence block: chunks are padded to a multiple of it
 
 
-def check_remat(name: str) -> str:
-    if name not in REMAT_CHOICES:
-        raise ValueError(f"remat={name!r} is not valid; use one of {list(REMAT_CHOICES)}")
-    return name
-
-
-def resolve_remat(name: str, d: DecoderDims) -> str:
-    """The policy "auto" stands for, by model size: every dot saved for models up to
-    AUTO_REMAT_DOTS_MAX_PARAMS decoder parameters, all but the MLP's above (the dry run shows the cost)."""
-    if check_remat(name) != "auto":
-        return name
-    return "dots" if d.num_params <= AUTO_REMAT_DOTS_MAX_PARAMS else "dots_except_mlp"
-
-
-def remat(fn, policy: str):
-    """fn under jax.checkpoint with the named policy ("none" saves everything: no recomputation)."""
-    if check_remat(policy) == "auto":
-        raise ValueError("remat='auto' depends on the model size: resolve it with resolve_remat(name, dims) first")
-    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
+def identity(fn: Callable) -> Callable:
+    """The default layer wrapper: the layer as it is (inference; a trainer passes its remat wrapper)."""
+    return fn
 
 
 def check_attention(name: str) -> str:
@@ -425,7 +404,8 @@ def cached_attention(q, k, v, ck, cv, past_valid, valid, attn_row: bool):
 
 
 def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cache_index, kv_valid, *,
-            attn_row: bool = False, remat_policy: str = "none", attention: str = "auto", kv_len: int | None = None):
+            attn_row: bool = False, layer_wrapper: Callable = identity, attention: str = "auto",
+            kv_len: int | None = None):
     """The one decoder entry point: prefill, latent chunks, suffix and one-token decoding.
 
     embeds (B, T, H) go to cache slots [cache_index, cache_index + T); positions (B, R, T); kv_valid
@@ -435,6 +415,8 @@ def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cac
     left/right padding or holes); a chunk after cached slots (latent chunks, the
     suffix, decoding) runs dense attention over only the cache slots before it: [0, cache_index) when
     cache_index is a Python int, else [0, kv_len) (a static bound >= cache_index; default the whole cache).
+    `layer_wrapper` wraps the scanned layer function (the trainer's remat, see train.remat; hashable when a
+    jitted call takes it as a static argument).
     Returns (hidden after the final norm (B, T, H), new cache, attention row or None), where the
     attention row (B, max_len) float32 is the probabilities of each row's last real query of the chunk,
     averaged over layers and heads (computed without gradient).
@@ -444,7 +426,6 @@ def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cac
     nkv, hd = d.num_kv_heads, d.head_dim
     dtype = embeds.dtype
     impl = resolve_attention(attention, dtype, hd)
-    policy = resolve_remat(remat_policy, d)
     if isinstance(cache_index, (int, np.integer)):
         cache_index = past = int(cache_index)
         if not 0 <= cache_index <= max_len - t:
@@ -494,7 +475,7 @@ def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cac
         return x, (k, v, row)
 
     past_kv = (None, None) if past == 0 else (cache.k, cache.v)
-    x, (ks, vs, rows) = jax.lax.scan(remat(layer, policy), embeds, (llm.layers, *past_kv))
+    x, (ks, vs, rows) = jax.lax.scan(layer_wrapper(layer), embeds, (llm.layers, *past_kv))
     x = rms_norm(x, llm.norm, eps)
     at = (0, 0, cache_index, 0, 0)
     new_cache = KVCache(jax.lax.dynamic_update_slice(cache.k, ks.astype(cache.k.dtype), at),

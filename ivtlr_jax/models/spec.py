@@ -227,17 +227,25 @@ def trainable_mask(spec):
     return map_spec(lambda i: i.trainable, spec)
 
 
-def init_leaf(info: ParamInfo, key, dtype):
-    """One leaf from its initializer (jax; `dtype` as the caller wants it, pinned dtypes honoured)."""
+def initial_value(info: ParamInfo, dtype, zeros, ones, uniform, normal):
+    """The spec's initializer rule for one leaf, in whichever array library the four makers come from:
+    zeros/ones(shape, dtype), uniform(low, high) and normal() (float32 draws of the leaf's shape)."""
     dt = info.leaf_dtype(dtype)
     if info.init == "zeros":
-        return jnp.zeros(info.shape, dt)
+        return zeros(info.shape, dt)
     if info.init == "ones":
-        return jnp.ones(info.shape, dt)
+        return ones(info.shape, dt)
     if info.init == "fan_in_uniform":
         bound = 1.0 / np.sqrt(info.shape[-2])
-        return jax.random.uniform(key, info.shape, jnp.float32, -bound, bound).astype(dt)
-    return (jax.random.normal(key, info.shape, jnp.float32) * info.std).astype(dt)
+        return uniform(-bound, bound).astype(dt)
+    return (normal() * info.std).astype(dt)
+
+
+def init_leaf(info: ParamInfo, key, dtype):
+    """One leaf from its initializer (jax; `dtype` as the caller wants it, pinned dtypes honoured)."""
+    return initial_value(info, dtype, jnp.zeros, jnp.ones,
+                         lambda lo, hi: jax.random.uniform(key, info.shape, jnp.float32, lo, hi),
+                         lambda: jax.random.normal(key, info.shape, jnp.float32))
 
 
 def init_params(spec, key, dtype="float32"):
@@ -248,21 +256,11 @@ def init_params(spec, key, dtype="float32"):
 
 
 def init_params_numpy(spec, seed: int = 0, dtype="float32"):
-    """Random params as numpy arrays (host only; for building test and default checkpoints)."""
+    """Random params as numpy arrays (host only; for building test and default checkpoints), by the same rule."""
     rng = np.random.default_rng(seed)
-
-    def make(info: ParamInfo):
-        dt = info.leaf_dtype(dtype)
-        if info.init == "zeros":
-            return np.zeros(info.shape, dt)
-        if info.init == "ones":
-            return np.ones(info.shape, dt)
-        if info.init == "fan_in_uniform":
-            bound = 1.0 / np.sqrt(info.shape[-2])
-            return rng.uniform(-bound, bound, info.shape).astype(dt)
-        return (rng.standard_normal(info.shape, np.float32) * info.std).astype(dt)
-
-    return map_spec(make, spec)
+    return map_spec(lambda info: initial_value(info, dtype, np.zeros, np.ones,
+                                               lambda lo, hi: rng.uniform(lo, hi, info.shape),
+                                               lambda: rng.standard_normal(info.shape, np.float32)), spec)
 
 
 def check_tree(spec, params, what: str = "params") -> None:

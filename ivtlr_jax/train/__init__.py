@@ -1,7 +1,9 @@
 """Training: LoRA/full fine-tuning on the IVT-LR curriculum with sharded steps and orbax checkpoints."""
 
 from ivtlr_jax.train.checkpoints import CheckpointWriteError, UnreadableCheckpoint
-from ivtlr_jax.train.loop import StartPlan, Trainer, TrainingStopped, plan_start, train
+from ivtlr_jax.train.config import TrainConfig
+from ivtlr_jax.train.loop import Trainer, TrainingStopped, train
+from ivtlr_jax.train.planning import StartPlan, plan_start
 
-__all__ = ["CheckpointWriteError", "StartPlan", "Trainer", "TrainingStopped", "UnreadableCheckpoint", "plan_start",
-           "train"]
+__all__ = ["CheckpointWriteError", "StartPlan", "TrainConfig", "Trainer", "TrainingStopped", "UnreadableCheckpoint",
+           "plan_start", "train"]

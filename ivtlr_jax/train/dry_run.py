@@ -12,10 +12,11 @@ import jax
 import numpy as np
 
 from ivtlr_jax import sharding as sh
-from ivtlr_jax.config import TrainConfig
 from ivtlr_jax.latent import LatentBatch, make_latent_batch
 from ivtlr_jax.models.base import Backbone
-from ivtlr_jax.models.layers import resolve_attention, resolve_remat
+from ivtlr_jax.models.layers import resolve_attention
+from ivtlr_jax.train.config import TrainConfig
+from ivtlr_jax.train.remat import resolve_remat
 from ivtlr_jax.train.state import state_layout
 from ivtlr_jax.train.step import build_train_step, compute_dtype, make_optimizer, micro_batch_size
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 import numpy as np
 
 from ivtlr_jax.models import spec as sp
-from ivtlr_jax.train.lora import lora_spec, merge_lora
+from ivtlr_jax.models.adapters import adapter_spec, fold_adapters
 
 
 def trainable_tree(bb, state: dict, meta: dict):
     """The run's trainable part as the backbone's typed tree: LoRA adapters, or the trained leaves (None elsewhere)."""
     spec = bb.param_spec()
     if meta.get("finetune") == "lora":
-        aspec = lora_spec(spec, int(meta["lora_r"]))
+        aspec = adapter_spec(spec, int(meta["lora_r"]))
         return sp.from_named(aspec, sp.unnest(state["trainable"], [n for n, _ in sp.infos(aspec)]))
     names = [n for n, i in sp.infos(spec) if i.trainable]
     return sp.from_named(spec, sp.unnest(state["trainable"], names))
@@ -25,7 +25,7 @@ def trained_params(bb, state: dict, meta: dict, base_params):
     """Base params with the run's trainable part applied (LoRA folded in, or the trained leaves)."""
     trainable = trainable_tree(bb, state, meta)
     if meta.get("finetune") == "lora":
-        return merge_lora(base_params, trainable, float(meta["lora_alpha"]) / float(meta["lora_r"]))
+        return fold_adapters(base_params, trainable, float(meta["lora_alpha"]) / float(meta["lora_r"]))
     spec = bb.param_spec()
     base = sp.named_leaves(spec, base_params)
     got = sp.named_leaves(spec, trainable)

@@ -1,4 +1,4 @@
-"""The multi-stage curriculum trainer: data, sharded steps, logging, checkpoints, signals, resume.
+"""The multi-stage curriculum trainer: data, sharded steps, checkpoints, signals, resume.
 
 The hot loop never waits on the host: batches are collated, laid out and put on the devices by a
 background thread two steps ahead (`prefetch.Prefetcher`); a step's metrics are read after the next
@@ -6,12 +6,12 @@ step is dispatched (one step late), so the device is busy while the host logs; c
 asynchronously by orbax. In a multi-process run every process trains the same steps on its own rows,
 only process 0 writes metrics and plots, SIGTERM to any process stops all of them at the same step
 (JAX's preemption sync), and a process whose peer is gone exits with a clear line (`peers.PeerWatchdog`).
+Where a run starts is `planning`; what it records and shows is `metrics`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -23,172 +23,24 @@ import jax
 import numpy as np
 
 from ivtlr_jax import sharding as sh
-from ivtlr_jax.config import TrainConfig
 from ivtlr_jax.latent import LatentBatch, make_latent_batch
 from ivtlr_jax.models import backbone_for
 from ivtlr_jax.train import peers
-from ivtlr_jax.train.checkpoints import (
-    PERIODIC_DIR,
-    STAGE_DIR,
-    RunCheckpoints,
-    UnreadableCheckpoint,
-    complete_steps,
-    read_meta,
-)
+from ivtlr_jax.train.checkpoints import PERIODIC_DIR, RunCheckpoints, UnreadableCheckpoint
+from ivtlr_jax.train.config import TrainConfig
+from ivtlr_jax.train.metrics import RunMetrics, peak_flops, stage_summary, update_record
+from ivtlr_jax.train.planning import StartPlan, check_resumable, plan_start, requested_stages, resume_hint
 from ivtlr_jax.train.prefetch import Prefetcher
 from ivtlr_jax.train.state import create_train_state
 from ivtlr_jax.train.step import build_train_step, compute_dtype, make_optimizer, micro_batch_size, model_flops
 
 logger = logging.getLogger("ivtlr_jax.train")
 
-PEAK_TFLOPS = {"tpu v4": 275.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v6": 918.0,
-               "h100": 989.0, "h200": 989.0, "a100": 312.0, "l4": 121.0}
-
-# Config fields that decide the training trajectory: a resumed run must have the values of the run it continues.
-TRAJECTORY_FIELDS = ("data", "train_split", "limit", "epochs_per_stage", "max_latent_stage", "pad_latent_to_max",
-                     "latent_markers", "k", "latent_text", "position_mode", "selection_order", "latent_grad",
-                     "finetune", "lora_r", "lora_alpha", "lora_dropout", "lr", "weight_decay", "beta1", "beta2",
-                     "clip", "warmup_steps", "schedule", "batch_size", "grad_accum", "compute_dtype", "max_length",
-                     "seed")
+__all__ = ["StartPlan", "Trainer", "TrainingStopped", "plan_start", "resume_hint", "train"]
 
 
 class TrainingStopped(RuntimeError):
     """Raised when the run cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
-
-
-def peak_flops(tcfg: TrainConfig) -> float | None:
-    if tcfg.peak_tflops:
-        return tcfg.peak_tflops * 1e12
-    kind = jax.devices()[0].device_kind.lower()
-    for name, tflops in PEAK_TFLOPS.items():
-        if name in kind:
-            return tflops * 1e12
-    return None
-
-
-# ---------------------------------------------------------------------------------------- where to start
-@dataclasses.dataclass
-class StartPlan:
-    """Where a run starts, decided from RUN_DIR alone (no JAX, no orbax)."""
-
-    kind: str  # "resume" | "stage_end" | "init"
-    at: int | None = None  # resume: the checkpoint's step; stage_end: the finished stage
-    meta: dict | None = None  # resume / stage_end: that checkpoint's meta
-    step: int = 0  # the train step the run starts from
-    candidates: list = dataclasses.field(default_factory=list)  # resume: (step, meta), newest first
-    unreadable: list = dataclasses.field(default_factory=list)  # resume: (step, reason) of skipped ones
-    notice: str | None = None  # a line to say before anything else
-
-
-def requested_stages(tcfg: TrainConfig) -> list[int]:
-    return list(tcfg.stages) if tcfg.stages is not None else list(range(tcfg.max_latent_stage + 1))
-
-
-def _stage_where(meta: dict) -> str:
-    return f"at the start of stage {meta['stage']}" if meta.get("iterator") is None else f"in stage {meta['stage']}"
-
-
-def check_resumable(tcfg: TrainConfig, step: int, meta: dict) -> None:
-    """Refuse (ValueError) a checkpoint whose stage or config differs from the run that would continue it."""
-    stages = requested_stages(tcfg)
-    where = os.path.join(tcfg.out, PERIODIC_DIR, str(step))
-    stage = int(meta["stage"])
-    if stage not in stages:
-        span = f"stage {stages[0]}" if len(stages) == 1 else f"stages {stages[0]}-{stages[-1]}"
-        if stage > stages[-1]:
-            raise ValueError(f"--resume: the latest checkpoint ({where}) is {_stage_where(meta)}, past the {span} "
-                             f"this run trains; nothing is left to do (continue with --stage={stage} --resume)")
-        raise ValueError(f"--resume: the latest checkpoint ({where}) is {_stage_where(meta)}, but this run trains "
-                         f"{span}; finish stage {stage} first (--stages {stage}-{stages[-1]} --resume), or start "
-                         f"stage {stages[0]} in a new --out")
-    recorded = meta.get("train_config") or {}
-    now = tcfg.to_dict()
-    diffs = [f"{k} {recorded[k]!r} (checkpoint) vs {now[k]!r} (now)" for k in TRAJECTORY_FIELDS
-             if k in recorded and k in now and recorded[k] != now[k]]
-    init = tcfg.init
-    if init and os.path.isdir(init) and meta.get("init") and os.path.abspath(init) != meta["init"]:
-        diffs.append(f"init {meta['init']!r} (checkpoint) vs {os.path.abspath(init)!r} (now)")
-    if diffs:
-        raise ValueError(f"--resume: {where} was written by a run with another config: {'; '.join(diffs)}; "
-                         "pass the same values to continue it, or use a new --out")
-
-
-def plan_start(tcfg: TrainConfig) -> StartPlan:
-    """Decide where the run starts from what RUN_DIR holds; ValueError (one clear line) when it cannot.
-
-    --resume: the newest checkpoint whose meta reads (unreadable ones are listed and skipped), checked
-    against this run's stages and config. Otherwise stage N > 0 starts from RUN_DIR's finished stage
-    N-1, or from --init with a notice. A fresh start never writes into a RUN_DIR holding later
-    checkpoints of another run, so checkpoint steps stay monotonic within a RUN_DIR.
-    """
-    out = tcfg.out
-    stages = requested_stages(tcfg)
-    first = stages[0]
-    periodic = complete_steps(out, PERIODIC_DIR)
-    latest = periodic[-1] if periodic else None
-    if tcfg.resume:
-        if not periodic:
-            raise ValueError(f"--resume: no checkpoint in {os.path.join(out, PERIODIC_DIR)}; run without --resume")
-        plan = StartPlan("resume")
-        for step in reversed(periodic):
-            try:
-                plan.candidates.append((step, read_meta(os.path.join(out, PERIODIC_DIR, str(step)))))
-            except UnreadableCheckpoint as e:
-                plan.unreadable.append((step, str(e)))
-        if not plan.candidates:
-            raise ValueError(f"--resume: no readable checkpoint in {os.path.join(out, PERIODIC_DIR)}: "
-                             + "; ".join(r for _, r in plan.unreadable))
-        plan.at, plan.meta = plan.candidates[0]
-        plan.step = int(plan.meta.get("step", plan.at))
-        check_resumable(tcfg, plan.at, plan.meta)
-    elif first > 0 and (first - 1) in complete_steps(out, STAGE_DIR):
-        folder = os.path.join(out, STAGE_DIR, str(first - 1))
-        try:
-            meta = read_meta(folder)
-        except UnreadableCheckpoint as e:
-            raise ValueError(f"--stage={first} starts from the finished stage {first - 1}, which is unreadable "
-                             f"({e}); give --init CKPT_DIR with a new --out") from None
-        plan = StartPlan("stage_end", first - 1, meta, step=int(meta.get("step", 0)))
-        if latest is not None and "step" in meta and latest > plan.step:
-            raise ValueError(
-                f"{os.path.join(out, PERIODIC_DIR)} already holds step {latest}, past the end of stage {first - 1} "
-                f"(step {plan.step}): starting stage {first} again would write checkpoints out of order; continue "
-                "that run with --resume, or use a new --out")
-    else:
-        if tcfg.init is None:
-            if first > 0:
-                raise ValueError(f"--stage={first} needs a starting point: --init CKPT_DIR, or a finished stage "
-                                 f"{first - 1} in {os.path.join(out, STAGE_DIR)} (none found)")
-            raise ValueError("no --init CKPT_DIR given: convert a model with tools/convert_weights.py "
-                             "--add-latent-tokens")
-        plan = StartPlan("init")
-        if latest is not None:
-            try:
-                held = f" ({_stage_where(read_meta(os.path.join(out, PERIODIC_DIR, str(latest))))})"
-            except UnreadableCheckpoint:
-                held = ""
-            unfinished = f" and no finished stage {first - 1}" if first > 0 else ""
-            raise ValueError(
-                f"{os.path.join(out, PERIODIC_DIR)} already holds checkpoints up to step {latest}{held}{unfinished}; "
-                "this run would start again from --init at step 0 and number its checkpoints from 0. Continue "
-                "that run with --resume, or use a new --out")
-        if first > 0:
-            plan.notice = (f"note: {out} has no finished stage {first - 1} ({STAGE_DIR}/{first - 1}); stage {first} "
-                           f"starts from --init {tcfg.init} at step 0, without the training of stages 0-{first - 1}")
-    if tcfg.max_steps is not None and plan.step >= tcfg.max_steps:
-        src = {"resume": f"checkpoint step {plan.at}", "stage_end": f"the end of stage {plan.at}"}.get(plan.kind)
-        raise ValueError(f"--max-steps {tcfg.max_steps}: this run starts at step {plan.step} ({src}), so nothing is "
-                         f"left to train; --max-steps counts steps from the start of the curriculum, e.g. "
-                         f"--max-steps {plan.step + tcfg.max_steps} for {tcfg.max_steps} more")
-    return plan
-
-
-def resume_hint(out: str) -> str:
-    steps = complete_steps(out, PERIODIC_DIR)
-    if not steps:
-        return f"no checkpoint is complete yet in {os.path.join(out, PERIODIC_DIR)}"
-    return (f"restart every process with --resume: it continues from the last complete checkpoint, step {steps[-1]} "
-            f"in {os.path.join(out, PERIODIC_DIR)}")
 
 
 # ---------------------------------------------------------------------------------------- batches
@@ -230,7 +82,7 @@ class Trainer:
         from transformers import AutoTokenizer
 
         from ivtlr_jax.convert.checkpoint import load_config
-        from ivtlr_jax.data import CurriculumOptions, ImageOptions, encode_split, load_split
+        from ivtlr_jax.data import CurriculumOptions, encode_split, load_split
 
         self.tcfg = tcfg
         sh.maybe_initialize_distributed(tcfg.mesh)
@@ -249,7 +101,8 @@ class Trainer:
         if init is None or not os.path.isdir(init):
             raise ValueError(f"--init {init!r} is not a checkpoint folder")
         self.init = init
-        self.trace_rows, self.prefetch_depth = trace_rows, prefetch
+        self.prefetch_depth = prefetch
+        self.metrics = RunMetrics(tcfg.out, self.pid, trace_rows)
         self.watchdog = watchdog
         if self.watchdog is None and self.nproc > 1:
             self.watchdog = peers.PeerWatchdog(peer_timeout_s, resume_hint=lambda: resume_hint(tcfg.out)).start()
@@ -262,7 +115,7 @@ class Trainer:
         if tcfg.limit:
             dataset = dataset.select(range(min(tcfg.limit, len(dataset))))
         self.tokenizer = AutoTokenizer.from_pretrained(init)
-        self.image_options = ImageOptions(**self.bb.image_options())
+        self.image_options = self.bb.image_options()
         self.split = encode_split(dataset, self.tokenizer, self.image_options, prompt=self.bb.prompt,
                                   max_length=tcfg.max_length)
         self.curriculum = CurriculumOptions(max_latent_stage=tcfg.max_latent_stage,
@@ -290,9 +143,19 @@ class Trainer:
         self._step = None
         self._compiled: dict = {}
         self._stop_signal = None
-        self.history: list[dict] = []
-        self.metrics_path = os.path.join(tcfg.out, "metrics.jsonl")
-        self._metrics_file = None
+
+    @property
+    def history(self) -> list[dict]:
+        """The run's records so far (every process; process 0 also writes them, see `metrics.RunMetrics`)."""
+        return self.metrics.history
+
+    @history.setter
+    def history(self, records: list[dict]) -> None:
+        self.metrics.history = records
+
+    @property
+    def metrics_path(self) -> str:
+        return self.metrics.path
 
     # ------------------------------------------------------------------ setup
     def _restore_newest_readable(self, like):
@@ -421,47 +284,8 @@ class Trainer:
     # ------------------------------------------------------------------ records
     def _meta(self, stage: int, position: dict | None, step: int) -> dict:
         return {"stage": stage, "iterator": position, "step": int(step), "init": os.path.abspath(self.init),
-                "finetune": self.tcfg.finetune, "lora_r": self.tcfg.lora_r, "lora_alpha": self.tcfg.lora_alpha,
+                "finetune": self.tcfg.finetune, "lora_r": self.tcfg.lora.r, "lora_alpha": self.tcfg.lora.alpha,
                 "process_count": self.nproc, "train_config": self.tcfg.to_dict()}
-
-    def _log(self, record: dict) -> None:
-        self.history.append(record)
-        if self.pid != 0:
-            return
-        if self._metrics_file is None:
-            self._metrics_file = open(self.metrics_path, "a")
-        self._metrics_file.write(json.dumps(record) + "\n")
-        self._metrics_file.flush()
-        if getattr(self, "_tb", None) is not None:
-            for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                if record.get(k) is not None:
-                    self._tb.add_scalar(f"train/{k}", record[k], record["step"])
-
-    def _trace(self, step: int, micro: int, batch: _Batch) -> None:
-        """--debug: one line per micro-step (the update it belongs to, its index in it, this process's rows)."""
-        if not self.trace_rows:
-            return
-        folder = os.path.join(self.tcfg.out, "debug")
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"rows.process_{self.pid}.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, "micro": micro, "process": self.pid, "epoch": batch.epoch,
-                                "rows": [int(r) for r in batch.rows]}) + "\n")
-
-    def _open_tensorboard(self):
-        self._tb = None
-        if self.pid != 0:
-            return
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                return
-        try:
-            self._tb = SummaryWriter(os.path.join(self.tcfg.out, "tensorboard"))
-        except Exception:
-            self._tb = None
 
     def _finish_step(self, p: _Pending, bar, losses: list) -> None:
         """Read a dispatched step's metrics (the device is already busy with the next one) and record them."""
@@ -476,25 +300,15 @@ class Trainer:
             logger.error("%s; stopping. The last good checkpoint (%s) is kept in %s", msg, last, where)
             raise TrainingStopped(f"{msg}; the last good checkpoint ({last}) is kept in {where}")
         losses.append(loss)
-        b = p.batch
-        tokens = p.tokens * self.nproc
-        record = {"step": p.step, "stage": p.stage, "epoch": b.epoch, "loss": loss, "lr": float(values["lr"]),
-                  "grad_norm": float(values["grad_norm"]), "n_latent": b.host.n, "rows": self.tcfg.batch_size,
-                  "micro_steps": self.tcfg.grad_accum, "tokens": tokens, "tokens_per_s": tokens / dt,
-                  "step_time_s": dt,
-                  "mfu": (p.flops / dt / (self._peak * self._ndev)) if (p.flops and self._peak) else None}
-        self._log(record)
+        record = update_record(p.step, p.stage, p.batch.epoch, values, n_latent=p.batch.host.n,
+                               rows=self.tcfg.batch_size, micro_steps=self.tcfg.grad_accum,
+                               tokens=p.tokens * self.nproc, seconds=dt, flops=p.flops,
+                               peak_flops_total=self._peak * self._ndev if self._peak else None)
+        self.metrics.log(record)
         bar.update(1)
         if p.step % self.tcfg.log_every == 0:
             self.ckpts.poll()  # a failed asynchronous checkpoint write surfaces here, not much later
-            if self.pid == 0:
-                from tqdm.auto import tqdm
-
-                bar.set_postfix(loss=f"{loss:.4f}", epoch=b.epoch)
-                mfu = f" mfu {record['mfu']:.3f}" if record["mfu"] is not None else ""
-                tqdm.write(f"step {p.step} stage {p.stage} loss {loss:.4f} lr {record['lr']:.2e} "
-                           f"grad_norm {record['grad_norm']:.3f} tokens/s {record['tokens_per_s']:.0f} "
-                           f"step {dt:.3f}s{mfu}")
+            self.metrics.show(bar, record)
 
     # ------------------------------------------------------------------ run
     def _run_stage(self, stage: int, position: dict | None, step: int) -> tuple[int, list, bool, str | None]:
@@ -504,15 +318,13 @@ class Trainer:
         there are steps counted, metrics read, checkpoints written and stops taken (an epoch is a whole number
         of updates, so a stage ends on one).
         """
-        from tqdm.auto import tqdm
-
         tcfg = self.tcfg
         it = self.iterator(stage)
         if position:
             it.load_state_dict(self._position_for(position, it))
         done = ((it.epoch - stage * tcfg.epochs_per_stage) * it.steps_per_epoch + it.step) // tcfg.grad_accum
-        bar = tqdm(total=tcfg.epochs_per_stage * it.steps_per_epoch // tcfg.grad_accum, initial=done,
-                   desc=f"stage {stage}", disable=self.pid != 0, leave=False)
+        bar = self.metrics.progress(tcfg.epochs_per_stage * it.steps_per_epoch // tcfg.grad_accum, done,
+                                    f"stage {stage}")
         feed = Prefetcher(self._positions(it), self._prepare, depth=self.prefetch_depth)
         losses: list[float] = []
         pending, finished, stop = None, False, None
@@ -521,7 +333,7 @@ class Trainer:
         try:
             for b in feed:
                 self.state, metrics = self.compiled_step(b.arrays)(self.state, self.frozen, b.arrays)
-                self._trace(step + 1, micro, b)
+                self.metrics.trace(step + 1, micro, b.epoch, b.rows)
                 micro, tokens, flops = micro + 1, tokens + b.tokens, flops + b.flops
                 if micro < tcfg.grad_accum:
                     continue
@@ -558,13 +370,13 @@ class Trainer:
         step = self.start_step
         if self.resume_meta is not None:
             logger.info("restored %s %s (step %d)", self.start_kind, self.start_at, step)
-        self._log({"event": "state", "step": step, "finetune": tcfg.finetune, "mesh": sh.describe(self.mesh),
+        self.metrics.log({"event": "state", "step": step, "finetune": tcfg.finetune, "mesh": sh.describe(self.mesh),
                    "processes": self.nproc, "start": self.start_kind, "start_at": self.start_at,
                    **self.state_report})
         stages = self.stages
         if self.start_kind == "resume":
             stages = [s for s in stages if s >= self.resume_meta["stage"]]
-        self._open_tensorboard()
+        self.metrics.open_tensorboard()
         self._install_signals()
         self._peak, self._ndev = peak_flops(tcfg), self.mesh.devices.size
         summary: dict = {"stages": {}, "stopped": None}
@@ -576,10 +388,7 @@ class Trainer:
                 if self.start_kind == "resume" and self.resume_meta["stage"] == stage:
                     position = self.resume_meta.get("iterator")
                 step, losses, finished, stop = self._run_stage(stage, position, step)
-                summary["stages"][stage] = {
-                    "first_loss": losses[0] if losses else None,
-                    "last_loss": float(np.mean(losses[-max(1, len(losses) // 10):])) if losses else None,
-                    "steps": len(losses), "n_latent": min(stage, tcfg.max_latent_stage)}
+                summary["stages"][stage] = stage_summary(losses, min(stage, tcfg.max_latent_stage))
                 if finished:
                     self.ckpts.save_stage_end(stage, self.state, self._meta(stage, None, step))
                     if step != self._last_saved:
@@ -598,11 +407,7 @@ class Trainer:
             raise
         finally:
             self._restore_signals()
-            if getattr(self, "_tb", None) is not None:
-                self._tb.close()
-            if self._metrics_file is not None:
-                self._metrics_file.close()
-                self._metrics_file = None
+            self.metrics.close()
             if self.watchdog is not None:
                 self.watchdog.stop(failed=failure)
         summary["step"] = step
@@ -611,33 +416,7 @@ class Trainer:
 
     def plot_losses(self) -> str | None:
         """RUN_DIR/loss.png from the run's metrics (skipped without matplotlib)."""
-        history = [r for r in self.history if "loss" in r]
-        if self.pid != 0 or not history:
-            return None
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            logger.info("matplotlib not installed: no loss plot")
-            return None
-        fig, ax = plt.subplots(figsize=(7, 4))
-        steps = [r["step"] for r in history]
-        ax.plot(steps, [r["loss"] for r in history], lw=1)
-        for stage in sorted({r["stage"] for r in history}):
-            first = min(r["step"] for r in history if r["stage"] == stage)
-            ax.axvline(first, color="grey", lw=0.5, ls="--")
-            ax.text(first, ax.get_ylim()[1], f" stage {stage}", va="top", fontsize=8)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title("IVT-LR training loss")
-        path = os.path.join(self.tcfg.out, "loss.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
-
+        return self.metrics.plot_losses()
 
 def train(tcfg: TrainConfig, **kwargs) -> dict:
     """Build a Trainer and run it (keyword arguments go to Trainer)."""

@@ -1,8 +1,7 @@
-"""LoRA adapters, owned by the trainer: the model only ever calls its linear layers.
+"""LoRA in training: initialising adapters and applying them with dropout; the model only calls its linear layers.
 
-The adapters mirror the params tree: a `LoRAAdapter` (A (L, in, r), B (L, r, out), float32) where the
-backbone's spec marks a kernel as a LoRA target (q, k, v, o, gate, up, down of the LLM), None elsewhere.
-`apply_lora` swaps those `Linear`s for `LoRALinear`s, which compute x W + b + s (dropout(x) A) B. A
+The adapters' spec and the merge rule live below the trainer, in `models/adapters.py` (the converter uses them
+too). `apply_lora` swaps those `Linear`s for `LoRALinear`s, which compute x W + b + s (dropout(x) A) B. A
 LoRALinear's dropout keys are folded with the decoder call's index (`fold_in`, through the model's
 `layers.for_call`), so the prefix, every latent chunk and the suffix draw their own masks, as PEFT does.
 """
@@ -13,19 +12,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from ivtlr_jax.models import spec as sp
+from ivtlr_jax.models.adapters import LoRAAdapter, adapter_spec, is_linear
 from ivtlr_jax.models.layers import Linear
 
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the backbones' spec marks these kernels
-
-
-@struct.dataclass
-class LoRAAdapter:
-    a: Any  # (L, in, r)
-    b: Any  # (L, r, out)
+__all__ = ["LoRAAdapter", "LoRALinear", "adapter_spec", "apply_lora", "init_lora"]
 
 
 @struct.dataclass
@@ -64,37 +57,9 @@ class LoRALinear:
         return y + ((xa @ self.a.astype(x.dtype)) @ self.b.astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
 
 
-def _is_linear(x) -> bool:
-    return isinstance(x, Linear)
-
-
-def lora_spec(spec, rank: int):
-    """Adapter spec mirroring the params spec: A/B ParamInfos where a kernel is a LoRA target, None elsewhere."""
-    if rank < 1:
-        raise ValueError(f"lora rank r={rank} must be >= 1")
-
-    def one(node):
-        if not _is_linear(node) or not node.kernel.lora:
-            return None
-        k = node.kernel
-        *lead, din, dout = k.shape
-        *lead_axes, ax_in, ax_out = k.axes
-        # The kernel's own axis, then FSDP's: a factor has no other large dimension to shard.
-        return LoRAAdapter(
-            a=sp.ParamInfo((*lead, din, rank), (*lead_axes, (ax_in, "embed"), "lora_rank"), init="fan_in_uniform",
-                           dtype="float32", stacked=k.stacked),
-            b=sp.ParamInfo((*lead, rank, dout), (*lead_axes, "lora_rank", (ax_out, "embed")), init="zeros",
-                           dtype="float32", stacked=k.stacked))
-
-    out = jax.tree.map(one, spec, is_leaf=lambda x: _is_linear(x) or sp.is_info(x))
-    if not jax.tree_util.tree_leaves(out, is_leaf=sp.is_info):
-        raise ValueError("the backbone's spec marks no LoRA target kernels")
-    return out
-
-
 def init_lora(spec, rank: int, key):
     """Adapters in float32 (A kaiming-uniform as PEFT, B zero so the model starts unchanged)."""
-    return sp.init_params(lora_spec(spec, rank), key, "float32")
+    return sp.init_params(adapter_spec(spec, rank), key, "float32")
 
 
 def apply_lora(params, adapters, scale: float, dropout: float = 0.0, key=None):
@@ -109,17 +74,4 @@ def apply_lora(params, adapters, scale: float, dropout: float = 0.0, key=None):
             keys = jax.random.split(jax.random.fold_in(key, next(counter)), ad.a.shape[0])
         return LoRALinear(p, ad.a, ad.b, keys, scale=float(scale), rate=float(dropout) if keys is not None else 0.0)
 
-    return jax.tree.map(wrap, params, adapters, is_leaf=_is_linear)
-
-
-def merge_lora(params, adapters, scale: float):
-    """Fold the adapters into the kernels: W + scale * A @ B in float32, stored in the kernels' dtype (numpy)."""
-
-    def fold(p, ad):
-        if ad is None:
-            return p
-        kernel = np.asarray(p.kernel)
-        delta = np.einsum("...ir,...ro->...io", np.asarray(ad.a, np.float32), np.asarray(ad.b, np.float32))
-        return p.replace(kernel=(kernel.astype(np.float32) + scale * delta).astype(kernel.dtype))
-
-    return jax.tree.map(fold, params, adapters, is_leaf=_is_linear)
+    return jax.tree.map(wrap, params, adapters, is_leaf=is_linear)

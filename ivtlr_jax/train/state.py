@@ -16,10 +16,11 @@ import numpy as np
 import optax
 
 from ivtlr_jax import sharding as sh
-from ivtlr_jax.config import TrainConfig
 from ivtlr_jax.models import spec as sp
+from ivtlr_jax.models.adapters import adapter_spec as make_adapter_spec
 from ivtlr_jax.models.base import Backbone
-from ivtlr_jax.train.lora import init_lora, lora_spec
+from ivtlr_jax.train.config import TrainConfig
+from ivtlr_jax.train.lora import init_lora
 from ivtlr_jax.train.step import GradAccum, TrainState, empty_accum, tree_bytes_per_device
 
 
@@ -64,7 +65,7 @@ def state_layout(bb: Backbone, tcfg: TrainConfig, mesh, tx, dtype) -> StateLayou
     rep = sh.replicated(mesh)
     if tcfg.finetune == "lora":
         frozen = jax.tree.map(lambda i, s: _sds(i.shape, i.leaf_dtype(dtype), s), spec, psh, is_leaf=sp.is_info)
-        adapter_spec = lora_spec(spec, tcfg.lora_r)
+        adapter_spec = make_adapter_spec(spec, tcfg.lora.r)
         ash = sh.param_shardings(mesh, adapter_spec)
         trainable = jax.tree.map(lambda i, s: _sds(i.shape, jnp.float32, s), adapter_spec, ash, is_leaf=sp.is_info)
     else:
@@ -195,7 +196,7 @@ def create_train_state(bb: Backbone, tcfg: TrainConfig, mesh, tx, dtype, init_ck
             monitor.sample()
         elif trainable is None:  # LoRA adapters, made on the mesh
             shardings = jax.tree.map(lambda s: s.sharding, layout.state.trainable)
-            trainable = jax.jit(lambda k: init_lora(spec, tcfg.lora_r, k), out_shardings=shardings)(
+            trainable = jax.jit(lambda k: init_lora(spec, tcfg.lora.r, k), out_shardings=shardings)(
                 jax.random.PRNGKey(tcfg.seed + 1))
             monitor.sample()
         opt_sh = jax.tree.map(lambda s: s.sharding, layout.state.opt_state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -11,11 +12,13 @@ import optax
 from flax import struct
 
 from ivtlr_jax import sharding as sh
-from ivtlr_jax.config import LatentConfig, TrainConfig
-from ivtlr_jax.latent import IGNORE, LatentBatch, latent_loss
+from ivtlr_jax.latent import IGNORE, LatentBatch, LatentConfig, latent_loss
 from ivtlr_jax.models import spec as sp
 from ivtlr_jax.models.base import Backbone
+from ivtlr_jax.models.layers import identity
+from ivtlr_jax.train.config import TrainConfig
 from ivtlr_jax.train.lora import apply_lora
+from ivtlr_jax.train.remat import VISION_REMAT, layer_wrapper
 
 
 @struct.dataclass
@@ -48,18 +51,19 @@ def compute_dtype(tcfg: TrainConfig, platform: str | None = None):
 def make_optimizer(tcfg: TrainConfig, total_steps: int):
     """AdamW with global-norm clipping, optional warmup and decay, stepped once per optimiser update (the train
     step accumulates `grad_accum` micro-steps itself, see `make_train_step`)."""
+    opt = tcfg.optimizer
     total = max(int(total_steps), 1)
-    warm = min(tcfg.warmup_steps, total)
-    if tcfg.schedule == "constant":
-        main = optax.constant_schedule(tcfg.lr)
-    elif tcfg.schedule == "cosine":
-        main = optax.cosine_decay_schedule(tcfg.lr, max(total - warm, 1))
+    warm = min(opt.warmup_steps, total)
+    if opt.schedule == "constant":
+        main = optax.constant_schedule(opt.lr)
+    elif opt.schedule == "cosine":
+        main = optax.cosine_decay_schedule(opt.lr, max(total - warm, 1))
     else:
-        main = optax.linear_schedule(tcfg.lr, 0.0, max(total - warm, 1))
-    schedule = optax.join_schedules([optax.linear_schedule(0.0, tcfg.lr, warm), main], [warm]) if warm else main
+        main = optax.linear_schedule(opt.lr, 0.0, max(total - warm, 1))
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, opt.lr, warm), main], [warm]) if warm else main
     tx = optax.chain(
-        optax.clip_by_global_norm(tcfg.clip),
-        optax.adamw(schedule, b1=tcfg.beta1, b2=tcfg.beta2, weight_decay=tcfg.weight_decay),
+        optax.clip_by_global_norm(opt.clip),
+        optax.adamw(schedule, b1=opt.beta1, b2=opt.beta2, weight_decay=opt.weight_decay),
     )
     return tx, schedule
 
@@ -89,15 +93,17 @@ def assemble_params(bb: Backbone, trainable, frozen, tcfg: TrainConfig, dtype, k
     """The model's params in the compute dtype (LoRA adapters stay float32 until used)."""
     spec = bb.param_spec()
     if tcfg.finetune == "lora":
-        dropout = tcfg.lora_dropout if key is not None else 0.0
-        return apply_lora(cast_params(spec, frozen, dtype), trainable, tcfg.lora_alpha / tcfg.lora_r, dropout, key)
+        lora = tcfg.lora
+        dropout = lora.dropout if key is not None else 0.0
+        return apply_lora(cast_params(spec, frozen, dtype), trainable, lora.alpha / lora.r, dropout, key)
     return cast_params(spec, combine(spec, trainable, frozen), dtype)
 
 
-def batch_loss(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, remat: str = "none",
-               attention: str = "auto"):
-    """Mean cross-entropy of one (device) batch; the image encoder runs forward only (it is frozen)."""
-    return latent_loss(bb, params, lcfg, batch, remat, attention)
+def batch_loss(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, remat: Callable = identity,
+               attention: str = "auto", vision_remat: Callable = identity):
+    """Mean cross-entropy of one (device) batch, the decoder layers under `remat` and the image encoder's blocks
+    under `vision_remat` (it runs forward only: it is frozen)."""
+    return latent_loss(bb, params, lcfg, batch, remat, attention, vision_remat)
 
 
 def micro_batch_size(tcfg: TrainConfig, processes: int = 1, data_parallel: int = 1) -> int:
@@ -129,10 +135,11 @@ def make_train_step(bb: Backbone, lcfg: LatentConfig, tcfg: TrainConfig, tx, sch
     `metrics` hold the update's loss (over its micro-steps so far), its gradient norm and learning rate.
     """
     accumulate = tcfg.grad_accum > 1
+    remat = layer_wrapper(tcfg.remat, bb.dims)  # "auto" resolved by the decoder's size
 
     def loss_fn(trainable, frozen, batch, key):
         params = assemble_params(bb, trainable, frozen, tcfg, dtype, key)
-        return batch_loss(bb, params, lcfg, batch, tcfg.remat, tcfg.attention)
+        return batch_loss(bb, params, lcfg, batch, remat, tcfg.attention, VISION_REMAT)
 
     def summed_loss(trainable, frozen, batch, key):
         tokens = labelled_tokens(batch.labels)

@@ -15,9 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ivtlr_jax.config import QWEN2VL_PROMPT, ModelConfig, PromptFormat, VisionConfig
+from ivtlr_jax.config import PromptFormat
 from ivtlr_jax.models import layers as ly
 from ivtlr_jax.models.base import Backbone, feature_index, rows_of_images, sequential_positions
+from ivtlr_jax.models.qwen2_vl.config import ModelConfig, VisionConfig
+from ivtlr_jax.models.qwen2_vl.images import ImageOptions
+from ivtlr_jax.models.qwen2_vl.prompt import PROMPT
 from ivtlr_jax.models.spec import HFKey, ParamInfo
 
 
@@ -159,7 +162,7 @@ class Qwen2VL(Backbone):
 
     @property
     def prompt(self) -> PromptFormat:
-        return QWEN2VL_PROMPT
+        return PROMPT
 
     def param_spec(self) -> Params:
         v = self.config.vision
@@ -200,44 +203,17 @@ class Qwen2VL(Backbone):
                 return old + stored[len(new):]
         return stored
 
-    def hf_config(self) -> dict:
-        """A transformers-5 style Qwen2-VL config.json, for checkpoints saved without one."""
-        cfg, v = self.config, self.config.vision
-        text = {
-            "model_type": "qwen2_vl_text", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-            "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
-            "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-            "rms_norm_eps": cfg.rms_norm_eps, "hidden_act": "silu", "max_position_embeddings": 32768,
-            "rope_parameters": {"rope_type": "default", "mrope_section": list(cfg.mrope_section),
-                                "rope_theta": cfg.rope_theta},
-            "use_sliding_window": False,
-            "bos_token_id": None,  # Qwen2-VL uses no BOS; the class default (151643) can lie outside a small vocab
-            "eos_token_id": list(cfg.eos_token_id) if len(cfg.eos_token_id) > 1 else cfg.eos_token_id[0],
-            "pad_token_id": cfg.pad_token_id,
-        }
-        vision = {
-            "model_type": "qwen2_vl_vision", "depth": v.depth, "embed_dim": v.embed_dim,
-            "hidden_size": v.out_hidden_size, "num_heads": v.num_heads,
-            "mlp_ratio": int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
-            "in_channels": v.in_channels, "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
-            "spatial_merge_size": v.spatial_merge_size, "hidden_act": "quick_gelu",
-        }
-        return {
-            "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
-            "tie_word_embeddings": cfg.tie_word_embeddings, "image_token_id": cfg.image_token_id,
-            "video_token_id": cfg.video_token_id, "vision_start_token_id": cfg.vision_start_token_id,
-            "vision_end_token_id": cfg.vision_end_token_id, "text_config": text, "vision_config": vision,
-        }
-
-    def hf_class_name(self) -> str:
-        return "Qwen2VLForConditionalGeneration"
-
     # ------------------------------------------------------------------ host side
-    def image_options(self, resize_mode: str = "reference") -> dict:
-        """Keyword arguments of the data layer's ImageOptions for this model's image processor."""
+    def image_options(self, resize_mode: str = "reference") -> ImageOptions:
+        """This model's image processor for the data layer (reference: the release's fixed 280x280 images)."""
         v = self.config.vision
-        return {"processor": "qwen2_vl", "resize_mode": resize_mode, "patch_size": v.patch_size,
-                "merge_size": v.spatial_merge_size, "temporal_patch_size": v.temporal_patch_size}
+        return ImageOptions(resize_mode=resize_mode, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                            temporal_patch_size=v.temporal_patch_size)
+
+    def image_token_layout(self, image_grid_thw=None) -> tuple[tuple[int, int, int], int, int]:
+        """The image's (t, h, w) patch grid, merge x merge patches per LLM image token, patch_size pixels each."""
+        v = self.config.vision
+        return tuple(int(x) for x in image_grid_thw), v.spatial_merge_size, v.patch_size
 
     def example_image(self, height: int = 280, width: int = 280):
         """(pixel_values, image_grid_thw, image tokens) of one blank reference-size image (dry runs, benches)."""
@@ -283,8 +259,9 @@ class Qwen2VL(Backbone):
         return mrope_positions(self.config, input_ids, attention_mask, image_grid_thw)
 
     # ------------------------------------------------------------------ device side
-    def vision_tower(self, vparams: VisionTower, images: Images):
-        """(B, M, P, C*T*P*P) pixels -> (B, M * P / merge^2, hidden) merged features (attention within each image)."""
+    def vision_tower(self, vparams: VisionTower, images: Images, layer_wrapper=ly.identity):
+        """(B, M, P, C*T*P*P) pixels -> (B, M * P / merge^2, hidden) merged features (attention within each image);
+        `layer_wrapper` wraps the scanned blocks (the caller's remat)."""
         v = self.config.vision
         b, m, p, _ = images.pixel_values.shape
         dtype = vparams.patch_embed.kernel.dtype
@@ -310,7 +287,7 @@ class Qwen2VL(Backbone):
             h = blk.fc1(h)
             return x + blk.fc2(h * jax.nn.sigmoid(1.702 * h)), None  # quick_gelu
 
-        x, _ = jax.lax.scan(ly.remat(block, "full"), x, vparams.blocks)
+        x, _ = jax.lax.scan(layer_wrapper(block), x, vparams.blocks)
         mp = vparams.merger
         x = ly.layer_norm(x, mp.ln_q.scale, mp.ln_q.bias)
         x = x.reshape(b, m * p // v.spatial_merge_size**2, -1)  # groups of merge^2 consecutive patches
@@ -325,6 +302,6 @@ class Qwen2VL(Backbone):
         merger = 2 * (p // mm) * ((e * mm) ** 2 + e * mm * self.config.hidden_size)
         return float(b * m * (2 * p * v.patch_dim * e + blocks + merger))
 
-    def image_features(self, params: Params, images: Images):
-        feats = self.vision_tower(params.vision, images)  # (B, M * T, H)
+    def image_features(self, params: Params, images: Images, layer_wrapper=ly.identity):
+        feats = self.vision_tower(params.vision, images, layer_wrapper)  # (B, M * T, H)
         return jnp.take_along_axis(feats, images.feat_index[..., None], axis=1)  # (B, I, H)

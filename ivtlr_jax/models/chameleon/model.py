@@ -18,9 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ivtlr_jax.config import CHAMELEON_PROMPT, ChameleonConfig, PromptFormat, VQConfig, image_code_name
+from ivtlr_jax.config import PromptFormat
 from ivtlr_jax.models import layers as ly
 from ivtlr_jax.models.base import Backbone, feature_index, rows_of_images
+from ivtlr_jax.models.chameleon.config import ChameleonConfig, VQConfig
+from ivtlr_jax.models.chameleon.images import ImageOptions
+from ivtlr_jax.models.chameleon.prompt import PROMPT
 from ivtlr_jax.models.spec import HFKey, ParamInfo
 
 VQ_PREFIX = "model.vqmodel"
@@ -265,44 +268,15 @@ class Chameleon(Backbone):
 
     @property
     def prompt(self) -> PromptFormat:
-        return CHAMELEON_PROMPT
+        return PROMPT
 
     def param_spec(self) -> Params:
         return Params(vq=vq_spec(self.config.vq), llm=ly.decoder_spec(self.dims))
 
-    def hf_config(self) -> dict:
-        """A transformers ChameleonConfig dict, for checkpoints saved without their config.json."""
-        c, v = self.config, self.config.vq
-        vocab_map = {"<image>": c.image_token_id}
-        if c.image_start_token_id is not None:
-            vocab_map["<racm3:break>"] = c.image_start_token_id
-        if c.image_end_token_id is not None:
-            vocab_map["<eoss>"] = c.image_end_token_id
-        for code, bpe in enumerate(c.image_vocab):
-            vocab_map[image_code_name(code)] = int(bpe)
-        return {
-            "architectures": ["ChameleonForConditionalGeneration"], "model_type": "chameleon",
-            "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": c.num_key_value_heads, "rms_norm_eps": c.rms_norm_eps, "hidden_act": "silu",
-            "max_position_embeddings": 4096, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-            "attention_bias": False, "mlp_bias": False, "swin_norm": c.swin_norm,
-            "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": c.bos_token_id,
-            "eos_token_id": list(c.eos_token_id) if len(c.eos_token_id) > 1 else c.eos_token_id[0],
-            "pad_token_id": c.pad_token_id, "vocabulary_map": vocab_map,
-            "vq_config": {"embed_dim": v.embed_dim, "num_embeddings": v.num_embeddings,
-                          "double_latent": v.double_latent, "latent_channels": v.latent_channels,
-                          "resolution": v.resolution, "in_channels": v.in_channels, "base_channels": v.base_channels,
-                          "channel_multiplier": list(v.channel_multiplier), "num_res_blocks": v.num_res_blocks,
-                          "attn_resolutions": list(v.attn_resolutions or []), "attn_type": v.attn_type},
-        }
-
-    def hf_class_name(self) -> str:
-        return "ChameleonForConditionalGeneration"
-
-    def image_options(self, resize_mode: str = "reference") -> dict:
-        r = self.config.vq.resolution
-        return {"processor": "chameleon", "reference_size": (r, r), "tokens_per_image": self.config.vq.tokens_per_image}
+    def image_options(self, resize_mode: str = "reference") -> ImageOptions:
+        """This model's image processor for the data layer: one square of the VQ resolution (the VQ tokenizer takes
+        one size, so `resize_mode` changes nothing)."""
+        return ImageOptions(resolution=self.config.vq.resolution, tokens_per_image=self.config.vq.tokens_per_image)
 
     # ------------------------------------------------------------------ host side
     def example_image(self):
@@ -323,6 +297,17 @@ class Chameleon(Backbone):
             raise ValueError(f"images are {pv.shape[2]}x{pv.shape[3]} but this VQ tokenizer takes {r}x{r}; "
                              f"resize the shortest edge to {r} and centre-crop (the image processor does)")
         return pv.astype(np.float32)
+
+    def image_token_layout(self, image_grid_thw=None) -> tuple[tuple[int, int, int], int, int]:
+        """A side x side grid of codes over the square VQ input, each code one (resolution / side)-pixel cell."""
+        side = int(round(self.config.vq.tokens_per_image ** 0.5))
+        return (1, side, side), 1, self.config.vq.resolution // side
+
+    def for_compilation(self) -> Chameleon:
+        """Without its vocabulary map (image_vocab empty) any ids size the image-code gathers."""
+        if self.config.image_vocab == ():
+            return self.replace_config(image_vocab=tuple(range(4, 4 + self.config.vq.num_embeddings)))
+        return self
 
     def image_token_counts(self, pixel_values, image_grid_thw=None) -> list[int]:
         return [self.config.vq.tokens_per_image] * len(self.check_pixels(pixel_values))
@@ -353,7 +338,8 @@ class Chameleon(Backbone):
         table = jnp.asarray(np.asarray(self.config.image_vocab, np.int32))
         return table[self.image_codes(params, pixel_values)]
 
-    def image_features(self, params: Params, images: Images):
+    def image_features(self, params: Params, images: Images, layer_wrapper=ly.identity):
+        """The VQ codes' token embeddings (the encoder has no scanned blocks: `layer_wrapper` is unused)."""
         b, m = images.pixel_values.shape[:2]
         ids = self.image_token_ids(params, images.pixel_values.reshape((b * m,) + images.pixel_values.shape[2:]))
         feats = self.token_embed(params, ids.reshape(b, -1))  # (B, M * T, H)
