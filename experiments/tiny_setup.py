@@ -24,6 +24,9 @@ AUTO_TINY = "auto-tiny"  # `init:` value that builds the tiny random model into 
 TINY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, mrope_section=(4, 6, 6), rope_theta=10000.0)
 TINY_VISION = dict(depth=2, embed_dim=64, num_heads=2, mlp_ratio=2)
+# Qwen2.5-VL: the same widths, 56 px windows (2 x 2 merged units) in block 0, full attention in block 1
+TINY_VISION_25 = dict(depth=2, embed_dim=64, intermediate_size=128, num_heads=2, window_size=56,
+                      fullatt_block_indexes=(1,))
 # Chameleon: a 64x64 VQ tokenizer with 4 levels (8x8 = 64 codes per image, about the 100 image tokens of the
 # tiny Qwen2-VL) and a 256-entry codebook, fitted to the training pictures by `tiny_vq_tokenizer`.
 TINY_CHAMELEON = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -47,6 +50,16 @@ def _tiny_qwen2vl(corpus, vocab_size, model, vision):
                       vision_end_token_id=ids["<|vision_end|>"], eos_token_id=(ids["<|im_end|>"],),
                       pad_token_id=ids["<|endoftext|>"], vision=VisionConfig(**v, out_hidden_size=m["hidden_size"]))
     return tok, cfg
+
+
+def _tiny_qwen25vl(corpus, vocab_size, model, vision):
+    """The tiny Qwen2-VL's tokenizer and LLM with a Qwen2.5-VL (windowed) vision tower."""
+    from ivtlr_jax.models.qwen2_5_vl import Qwen25VisionConfig, Qwen25VLConfig
+
+    tok, base = _tiny_qwen2vl(corpus, vocab_size, model, None)
+    v = {**TINY_VISION_25, **(vision or {})}
+    fields = {f: getattr(base, f) for f in base.__dataclass_fields__ if f != "vision"}
+    return tok, Qwen25VLConfig(**fields, vision=Qwen25VisionConfig(**v, out_hidden_size=base.hidden_size))
 
 
 def _tiny_chameleon(corpus, vocab_size, model, vq):
@@ -136,8 +149,10 @@ def make_tiny_checkpoint(out_dir: str, corpus: list[str] | None = None, vocab_si
         tok, cfg = _tiny_chameleon(corpus, vocab_size, model, vision)
     elif backbone == "qwen2_vl":
         tok, cfg = _tiny_qwen2vl(corpus, vocab_size, model, vision)
+    elif backbone == "qwen2_5_vl":
+        tok, cfg = _tiny_qwen25vl(corpus, vocab_size, model, vision)
     else:
-        raise ValueError(f"backbone={backbone!r} is not valid; use qwen2_vl or chameleon")
+        raise ValueError(f"backbone={backbone!r} is not valid; use qwen2_vl, qwen2_5_vl or chameleon")
     os.makedirs(out_dir, exist_ok=True)
     build = tempfile.mkdtemp(prefix=".tiny-build-", dir=out_dir)  # renamed into place when complete
     try:
@@ -221,9 +236,9 @@ def tiny_model_config(tcfg, model: dict | None = None):
     model = dict(model or {})
     vision = model.pop("vision", None)
     backbone = model.pop("backbone", "qwen2_vl")
-    build = {"qwen2_vl": _tiny_qwen2vl, "chameleon": _tiny_chameleon}.get(backbone)
+    build = {"qwen2_vl": _tiny_qwen2vl, "chameleon": _tiny_chameleon, "qwen2_5_vl": _tiny_qwen25vl}.get(backbone)
     if build is None:
-        raise ValueError(f"backbone={backbone!r} is not valid; use qwen2_vl or chameleon")
+        raise ValueError(f"backbone={backbone!r} is not valid; use qwen2_vl, qwen2_5_vl or chameleon")
     tok, cfg = build(_tiny_corpus(tcfg), 768, model, vision)
     ids, _, vocab = add_latent_tokens_to(tok, cfg.vocab_size)
     return with_latent_ids(cfg, ids, vocab)

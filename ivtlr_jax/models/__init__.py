@@ -22,6 +22,8 @@ BACKBONES = {
     "qwen2_vl": Entry("ivtlr_jax.models.qwen2_vl.model:Qwen2VL", "ivtlr_jax.models.qwen2_vl.config:ModelConfig"),
     "chameleon": Entry("ivtlr_jax.models.chameleon.model:Chameleon",
                        "ivtlr_jax.models.chameleon.config:ChameleonConfig"),
+    "qwen2_5_vl": Entry("ivtlr_jax.models.qwen2_5_vl.model:Qwen25VL",
+                        "ivtlr_jax.models.qwen2_5_vl.config:Qwen25VLConfig"),
 }
 DEFAULT_MODEL_TYPE = "qwen2_vl"  # configs written before model_type was recorded
 
