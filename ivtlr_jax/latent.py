@@ -23,7 +23,7 @@ from flax import struct
 
 from ivtlr_jax.config import coerce_fields
 from ivtlr_jax.models.base import Backbone, Embedded
-from ivtlr_jax.models.layers import acc_dtype, for_call, identity
+from ivtlr_jax.models.layers import acc_dtype, for_call, identity, loop_scan
 
 IGNORE = -100
 LOSS_CHUNK = 128  # positions per block of the chunked training loss (memory O(B * LOSS_CHUNK * V))
@@ -273,7 +273,7 @@ def latent_prefill(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch,
         return hidden, carry.cache, jnp.zeros((0, b, lcfg.k), jnp.int32)
     step = functools.partial(latent_step, bb, params, lcfg, batch, emb, kv_valid, layer_wrapper=layer_wrapper,
                              attention=attention)
-    carry, (chunks, selected) = jax.lax.scan(lambda cr, t: step(cr, t), carry, jnp.arange(n))
+    carry, (chunks, selected) = loop_scan(lambda cr, t: step(cr, t), carry, jnp.arange(n))
     hidden = jnp.concatenate([hidden, chunks.transpose(1, 0, 2, 3).reshape(b, n * lcfg.chunk_len, -1)], 1)
     return hidden, carry.cache, selected
 
@@ -329,7 +329,7 @@ def chunked_cross_entropy(bb: Backbone, params, hidden, labels, chunk: int = LOS
         nll = -jnp.take_along_axis(logp, jnp.where(keep, tgt, 0)[..., None], -1)[..., 0]
         return (carry[0] + jnp.sum(nll * keep), carry[1] + keep.sum(dtype=jnp.int32)), None
 
-    (total, count), _ = jax.lax.scan(one, (jnp.zeros((), f), jnp.zeros((), jnp.int32)), (hidden, target))
+    (total, count), _ = loop_scan(one, (jnp.zeros((), f), jnp.zeros((), jnp.int32)), (hidden, target))
     return total / jnp.maximum(count, 1)
 
 

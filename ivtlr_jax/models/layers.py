@@ -30,6 +30,28 @@ ATTENTION_DOTS = ("q_proj", "k_proj", "v_proj", "context", "o_proj")
 PALLAS_BLOCK = 128  # the TPU flash kernel's sequence block: chunks are padded to a multiple of it
 
 
+# XLA:CPU with several processes (gloo collectives): a loop whose body holds collectives finishes
+# asynchronously, so the next collective can start while the loop's are in flight; gloo tags every
+# all-gather alike, and two processes that interleave them differently receive each other's data
+# ("Received data size doesn't match expected size"). Unrolled loops keep every collective in program
+# order. `unroll_loops(True)` is set by the trainer for exactly that case; everywhere else loops stay rolled.
+_UNROLL = {"on": False}
+
+
+def unroll_loops(on: bool) -> None:
+    """Unroll every `loop_scan` traced from now on (see _UNROLL)."""
+    _UNROLL["on"] = bool(on)
+
+
+def loops_unrolled() -> bool:
+    return _UNROLL["on"]
+
+
+def loop_scan(f, init, xs, length=None):
+    """`jax.lax.scan`, unrolled when `unroll_loops(True)` was set (multi-process CPU runs)."""
+    return jax.lax.scan(f, init, xs, length=length, unroll=True if _UNROLL["on"] else 1)
+
+
 def identity(fn: Callable) -> Callable:
     """The default layer wrapper: the layer as it is (inference; a trainer passes its remat wrapper)."""
     return fn
@@ -475,7 +497,7 @@ def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cac
         return x, (k, v, row)
 
     past_kv = (None, None) if past == 0 else (cache.k, cache.v)
-    x, (ks, vs, rows) = jax.lax.scan(layer_wrapper(layer), embeds, (llm.layers, *past_kv))
+    x, (ks, vs, rows) = loop_scan(layer_wrapper(layer), embeds, (llm.layers, *past_kv))
     x = rms_norm(x, llm.norm, eps)
     at = (0, 0, cache_index, 0, 0)
     new_cache = KVCache(jax.lax.dynamic_update_slice(cache.k, ks.astype(cache.k.dtype), at),

@@ -90,6 +90,10 @@ class Trainer:
         self.nproc, self.pid = jax.process_count(), jax.process_index()
         data_parallel = int(np.prod([self.mesh.shape[a] for a in sh.BATCH_AXES if a in self.mesh.shape]))
         self.micro_batch = micro_batch_size(tcfg, self.nproc, data_parallel)  # rows of one micro-step
+        if self.nproc > 1 and self.mesh.devices.flat[0].platform == "cpu":
+            from ivtlr_jax.models.layers import unroll_loops
+
+            unroll_loops(True)  # XLA:CPU + gloo: collectives inside a loop can interleave across processes
         self.stages = requested_stages(tcfg)
         self.plan = plan if plan is not None else plan_start(tcfg)
         if plan is None and self.plan.notice:

@@ -13,6 +13,7 @@ from flax import struct
 
 from ivtlr_jax import sharding as sh
 from ivtlr_jax.latent import IGNORE, LatentBatch, LatentConfig, latent_loss
+from ivtlr_jax.models import layers as ly
 from ivtlr_jax.models import spec as sp
 from ivtlr_jax.models.base import Backbone
 from ivtlr_jax.models.layers import identity
@@ -171,6 +172,9 @@ def make_train_step(bb: Backbone, lcfg: LatentConfig, tcfg: TrainConfig, tx, sch
                        "lr": schedule(state.step)}
             return state.replace(accum=acc), metrics
 
+        if ly.loops_unrolled():  # no conditional either (see layers.unroll_loops): both branches, selected
+            apply_now = acc.micro == tcfg.grad_accum
+            return jax.tree.map(lambda u, w: jnp.where(apply_now, u, w), update(None), wait(None))
         return jax.lax.cond(acc.micro == tcfg.grad_accum, update, wait, None)
 
     step.loss_fn = loss_fn  # (trainable, frozen, batch, key) -> loss: what the step differentiates
