@@ -27,6 +27,8 @@ from ivtlr_jax.models.layers import acc_dtype, for_call, identity, loop_scan
 
 IGNORE = -100
 LOSS_CHUNK = 128  # positions per block of the chunked training loss (memory O(B * LOSS_CHUNK * V))
+# interventions of the latent loop: what is fed back as h, or which image tokens are selected
+LATENT_ABLATIONS = ("latent-zero", "latent-noise", "latent-shuffle", "select-random", "select-bottom")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,8 @@ class LatentConfig:
     position_mode: str = "sequential"  # or "mrope": native 3-D positions for the prompt
     selection_order: str = "position"  # or "score": order of V_t inside the chunk
     latent_grad: str = "stop"  # or "full": back-propagate through every latent step
+    ablate: str = "none"  # causal-audit intervention inside the loop (LATENT_ABLATIONS); "none" = intact
+    ablate_seed: int = 0  # seed of the random interventions (latent-noise, latent-shuffle, select-random)
 
     def __post_init__(self):
         coerce_fields(self)
@@ -47,6 +51,7 @@ class LatentConfig:
             "position_mode": ("sequential", "mrope"),
             "selection_order": ("position", "score"),
             "latent_grad": ("stop", "full"),
+            "ablate": ("none",) + LATENT_ABLATIONS,
         }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
@@ -211,6 +216,41 @@ def select_image_positions(attn_row, image_pos, image_valid, used, k: int):
     return idx, used
 
 
+def ablation_key(lcfg: LatentConfig, t, stream: int):
+    """The PRNG key of latent step t for one random intervention (stream numbers keep them independent)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(lcfg.ablate_seed), stream), t)
+
+
+def derangement(b: int, key):
+    """A permutation of b rows with no fixed point for b >= 2: a single cycle through a seeded order."""
+    order = jax.random.permutation(key, b)  # (B,)
+    return jnp.zeros((b,), jnp.int32).at[order].set(jnp.roll(order, -1).astype(jnp.int32))
+
+
+def ablate_h(lcfg: LatentConfig, h, t):
+    """The hidden state fed back into chunk t under `lcfg.ablate` (unchanged unless a latent-* ablation)."""
+    if lcfg.ablate == "latent-zero":
+        return jnp.zeros_like(h)
+    if lcfg.ablate == "latent-noise":
+        noise = jax.random.normal(ablation_key(lcfg, t, 0), h.shape, jnp.float32)  # (B, H)
+        hf = h.astype(jnp.float32)
+        scale = jnp.linalg.norm(hf, axis=-1, keepdims=True) / jnp.maximum(jnp.linalg.norm(noise, axis=-1,
+                                                                                          keepdims=True), 1e-12)
+        return (noise * scale).astype(h.dtype)
+    if lcfg.ablate == "latent-shuffle":
+        return h[derangement(h.shape[0], ablation_key(lcfg, t, 1))]
+    return h
+
+
+def selection_scores(lcfg: LatentConfig, attn_row, t):
+    """The scores whose top-K is selected: the attention row, or seeded uniform scores, or its negation."""
+    if lcfg.ablate == "select-random":
+        return jax.random.uniform(ablation_key(lcfg, t, 2), attn_row.shape, jnp.float32)
+    if lcfg.ablate == "select-bottom":
+        return -attn_row
+    return attn_row
+
+
 def _kv_valid(batch: LatentBatch, cache_len: int):
     total = batch.kv_valid.shape[1]
     return jnp.pad(batch.kv_valid, ((0, 0), (0, cache_len - total)), constant_values=True)
@@ -242,10 +282,11 @@ def latent_step(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, em
     h, used = carry.h, carry.used
     if lcfg.latent_grad == "stop":
         h = jax.lax.stop_gradient(h)
+    h = ablate_h(lcfg, h, t)
     parts = []
     idx = jnp.zeros((b, 0), jnp.int32)
     if k:
-        idx, used = select_image_positions(carry.attn, emb.image_pos, emb.image_valid, used, k)
+        idx, used = select_image_positions(selection_scores(lcfg, carry.attn, t), emb.image_pos, emb.image_valid, used, k)
         if lcfg.selection_order == "position":
             idx = jnp.sort(idx, axis=1)
         parts.append(jnp.take_along_axis(emb.image_embeds, idx[..., None], axis=1))  # (B, k, H)
