@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "each latent step outlined (one colour per step) as PNG")
     p.add_argument("--num-selections", type=int, default=8, help="examples drawn by --save-selections (default: 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--ablate", default=None, metavar="LIST",
+                   help="causal audit: a comma list of latent-zero, latent-noise, latent-shuffle, select-random, "
+                        "select-bottom, image-blank, image-shuffle; each runs on the same batches as the intact run "
+                        "and summary.json gains `ablations` and `mediation`, plus ablations.png")
     return p
 
 

@@ -29,6 +29,7 @@ class GenerateOutput(NamedTuple):
     lengths: np.ndarray  # (B,) int32: generated tokens per row, EOS included
     selected: np.ndarray  # (n, B, k) int32: index among the row's image tokens, per latent step
     steps: int  # decoding steps actually run (<= max_new_tokens; fewer when every row stopped early)
+    latent_h: np.ndarray | None = None  # (n, B, H) float32: the h fed into each latent chunk, when asked for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +72,15 @@ def decode_phase_ends(max_new_tokens: int, block: int = DECODE_BLOCK) -> list[in
     return list(range(1 + block, max_new_tokens, block)) + ([max_new_tokens] if max_new_tokens > 1 else [])
 
 
+def latent_states(lcfg: LatentConfig, batch: LatentBatch, hidden):
+    """The h fed into each latent chunk (before any ablation of it), from latent_prefill's hidden: (n, B, H)."""
+    p, c = batch.prefix_len, lcfg.chunk_len
+    idx = np.arange(batch.n) * c + p - 1  # the prefix's last position, then each chunk's last
+    return hidden[:, idx].transpose(1, 0, 2).astype(jnp.float32)
+
+
 def _prefill(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, key, temperature, top_p, *,
-             max_new_tokens: int, greedy: bool, attention: str = "auto", mesh=None):
+             max_new_tokens: int, greedy: bool, attention: str = "auto", mesh=None, with_states: bool = False):
     """Prefix + latent steps into a cache of L_final + max_new_tokens slots; (cache, first tokens (B,), selected).
 
     mesh: the cache is constrained to `sharding.cache_sharding` (batch over the data axes), None: no constraint."""
@@ -82,6 +90,8 @@ def _prefill(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, key, 
     cache = sh.constrain_cache(cache, mesh)
     first = pick_tokens(bb.lm_head(params, hidden[:, -1:])[:, 0], jax.random.fold_in(key, 0),
                         temperature, top_p, greedy)  # (B,)
+    if with_states:
+        return cache, first, selected, latent_states(lcfg, batch, hidden)
     return cache, first, selected
 
 
@@ -131,29 +141,32 @@ def _decode(bb: Backbone, params, kv_valid, positions, cache, first, key, temper
     return tokens, lengths, steps, cache
 
 
-_GEN_STATIC = ("bb", "lcfg", "max_new_tokens", "eos_ids", "pad_id", "greedy", "attention", "mesh")
+_GEN_STATIC = ("bb", "lcfg", "max_new_tokens", "eos_ids", "pad_id", "greedy", "attention", "mesh", "with_states")
 
 
 @functools.partial(jax.jit, static_argnames=_GEN_STATIC)
 def generate_jit(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, key, temperature, top_p, *,
                  max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, greedy: bool, attention: str = "auto",
-                 mesh=None):
+                 mesh=None, with_states: bool = False):
     """Prefix + latent steps, then the whole decode loop, in one program (the cache never leaves the device
-    program; the while loop updates it in place). Returns (tokens, lengths, selected, steps).
+    program; the while loop updates it in place). Returns (tokens, lengths, selected, steps), plus the latent
+    states (n, B, H) when with_states.
 
     mesh: params and batch live on it (`sharding.param_shardings`, `sharding.put_batch`); the KV cache is
     constrained to `sharding.cache_sharding` there."""
-    cache, first, selected = _prefill(bb, params, lcfg, batch, key, temperature, top_p,
-                                      max_new_tokens=max_new_tokens, greedy=greedy, attention=attention, mesh=mesh)
+    cache, first, selected, *states = _prefill(bb, params, lcfg, batch, key, temperature, top_p,
+                                               max_new_tokens=max_new_tokens, greedy=greedy, attention=attention,
+                                               mesh=mesh, with_states=with_states)
     tokens, lengths, steps, _ = _decode(bb, params, batch.kv_valid, batch.positions, cache, first, key, temperature,
                                      top_p, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
                                      greedy=greedy, attention=attention, mesh=mesh)
-    return tokens, lengths, selected, steps
+    return (tokens, lengths, selected, steps, *states)
 
 
 # The two halves as separate programs (the decode benchmark times decoding alone): the cache the prefill
 # returns is donated to the decode loop, which updates it in place and returns it.
-prefill_jit = jax.jit(_prefill, static_argnames=("bb", "lcfg", "max_new_tokens", "greedy", "attention", "mesh"))
+prefill_jit = jax.jit(_prefill, static_argnames=("bb", "lcfg", "max_new_tokens", "greedy", "attention", "mesh",
+                                                  "with_states"))
 decode_jit = jax.jit(_decode, static_argnames=("bb", "max_new_tokens", "eos_ids", "pad_id", "greedy", "attention",
                                               "decode_block", "mesh"), donate_argnames=("cache",))
 
@@ -193,7 +206,8 @@ def latent_prompt(cfg, prompt_ids, n: int) -> list[int]:
 
 def generate_batch(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, *, max_new_tokens: int = 64,
                    sampling: SamplingConfig | None = None, eos_token_ids=None, pad_token_id: int | None = None,
-                   max_cache_len: int | None = None, attention: str = "auto", mesh=None) -> GenerateOutput:
+                   max_cache_len: int | None = None, attention: str = "auto", mesh=None,
+                   with_states: bool = False) -> GenerateOutput:
     """Generate after the latent steps of a prompt-only LatentBatch (no suffix: the prompt ends with its latents).
 
     mesh: run on this mesh (params already on it), the batch split over its data axes (replicated where the batch
@@ -222,17 +236,18 @@ def generate_batch(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch,
         )
     key = jax.random.PRNGKey(sampling.seed)
     temperature = jnp.float32(max(sampling.temperature, 1e-6))
-    tokens, lengths, selected, steps = generate_jit(
+    tokens, lengths, selected, steps, *states = generate_jit(
         bb, params, lcfg, to_device(batch) if mesh is None else sh.put_batch(mesh, batch), key, temperature,
         jnp.float32(sampling.top_p), max_new_tokens=int(max_new_tokens), eos_ids=eos, pad_id=pad,
-        greedy=sampling.greedy, attention=attention, mesh=mesh)
-    return GenerateOutput(np.asarray(tokens), np.asarray(lengths), np.asarray(selected), int(steps))
+        greedy=sampling.greedy, attention=attention, mesh=mesh, with_states=with_states)
+    return GenerateOutput(np.asarray(tokens), np.asarray(lengths), np.asarray(selected), int(steps),
+                          np.asarray(states[0]) if states else None)
 
 
 def generate(bb: Backbone, params, lcfg: LatentConfig, input_ids, attention_mask, pixel_values=None,
              image_grid_thw=None, *, max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
              eos_token_ids=None, pad_token_id: int | None = None, max_cache_len: int | None = None,
-             attention: str = "auto", mesh=None) -> GenerateOutput:
+             attention: str = "auto", mesh=None, with_states: bool = False) -> GenerateOutput:
     """Generate after the prompt's latent steps (n = `<|latent|>` tokens ending the prompt; 0 = plain decoding).
 
     input_ids/attention_mask (B, S) are left-padded prompts ending with the n latent tokens (no suffix).
@@ -240,9 +255,10 @@ def generate(bb: Backbone, params, lcfg: LatentConfig, input_ids, attention_mask
     max_cache_len: reject a request whose final prompt length + max_new_tokens exceeds it.
     attention: the attention implementation (models.layers.ATTENTION_CHOICES; auto picks the platform's kernel).
     mesh: the mesh params live on (None: one device); see generate_batch.
+    with_states: also return the h fed into each latent chunk (GenerateOutput.latent_h, (n, B, H)).
     """
     ids, mask = trim_prompt(input_ids, attention_mask)
     batch = make_latent_batch(bb, lcfg, ids, mask, None, pixel_values, image_grid_thw, allow_no_latent_token=True)
     return generate_batch(bb, params, lcfg, batch, max_new_tokens=max_new_tokens, sampling=sampling,
                           eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, max_cache_len=max_cache_len,
-                          attention=attention, mesh=mesh)
+                          attention=attention, mesh=mesh, with_states=with_states)

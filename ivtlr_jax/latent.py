@@ -286,7 +286,8 @@ def latent_step(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, em
     parts = []
     idx = jnp.zeros((b, 0), jnp.int32)
     if k:
-        idx, used = select_image_positions(selection_scores(lcfg, carry.attn, t), emb.image_pos, emb.image_valid, used, k)
+        scores = selection_scores(lcfg, carry.attn, t)  # (B, max_len): the attention row unless select-*
+        idx, used = select_image_positions(scores, emb.image_pos, emb.image_valid, used, k)
         if lcfg.selection_order == "position":
             idx = jnp.sort(idx, axis=1)
         parts.append(jnp.take_along_axis(emb.image_embeds, idx[..., None], axis=1))  # (B, k, H)

@@ -177,12 +177,14 @@ class IVTLRModel:
         return self.backbone.native_position_mode if native else "sequential"
 
     def latent_config(self, k: int | None = None, latent_text: bool = True, position_mode: str | None = None,
-                      selection_order: str = "position", latent_grad: str = "stop") -> LatentConfig:
+                      selection_order: str = "position", latent_grad: str = "stop", ablate: str = "none",
+                      ablate_seed: int = 0) -> LatentConfig:
         """The latent options with this model's defaults: K the backbone's (the release's), positions the
         checkpoint's recorded rule (see resolve_position_mode)."""
         return LatentConfig(k=self.backbone.default_k if k is None else k, latent_text=latent_text,
                             position_mode=self.resolve_position_mode(position_mode),
-                            selection_order=selection_order, latent_grad=latent_grad)
+                            selection_order=selection_order, latent_grad=latent_grad, ablate=ablate,
+                            ablate_seed=ablate_seed)
 
     def _put(self, batch):
         """Host arrays onto this model's devices: one device, or the mesh with the batch over the data axes."""
@@ -239,16 +241,20 @@ class IVTLRModel:
     def generate(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, max_new_tokens: int = 64,
                  k: int | None = None, latent_text: bool = True, position_mode: str | None = None,
                  selection_order: str = "position", temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 eos_token_ids=None, pad_token_id: int | None = None, max_cache_len: int | None = None):
+                 eos_token_ids=None, pad_token_id: int | None = None, max_cache_len: int | None = None,
+                 ablate: str = "none", ablate_seed: int = 0, with_states: bool = False):
         """KV-cached decoding after the latent steps of the prompt's trailing `<|latent|>` tokens (greedy default).
 
         Returns GenerateOutput: tokens (B, max_new_tokens) padded after EOS, lengths (B,) with EOS,
-        selected (n, B, k), steps (decoding steps run).
+        selected (n, B, k), steps (decoding steps run); with_states: latent_h (n, B, H), the h fed into each chunk.
+        ablate / ablate_seed: a causal-audit intervention of the latent loop (LatentConfig.ablate).
         """
         from ivtlr_jax.generate import SamplingConfig, generate
 
-        lcfg = self.latent_config(k, latent_text, position_mode, selection_order)
+        lcfg = self.latent_config(k, latent_text, position_mode, selection_order, ablate=ablate,
+                                  ablate_seed=ablate_seed)
         sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
         return generate(self.backbone, self.params, lcfg, input_ids, attention_mask, pixel_values, image_grid_thw,
                         max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos_token_ids,
-                        pad_token_id=pad_token_id, max_cache_len=max_cache_len, mesh=self.mesh)
+                        pad_token_id=pad_token_id, max_cache_len=max_cache_len, mesh=self.mesh,
+                        with_states=with_states)

@@ -227,3 +227,31 @@ def test_overlap_and_cosine():
     assert selection_overlap([[1, 2, 3, 4]], [[3, 4, 5, 6]]) == 0.5
     assert selection_overlap([[1, 2], [3, 4]], [[1, 2], [5, 6]]) == 0.5
     assert mean_cosine([[1.0, 0.0], [0.0, 2.0]], [[2.0, 0.0], [1.0, 0.0]]) == pytest.approx(0.5)
+
+
+def test_audit_log_and_reports(tmp_path):
+    from types import SimpleNamespace
+
+    from ivtlr_jax.eval.audit import AuditLog
+    from ivtlr_jax.eval.report import ablation_chart, audit_markdown
+
+    sel = np.array([[[0, 1]], [[2, 3]]])  # (n=2, B=1, k=2)
+    h = np.array([[[1.0, 0.0]], [[0.0, 1.0]]])  # (n, B, H)
+    intact = SimpleNamespace(selected=sel, latent_h=h)
+    blank = SimpleNamespace(selected=np.array([[[0, 2]], [[1, 5]]]), latent_h=np.array([[[1.0, 1.0]], [[0.0, 2.0]]]))
+    log = AuditLog(["image-blank"])
+    log.add({"correct": True, "extracted": "A"}, intact, 0, {"image-blank": ({"correct": False, "extracted": "B"},
+                                                                            blank)})
+    log.add({"correct": False, "extracted": "C"}, intact, 0, {"image-blank": ({"correct": False, "extracted": "C"},
+                                                                             blank)})
+    med = log.mediation()
+    assert med[0]["cosine_image_blank"] == pytest.approx(1 / np.sqrt(2)) and med[1]["cosine_image_blank"] == 1.0
+    assert med[0]["overlap_with_intact"]["image-blank"] == 0.5 and med[0]["overlap_other_steps"]["image-blank"] == 0.5
+    assert med[1]["overlap_with_intact"]["image-blank"] == 0.0 and med[1]["overlap_other_steps"]["image-blank"] == 0.5
+    stats = log.ablations()["image-blank"]
+    assert stats["accuracy"] == 0.0 and stats["delta"] == -0.5 and stats["changed"] == 0.5 and stats["p_value"] == 1.0
+    summary = {"accuracy": 0.5, "ablations": log.ablations(), "mediation": med}
+    text = "\n".join(audit_markdown(summary))
+    assert "| image-blank | 0.00 | -50.00 |" in text and "| 0 | 0.7071 | 0.500 / 0.500 |" in text
+    ablation_chart(str(tmp_path / "a.png"), "t", 0.5, summary["ablations"])
+    assert (tmp_path / "a.png").stat().st_size > 0

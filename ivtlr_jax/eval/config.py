@@ -52,6 +52,7 @@ class EvalConfig:
     save_selections: str | None = None
     num_selections: int = 8
     no_progress: bool = False
+    ablate: str | None = None  # comma list of causal-audit ablations (ivtlr_jax.eval.audit.ABLATIONS)
 
     @classmethod
     def from_namespace(cls, ns) -> EvalConfig:
@@ -66,6 +67,9 @@ class EvalConfig:
                 raise ValueError(f"{name} {value!r} is not valid; use one of {list(valid)}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        from ivtlr_jax.eval.audit import parse_ablations
+
+        parse_ablations(self.ablate)
 
     @property
     def out_dir(self) -> str:

@@ -36,7 +36,83 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {name} | {d['examples']} | {d['correct']} | {100 * d['accuracy']:.2f} % |")
     skipped = {**summary["skipped_load"], **summary["skipped_eval"]}
     lines += ["", "skipped rows: " + (", ".join(f"{k} {v}" for k, v in skipped.items() if v) or "none"), ""]
+    if summary.get("ablations"):
+        lines += audit_markdown(summary)
     return "\n".join(lines)
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def audit_markdown(summary: dict) -> list[str]:
+    """The causal audit's tables: one row per ablation (paired with the intact run) and the mediation per step."""
+    lines = ["## Causal audit (paired with the intact run)", "",
+             "| run | accuracy (%) | delta (pp) | 95% CI (pp) | McNemar p | answers changed (%) |",
+             "|---|---|---|---|---|---|",
+             f"| intact | {_pct(summary['accuracy'])} | | | | |"]
+    for name, a in summary["ablations"].items():
+        lo, hi = a["ci95"]
+        lines.append(f"| {name} | {_pct(a['accuracy'])} | {100 * a['delta']:+.2f} | [{100 * lo:+.2f}, {100 * hi:+.2f}] "
+                     f"| {a['p_value']:.4g} | {_pct(a['changed'])} |")
+    med = summary.get("mediation") or []
+    if med:
+        names = sorted({n for m in med for n in m["overlap_with_intact"]})
+        lines += ["", "| latent step | cos(h_t intact, h_t image-blank) | "
+                  + " | ".join(f"overlap {n}: same step / other steps" for n in names) + " |",
+                  "|---|---|" + "---|" * len(names)]
+        for m in med:
+            cos = "n/a" if m["cosine_image_blank"] is None else f"{m['cosine_image_blank']:.4f}"
+            cells = [f"{m['overlap_with_intact'][n]:.3f} / {m['overlap_other_steps'][n]:.3f}" for n in names]
+            lines.append(f"| {m['step']} | {cos} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def ablation_chart(path: str, title: str, intact: float, ablations: dict) -> str:
+    """Accuracy per ablation with its paired 95% interval (shifted to accuracy), the intact run as a line."""
+    names = list(ablations)
+    acc = [ablations[n]["accuracy"] for n in names]
+    lo = [intact + ablations[n]["ci95"][0] for n in names]
+    hi = [intact + ablations[n]["ci95"][1] for n in names]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 1), 3.8))
+        err = [[100 * max(a - low, 0) for a, low in zip(acc, lo)], [100 * max(h - a, 0) for a, h in zip(acc, hi)]]
+        bars = ax.bar(names, [100 * a for a in acc], yerr=err, capsize=4, color="#dd8452")
+        ax.bar_label(bars, fmt="%.1f", padding=6)
+        ax.axhline(100 * intact, color="#4c72b0", linestyle="--", label=f"intact {100 * intact:.1f}%")
+        ax.set_ylim(0, 110)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(title)
+        ax.legend(loc="upper right")
+        ax.tick_params(axis="x", rotation=30)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return "matplotlib"
+    except ImportError:
+        pass
+    from PIL import Image, ImageDraw
+
+    bar_w, gap, h, top, bottom = 80, 30, 300, 40, 40
+    img = Image.new("RGB", (max(gap + len(names) * (bar_w + gap), 320), h + top + bottom), "white")
+    d = ImageDraw.Draw(img)
+    d.text((gap, 10), title, fill="black")
+    y = lambda v: top + h - int(round(h * min(max(v, 0.0), 1.0)))  # noqa: E731
+    for i, (name, a, low, u) in enumerate(zip(names, acc, lo, hi)):
+        x0 = gap + i * (bar_w + gap)
+        d.rectangle([x0, y(a), x0 + bar_w, top + h], fill=(221, 132, 82))
+        d.line([(x0 + bar_w // 2, y(low)), (x0 + bar_w // 2, y(u))], fill="black", width=2)
+        d.text((x0, max(top, y(a) - 14)), f"{100 * a:.1f}%", fill="black")
+        d.text((x0, top + h + 6), name[:14], fill="black")
+    d.line([(gap // 2, y(intact)), (img.width - gap // 2, y(intact))], fill=(76, 114, 176), width=2)
+    img.save(path)
+    return "PIL (matplotlib not installed)"
 
 
 def bar_chart(path: str, title: str, names: list[str], values: list[float]) -> str:
@@ -98,6 +174,10 @@ def write_summary(out_dir: str, summary: dict) -> None:
                           f"{summary['method']} on {summary['data']}/{summary['split']}: accuracy by domain",
                           list(summary["by_domain"]), [d["accuracy"] for d in summary["by_domain"].values()])
         summary["chart"] = drawn
+    if summary.get("ablations"):
+        ablation_chart(os.path.join(out_dir, "ablations.png"),
+                       f"{summary['method']} on {summary['data']}/{summary['split']}: causal audit",
+                       summary["accuracy"], summary["ablations"])
 
 
 def summary_line(summary: dict, out_dir: str) -> str:

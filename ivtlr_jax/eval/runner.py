@@ -121,14 +121,18 @@ class Evaluation:
         size = self.cfg.batch_size
         return [self.rows[pos : pos + size] for pos in range(0, len(self.rows), size)]
 
-    def make_batch(self, chosen: list[int]) -> EvalBatch:
+    def make_batch(self, chosen: list[int], image_ablation: str | None = None, seed: int = 0) -> EvalBatch:
         """Process the images and lay out the latent prompts of these rows; rejected images are skipped, counted and
-        logged."""
+        logged. image_ablation: an input-side intervention of the audit (image-blank, image-shuffle) on the
+        decoded images of these rows first."""
         from ivtlr_jax.data import IGNORE_INDEX, collate, process_image
         from ivtlr_jax.generate import latent_prompt
 
+        images = self.split.images(chosen)
+        if image_ablation is not None:
+            images = ablated_images(images, image_ablation, seed)
         examples, kept, rejected = [], [], []
-        for i, image in zip(chosen, self.split.images(chosen)):
+        for i, image in zip(chosen, images):
             try:
                 pixels, grid = process_image(image, self.options)
             except ValueError as e:
@@ -197,6 +201,25 @@ def load_tokenizer(path: str, model):
     return tok, eos_ids, pad_id, image_token_id
 
 
+def ablated_images(images: list, name: str, seed: int) -> list:
+    """The images of one batch under an image-side ablation; images that do not decode stay as they are (the
+    processor rejects them as in the intact run)."""
+    from ivtlr_jax.data.images import decode_image
+    from ivtlr_jax.eval.audit import intervene_images
+
+    decoded = []
+    for image in images:
+        try:
+            decoded.append(decode_image(image))
+        except ValueError:
+            decoded.append(None)
+    good = [j for j, d in enumerate(decoded) if d is not None]
+    out = list(images)
+    for j, image in zip(good, intervene_images([decoded[j] for j in good], name, seed)):
+        out[j] = image
+    return out
+
+
 def prepare(cfg: EvalConfig) -> Evaluation:
     """Check the config, load the model, tokenizer and split, and keep the rows whose prompt, latent chunks and
     new tokens fit cfg.max_cache_len (the others are counted as too_long). Creates cfg.out_dir."""
@@ -240,13 +263,39 @@ def prepare(cfg: EvalConfig) -> Evaluation:
                       ds, split, topics, options, load_summary, rows, skipped, buckets)
 
 
-def run(ev: Evaluation) -> tuple[list[dict], Timing]:
+def run_ablations(ev: Evaluation, batch: EvalBatch, batch_index: int, names: list[str], intact) -> dict:
+    """Each ablation on the same batch as the intact run: {name: (GenerateOutput, texts)} for its rows."""
+    from ivtlr_jax.eval.audit import IMAGE_ABLATIONS
+
+    out = {}
+    for name in names:
+        if name in IMAGE_ABLATIONS:
+            ablated = ev.make_batch(batch.rows, image_ablation=name, seed=ev.cfg.seed + batch_index)
+            if ablated.rows != batch.rows:
+                lost = sorted(set(batch.rows) - set(ablated.rows))
+                raise ValueError(f"--ablate {name}: the processor rejected rows {lost} under the ablation only; "
+                                 "the paired audit needs the same rows")
+            res = ev.generate(ablated, with_states=True)
+        else:
+            res = ev.generate(batch, ablate=name, ablate_seed=ev.cfg.seed, with_states=True)
+        out[name] = (res, ev.decode(res, len(batch.rows)))
+    return out
+
+
+def run(ev: Evaluation, audit: dict | None = None) -> tuple[list[dict], Timing]:
     """Generate and score every kept row, batch by batch (a progress bar unless cfg.no_progress); draw the first
     cfg.num_selections rows' selections into cfg.save_selections. Returns the records in split order and the
-    timing."""
+    timing. With cfg.ablate, each ablation runs on every batch right after the intact run and `audit` (a dict)
+    receives an `AuditLog` of the paired results."""
     from tqdm.auto import tqdm
 
+    from ivtlr_jax.eval.audit import AuditLog, parse_ablations
+
     cfg = ev.cfg
+    names = parse_ablations(cfg.ablate)
+    log_ = AuditLog(names) if names else None
+    if audit is not None and log_ is not None:
+        audit["log"] = log_
     records: list[dict] = []
     timing = Timing()
     selections_left = cfg.num_selections if cfg.save_selections else 0
@@ -254,18 +303,22 @@ def run(ev: Evaluation) -> tuple[list[dict], Timing]:
         os.makedirs(cfg.save_selections, exist_ok=True)
     bar = tqdm(total=len(ev.rows), desc=f"{cfg.method} {cfg.data}/{cfg.split}", unit="ex", disable=cfg.no_progress)
     correct_so_far = 0
-    for chosen in ev.batch_rows():
+    for batch_index, chosen in enumerate(ev.batch_rows()):
         t0 = time.perf_counter()
         batch = ev.make_batch(chosen)
         bar.update(len(batch.rejected))
         if not batch.rows:
             continue
-        res = ev.generate(batch)
+        res = ev.generate(batch, with_states=True) if names else ev.generate(batch)
         texts = ev.decode(res, len(batch.rows))
         timing.add(batch.shape, time.perf_counter() - t0, len(batch.rows))
+        if names:
+            ablated = run_ablations(ev, batch, batch_index, names, res)
         for r, i in enumerate(batch.rows):
             rec = ev.record(i, r, texts[r], res)
             records.append(rec)
+            if names:
+                log_.add(rec, res, r, {name: (ev.record(i, r, t[r], a), a) for name, (a, t) in ablated.items()})
             correct_so_far += rec["correct"]
             if selections_left > 0 and ev.selects:
                 grids = batch.inputs["image_grid_thw"]  # None: the backbone's images have no grid
@@ -303,12 +356,22 @@ def summarize(ev: Evaluation, records: list[dict], timing: Timing) -> dict:
     }
 
 
+def summarize_audit(summary: dict, audit_log, seed: int) -> dict:
+    """summary with `ablations` and `mediation` added from the run's AuditLog."""
+    summary["ablations"] = audit_log.ablations(seed)
+    summary["mediation"] = audit_log.mediation()
+    return summary
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """Run the evaluation cfg describes and write predictions.jsonl, summary.json, summary.md and
     accuracy_by_domain.png to cfg.out_dir; returns the summary."""
     ev = prepare(cfg)
-    records, timing = run(ev)
+    audit: dict = {}
+    records, timing = run(ev, audit)
     write_predictions(cfg.out_dir, records)
     summary = summarize(ev, records, timing)
+    if "log" in audit:
+        summarize_audit(summary, audit["log"], cfg.seed)
     write_summary(cfg.out_dir, summary)
     return summary
