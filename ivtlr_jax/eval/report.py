@@ -70,49 +70,31 @@ def audit_markdown(summary: dict) -> list[str]:
 
 
 def ablation_chart(path: str, title: str, intact: float, ablations: dict) -> str:
-    """Accuracy per ablation with its paired 95% interval (shifted to accuracy), the intact run as a line."""
+    """Accuracy per ablation with its paired 95% interval (shifted to accuracy), the intact run as a line
+    (matplotlib, an install requirement). Returns what drew it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     names = list(ablations)
     acc = [ablations[n]["accuracy"] for n in names]
     lo = [intact + ablations[n]["ci95"][0] for n in names]
     hi = [intact + ablations[n]["ci95"][1] for n in names]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 1), 3.8))
-        err = [[100 * max(a - low, 0) for a, low in zip(acc, lo)], [100 * max(h - a, 0) for a, h in zip(acc, hi)]]
-        bars = ax.bar(names, [100 * a for a in acc], yerr=err, capsize=4, color="#dd8452")
-        ax.bar_label(bars, fmt="%.1f", padding=6)
-        ax.axhline(100 * intact, color="#4c72b0", linestyle="--", label=f"intact {100 * intact:.1f}%")
-        ax.set_ylim(0, 110)
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title(title)
-        ax.legend(loc="upper right")
-        ax.tick_params(axis="x", rotation=30)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return "matplotlib"
-    except ImportError:
-        pass
-    from PIL import Image, ImageDraw
-
-    bar_w, gap, h, top, bottom = 80, 30, 300, 40, 40
-    img = Image.new("RGB", (max(gap + len(names) * (bar_w + gap), 320), h + top + bottom), "white")
-    d = ImageDraw.Draw(img)
-    d.text((gap, 10), title, fill="black")
-    y = lambda v: top + h - int(round(h * min(max(v, 0.0), 1.0)))  # noqa: E731
-    for i, (name, a, low, u) in enumerate(zip(names, acc, lo, hi)):
-        x0 = gap + i * (bar_w + gap)
-        d.rectangle([x0, y(a), x0 + bar_w, top + h], fill=(221, 132, 82))
-        d.line([(x0 + bar_w // 2, y(low)), (x0 + bar_w // 2, y(u))], fill="black", width=2)
-        d.text((x0, max(top, y(a) - 14)), f"{100 * a:.1f}%", fill="black")
-        d.text((x0, top + h + 6), name[:14], fill="black")
-    d.line([(gap // 2, y(intact)), (img.width - gap // 2, y(intact))], fill=(76, 114, 176), width=2)
-    img.save(path)
-    return "PIL (matplotlib not installed)"
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 1), 3.8))
+    err = [[100 * max(a - low, 0) for a, low in zip(acc, lo)], [100 * max(h - a, 0) for a, h in zip(acc, hi)]]
+    bars = ax.bar(names, [100 * a for a in acc], yerr=err, capsize=4, color="#dd8452")
+    ax.bar_label(bars, fmt="%.1f", padding=6)
+    ax.axhline(100 * intact, color="#4c72b0", linestyle="--", label=f"intact {100 * intact:.1f}%")
+    ax.set_ylim(0, 110)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.legend(loc="upper right")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return "matplotlib"
 
 
 def bar_chart(path: str, title: str, names: list[str], values: list[float]) -> str:
