@@ -279,8 +279,13 @@ def test_to_hf_round_trip_is_byte_identical(pair, tmp_path):
     assert back.config.get_text_config().vocab_size - 1 == m.config.latent_token_id
 
 
-def test_release_import_equals_peft_merge(pair, tmp_path):
-    """A Qwen2.5-VL IVT-LR release (PEFT LoRA r=64 on the LLM, 4.51 names, bf16 frozen weights) -> --from-release."""
+@pytest.mark.parametrize("targets", ["llm", "names"])
+def test_release_import_equals_peft_merge(pair, tmp_path, targets):
+    """A Qwen2.5-VL IVT-LR release (PEFT LoRA r=64, 4.51 names, bf16 frozen weights) -> --from-release.
+
+    "llm": LoRA on the LLM only (method page, section 2), merged. "names": the release's bare list of names, which
+    also wraps the vision blocks' mlp.gate_proj/up_proj/down_proj (Qwen2.5-VL's ViT has them, Qwen2-VL's has
+    not), imported with --keep-lora: the vision adapters are merged, the LLM's kept."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil  # Qwen2.5-VL uses it
 
@@ -303,10 +308,10 @@ def test_release_import_equals_peft_merge(pair, tmp_path):
     with torch.no_grad():
         for w in (model.get_input_embeddings().weight, model.lm_head.weight):
             w[lat] = w[tok.convert_tokens_to_ids("<<")].clone()
-    # LoRA on the LLM only (method page, section 2). A bare name list would also wrap the vision blocks'
-    # mlp.gate_proj/up_proj/down_proj, which Qwen2.5-VL's ViT has and Qwen2-VL's has not.
-    llm_only = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    peft_model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05, target_modules=llm_only))
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    target_modules = rf".*language_model.*\.({'|'.join(names)})" if targets == "llm" else names
+    peft_model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05,
+                                                  target_modules=target_modules))
     gen = torch.Generator().manual_seed(1)
     sd = {}
     with torch.no_grad():
@@ -319,15 +324,18 @@ def test_release_import_equals_peft_merge(pair, tmp_path):
                 if k.startswith(new):
                     k = old + k[len(new):]
             sd[RELEASE_PREFIX + k] = val.detach().clone().float() if ".lora_" in k else val.detach().to(torch.bfloat16)
-    assert any("lora_A" in k for k in sd) and not any("visual." in k and "lora" in k for k in sd)
+    vision_lora = [k for k in sd if k.startswith(RELEASE_PREFIX + "visual.") and "lora_A" in k]
+    assert any("lora_A" in k for k in sd) and len(vision_lora) == (0 if targets == "llm" else 3 * 3), vision_lora
     sd["embedding.weight"] = sd[RELEASE_PREFIX + "model.embed_tokens.weight"]
     pth = str(tmp_path / "epoch_16_full_model_fp32.pth")
     torch.save(sd, pth)
     merged = peft_model.merge_and_unload().eval()
     merged.config._attn_implementation = "eager"
     dst = str(tmp_path / "ckpt")
+    keep = ["--keep-lora"] if targets == "names" else []
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_weights.py"), "--from-release", pth,
-                           "--base", str(base), "--dst", dst, "--quiet"], capture_output=True, text=True, timeout=300,
+                           "--base", str(base), "--dst", dst, "--quiet", *keep], capture_output=True, text=True,
+                          timeout=300,
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = IVTLRModel.from_pretrained(dst)
@@ -338,8 +346,18 @@ def test_release_import_equals_peft_merge(pair, tmp_path):
     ref = hf_forward(merged, ids, mask, pv, grid, position_ids=sequential_positions(mask)[:, 0]).logits.numpy()
     got = m.logits(ids, mask, pv, grid)  # the recorded sequential positions
     err = float(np.abs(got - ref)[mask.astype(bool)].max())
-    print(f"release: max |logit - peft merged| = {err:.2e}")
+    print(f"release ({targets}): max |logit - peft merged| = {err:.2e}")
     assert err <= TOL
+    if targets == "names":  # the LLM's adapters were kept, the vision tower's merged (and they matter)
+        from ivtlr_jax.convert.checkpoint import LORA_DIR
+
+        assert os.path.isdir(os.path.join(dst, LORA_DIR))
+        with torch.no_grad():
+            plain = type(merged).from_pretrained(base).model.get_image_features(torch.tensor(pv), torch.tensor(grid))
+            lora = merged.model.get_image_features(torch.tensor(pv), torch.tensor(grid))
+        ours = np.asarray(m.image_features(pv, grid))
+        assert np.abs(ours - torch.cat(lora.pooler_output).numpy()).max() <= 1e-5
+        assert np.abs(ours - torch.cat(plain.pooler_output).numpy()).max() > 1e-3
 
 
 # ----------------------------------------------------------------------------- evaluation CLI

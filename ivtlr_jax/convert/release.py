@@ -10,7 +10,9 @@ holding the same dict is read too.
 The key map comes from the backbone's spec table, as for Hugging Face folders. Sizes come from the file
 (the embedding's rows) and the base folder's tokenizer (the latent ids), never from constants. The
 adapters are merged W' = W + (alpha / r) B A in float32, or kept (`keep_lora`) as the trainer's LoRA
-state beside the base weights. Each array of the output is allocated once and filled one source tensor
+state beside the base weights. PEFT given a bare list of names also wraps same-named modules outside the LLM
+(Qwen2.5-VL's vision blocks have mlp.gate_proj/up_proj/down_proj): those adapters are merged in every case, as
+the trainer adapts only the LLM. Each array of the output is allocated once and filled one source tensor
 at a time, so peak host memory is about the output plus the largest source tensor.
 """
 
@@ -313,6 +315,8 @@ class ReleasePlan:
     lora: dict[str, tuple[str, str]]  # HF kernel name -> (stored lora_A, stored lora_B)
     rank: int
     embed_from_alias: bool
+    # kernels the release's PEFT wrapped outside the trainer's LoRA targets -> (lora_A, lora_B): always merged
+    merged_only: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
 
 
 def plan_release(bb, keys: ReleaseKeys, shapes: dict, src: str) -> ReleasePlan:
@@ -324,6 +328,7 @@ def plan_release(bb, keys: ReleaseKeys, shapes: dict, src: str) -> ReleasePlan:
     sources: dict[str, str] = {}
     used: set[str] = set()
     lora: dict[str, tuple[str, str]] = {}
+    merged_only: dict[str, tuple[str, str]] = {}
     ranks: dict[str, int] = {}
     embed_from_alias = False
     tied = bb.dims.tie_word_embeddings
@@ -337,6 +342,9 @@ def plan_release(bb, keys: ReleaseKeys, shapes: dict, src: str) -> ReleasePlan:
         wrapped = module in targets
         table = keys.wrapped if wrapped else keys.plain
         stored = table.get(e.hf_name)
+        outside_targets = False
+        if stored is None and not wrapped and e.hf_name in keys.wrapped:  # a same-named module outside the LLM
+            stored, outside_targets = keys.wrapped[e.hf_name], True
         if stored is None and e.path == EMBED_PATH and keys.alias is not None:
             stored, embed_from_alias = keys.alias, True
         if stored is None:
@@ -345,7 +353,7 @@ def plan_release(bb, keys: ReleaseKeys, shapes: dict, src: str) -> ReleasePlan:
         used.add(stored)
         sources[e.hf_name] = stored
         check_shape(stored, e.hf_shape)
-        if not e.info.lora:
+        if not (e.info.lora or (outside_targets and len(e.hf_shape) == 2)):  # kernels carry the factors
             continue
         out_dim, in_dim = e.hf_shape
         factors = []
@@ -362,7 +370,7 @@ def plan_release(bb, keys: ReleaseKeys, shapes: dict, src: str) -> ReleasePlan:
             ranks[a] = r
             check_shape(a, (r, in_dim))
             check_shape(b, (out_dim, r))
-            lora[e.hf_name] = (a, b)
+            (merged_only if outside_targets else lora)[e.hf_name] = (a, b)
     if keys.alias is not None and not embed_from_alias:
         used.add(keys.alias)
         embed = next(e for e in entries if e.path == EMBED_PATH)
@@ -385,7 +393,8 @@ def plan_release(bb, keys: ReleaseKeys, shapes: dict, src: str) -> ReleasePlan:
             f"--from-release {src!r} does not match --base ({describe_backbone(bb.config)}, the release's PEFT "
             f"LoRA on {sorted({t.rsplit('.', 1)[-1] for t in targets})}): "
             + sp.format_mismatch(name_patterns(missing), name_patterns(unexpected), sorted(misshaped)))
-    return ReleasePlan(Plan(entries, sources, False, ignored), lora, distinct[0] if distinct else 0, embed_from_alias)
+    return ReleasePlan(Plan(entries, sources, False, ignored), lora, distinct[0] if distinct else 0, embed_from_alias,
+                       merged_only)
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -465,7 +474,8 @@ def convert_release_to_checkpoint(
     bb = backbone_for(cfg)
     rplan = plan_release(bb, keys, reader.shapes, release)
     scale = float(lora_alpha) / rplan.rank
-    target_of = {rplan.plan.sources[k]: v for k, v in rplan.lora.items()}  # stored base kernel -> (A, B)
+    target_of = {rplan.plan.sources[k]: v for k, v in {**rplan.lora, **rplan.merged_only}.items()}  # base -> (A, B)
+    always_merged = {rplan.plan.sources[k] for k in rplan.merged_only}
     factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def get(name: str) -> np.ndarray:
@@ -475,7 +485,7 @@ def convert_release_to_checkpoint(
         a_key, b_key = target_of[name]
         a = np.ascontiguousarray(reader.get(a_key).T, np.float32)  # (in, r): our A is PEFT's lora_A transposed
         b = np.ascontiguousarray(reader.get(b_key).T, np.float32)  # (r, out)
-        if keep_lora:
+        if keep_lora and name not in always_merged:
             factors[name] = (a, b)
             return arr
         return fold_lora(arr.T, a, b, scale).T  # W + (alpha / r) B A in float32, as (out, in)
@@ -502,7 +512,7 @@ def convert_release_to_checkpoint(
         "dtype": dtype,
         "format": "safetensors" if isinstance(reader, SafetensorsRelease) else "torch",
         "module_prefix": keys.module_prefix,
-        "tensors": len(rplan.plan.sources) + 2 * len(rplan.lora),
+        "tensors": len(rplan.plan.sources) + 2 * (len(rplan.lora) + len(rplan.merged_only)),
         "parameters": int(sum(leaf.size for leaf in leaves)),
         "bytes": int(sum(leaf.nbytes for leaf in leaves)),
         "largest_tensor_bytes": int(largest),
@@ -514,7 +524,7 @@ def convert_release_to_checkpoint(
         "latent_rows_match_init": rows_match,
         "lora": {"r": rplan.rank, "alpha": float(lora_alpha), "scale": scale, "kept": keep_lora,
                  "targets": sorted({e.path.split("/")[-2] for e in rplan.plan.entries if e.info.lora}),
-                 "kernels": len(rplan.lora)},
+                 "kernels": len(rplan.lora), "merged_outside_targets": name_patterns(sorted(rplan.merged_only))},
         "position_mode": cfg.position_mode,
         "copied_files": copied,
         "seconds": round(time.time() - start, 2),
@@ -562,6 +572,9 @@ def format_release_summary(summary: dict) -> str:
          + (f"kept as the trainer's LoRA state ({LORA_DIR}/, {LORA_CONFIG_NAME})" if lora["kept"]
             else f"merged (W + {lora['scale']:g} B A in float32)")),
     ]
+    if lora.get("merged_outside_targets"):
+        lines.append(f"  LoRA also  on {', '.join(lora['merged_outside_targets'])} (outside the trainer's targets; "
+                     "merged)")
     if summary.get("ignored_tensors"):
         lines.append(f"  ignored    {summary['ignored_tensors']}")
     return "\n".join(lines)
