@@ -35,7 +35,9 @@ cfg = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hi
                   vision=VisionConfig(depth=2, embed_dim=64, num_heads=2, mlp_ratio=2, out_hidden_size=128))
 bb = backbone_for(cfg)
 ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
-save_checkpoint(ckpt, cfg, bb.random_params(0, "float32"))
+params = bb.random_params(0, "float32")
+save_checkpoint(ckpt, cfg, params)
+n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
 out = {}
 for finetune in ("full", "lora"):
     tcfg = TrainConfig(finetune=finetune, mesh="gpu_8", compute_dtype="float32", k=4, batch_size=8, lora_r=8)
@@ -45,6 +47,7 @@ for finetune in ("full", "lora"):
     shard_counts = sorted({len(x.addressable_shards) for x in jax.tree_util.tree_leaves(state.trainable)})
     out[finetune] = {**report, "dry_state_bytes_total": dry["state_bytes_total"],
                      "dry_state_bytes_per_device": dry["state_bytes_per_device"],
+                     "dry_model": [dry["model_type"], dry["parameters"]], "parameters": n_params,
                      "trainable_dtypes": sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(state.trainable)}),
                      "frozen_dtypes": sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(frozen)}),
                      "shard_counts": shard_counts}
@@ -77,6 +80,7 @@ def test_state_is_born_sharded(sharded_start, finetune):
     # the dry run reports what the real start gets
     assert r["dry_state_bytes_total"] == total
     assert r["dry_state_bytes_per_device"] == r["state_bytes_per_device"] == r["state_peak_bytes_per_device"]
+    assert r["dry_model"] == ["qwen2_vl", r["parameters"]]
     assert r["trainable_dtypes"] == ["float32"]
     assert r["shard_counts"] == [8]
 

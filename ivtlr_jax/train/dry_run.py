@@ -13,6 +13,7 @@ import numpy as np
 
 from ivtlr_jax import sharding as sh
 from ivtlr_jax.latent import LatentBatch, make_latent_batch
+from ivtlr_jax.models import spec as sp
 from ivtlr_jax.models.base import Backbone
 from ivtlr_jax.models.layers import resolve_attention
 from ivtlr_jax.train.config import TrainConfig
@@ -94,6 +95,8 @@ def dry_run(bb: Backbone, tcfg: TrainConfig, text: int = DRY_RUN_TEXT, tail: int
     mem = _memory(compile_with(remat))
     report = layout.report()
     out = {
+        "model_type": bb.model_type,
+        "parameters": int(sum(np.prod(info.shape) for _, info in sp.infos(bb.param_spec()))),
         "mesh": sh.describe(mesh), "finetune": tcfg.finetune, "compute_dtype": str(dtype), "remat": remat,
         "attention": resolve_attention(tcfg.attention, dtype, bb.dims.head_dim, target),  # on the preset's devices
         "attention_compiled": resolve_attention(tcfg.attention, dtype, bb.dims.head_dim),  # here
@@ -132,7 +135,8 @@ def format_dry_run(results: list[dict]) -> str:
                      f"{r['optimizer_state_bytes_per_device'] / gib:>14.3f}"
                      f"{(total or 0) / gib:>19.2f}{detail:<24}{cost:>15}")
     first = results[0]
-    lines.append(f"per device, on {first['mesh']}; optimiser updates of {first['batch_size']} rows in "
+    lines.append(f"{first['model_type']} ({first['parameters'] / 1e9:.2f}B parameters), per device, on "
+                 f"{first['mesh']}; optimiser updates of {first['batch_size']} rows in "
                  f"{first['grad_accum']} micro-steps of {first['micro_batch']} rows of "
                  f"{first['seq_len']} tokens, {first['compute_dtype']} compute, attention {first['attention']} "
                  f"(compiled here with {first['attention_compiled']}), "
