@@ -1,8 +1,10 @@
 """Generation speed: IVT-LR against No-CoT, against reference-style PyTorch generation, and over batch sizes.
 
 Small Qwen2-VL (hidden 512, 8 layers, vision 4 blocks of width 256) with random weights built by
-transformers, saved and converted by ivtlr_jax.convert. One prompt = text + one 280x280 image (100
-image tokens) + text; n=3 latent steps of k=32; a fixed number of new tokens (EOS never stops a row).
+transformers, saved and converted by ivtlr_jax.convert; `--backbone qwen2_5_vl` the same LLM with a windowed
+vision tower, `--backbone chameleon` the same LLM shape with a small VQ tokenizer (experiments/small_model.py).
+One prompt = text + one 280x280 image (100 image tokens) + text; n=3 latent steps of k=32; a fixed number of
+new tokens (EOS never stops a row).
 
   (a) IVT-LR generation / No-CoT generation of the same number of answer tokens   goal <= 1.3
   (b) reference-style PyTorch at batch 1 / ours at batch 1                          goal >= 4 (CPU)
@@ -10,7 +12,7 @@ image tokens) + text; n=3 latent steps of k=32; a fixed number of new tokens (EO
       first answer token is a full pass without the latent cache, then HF cached decoding)
   (c) our samples/s at batch 1, 8, 32 against the reference's (batch 1 only)         goal >= 10 at 32
 
-Usage: python -m experiments.bench_generate [--batch-sizes 1,8,32] [--new-tokens 12] [--out bench.json]
+Usage: python -m experiments.bench_generate [--backbone B] [--batch-sizes 1,8,32] [--new-tokens 12] [--out bench.json]
 """
 
 from __future__ import annotations
@@ -22,12 +24,10 @@ if __package__ in (None, ""):  # run as a file (python experiments/bench_x.py): 
     _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 
 import argparse
-import dataclasses
 import inspect
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -44,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--backbone", default="qwen2_vl", choices=["qwen2_vl", "chameleon"],
-                   help="qwen2_vl (one 280x280 image, 100 tokens) or chameleon (one 64x64 image through a small VQ "
-                        "tokenizer, 1024 tokens; k defaults to 64)")
+    p.add_argument("--backbone", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl", "chameleon"],
+                   help="qwen2_vl or qwen2_5_vl (windowed vision tower; one 280x280 image, 100 tokens) or chameleon "
+                        "(one 64x64 image through a small VQ tokenizer, 1024 tokens; k defaults to 64)")
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default: 1,8,32)")
     p.add_argument("--new-tokens", type=int, default=12, help="answer tokens generated per row (default: 12)")
     p.add_argument("--n-latent", type=int, default=3, help="latent steps (default: 3)")
@@ -60,47 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
     p.add_argument("--torch-device", default=None, help="device for the PyTorch reference (default: cuda if "
                                                           "available, else cpu)")
-    p.add_argument("--out", default=None, help="JSON results (default: bench_generate[_chameleon].json)")
+    p.add_argument("--out", default=None,
+                   help="JSON results (default: bench_generate.json; bench_generate_BACKBONE.json for the others)")
     return p
 
 
-def build_chameleon(args, root: str):
-    """Random HF Chameleon saved + converted; returns (hf eager, hf sdpa, IVTLRModel with a latent id, device)."""
-    import torch
-    from transformers import ChameleonForConditionalGeneration
-
-    from experiments.small_model import small_chameleon_models
-
-    hf_e, m = small_chameleon_models(root, attn="eager", vocab=args.vocab, hidden=args.hidden, layers=args.layers,
-                                     dtype=args.dtype)
-    tdtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
-    dev = args.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
-    hf = os.path.join(root, "hf")
-    load = ChameleonForConditionalGeneration.from_pretrained
-    models = [load(hf, attn_implementation=impl, dtype=tdtype).eval().to(dev) for impl in ("eager", "sdpa")]
-    return models[0], models[1], m, dev
-
-
 def build_models(args, root: str):
-    """Random HF Qwen2-VL saved + converted; returns (hf eager, hf sdpa, IVTLRModel with a latent id)."""
+    """The backbone's small random HF model, saved + converted (experiments.small_model); returns (hf eager,
+    hf sdpa, IVTLRModel that knows <|latent|>, torch device)."""
     import torch
-    from transformers import Qwen2VLForConditionalGeneration
 
-    from experiments.small_model import small_hf_config, special_ids
-    from ivtlr_jax import IVTLRModel
-    from ivtlr_jax.convert import convert_hf_to_checkpoint
+    from experiments.small_model import BENCH_BACKBONES
 
-    cfg = small_hf_config(args.vocab, args.hidden, args.layers)
-    torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(cfg).save_pretrained(os.path.join(root, "hf"))
-    convert_hf_to_checkpoint(os.path.join(root, "hf"), os.path.join(root, "ckpt"), args.dtype, verbose=False)
+    hf_e, m = BENCH_BACKBONES[args.backbone][0](root, attn="eager", vocab=args.vocab, hidden=args.hidden,
+                                                 layers=args.layers, dtype=args.dtype)
     tdtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
     dev = args.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
-    models = [Qwen2VLForConditionalGeneration.from_pretrained(os.path.join(root, "hf"), attn_implementation=impl,
-                                                              dtype=tdtype).eval().to(dev)
+    load = type(hf_e).from_pretrained
+    models = [load(os.path.join(root, "hf"), attn_implementation=impl, dtype=tdtype).eval().to(dev)
               for impl in ("eager", "sdpa")]
-    m = IVTLRModel.from_pretrained(os.path.join(root, "ckpt"), dtype=args.dtype)
-    m = IVTLRModel(dataclasses.replace(m.config, latent_token_id=special_ids(args.vocab)["latent"]), m.params)
     return models[0], models[1], m, dev
 
 
@@ -129,22 +107,6 @@ def make_batch(cfg, batch: int, n: int, text_tokens: int, seed: int = 0):
     pv = rng.normal(size=(batch * t * h * w, cfg.vision.patch_dim)).astype(np.float32)
     grid = np.tile(np.asarray([IMAGE_GRID], np.int64), (batch, 1))
     return ids, np.ones_like(ids), pv, grid
-
-
-def timed_interleaved(fns: dict, repeats: int) -> dict:
-    """Per name: first call seconds (compilation included), then `repeats` rounds that call every fn once in
-    turn (so a busy machine slows them alike); returns {name: (first, median, best, last result)}."""
-    first, times, last = {}, {name: [] for name in fns}, {}
-    for name, fn in fns.items():
-        t0 = time.perf_counter()
-        last[name] = fn()
-        first[name] = time.perf_counter() - t0
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            last[name] = fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: (first[name], statistics.median(times[name]), min(times[name]), last[name]) for name in fns}
 
 
 def _cache_kwarg(lm) -> str:
@@ -217,14 +179,16 @@ def main(argv: list[str] | None = None) -> dict:
     import jax
     import torch
 
+    from experiments.small_model import BENCH_BACKBONES, timeit_interleaved
+
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     t_start = time.perf_counter()
     if args.k is None:
-        args.k = 64 if args.backbone == "chameleon" else 32
+        args.k = BENCH_BACKBONES[args.backbone][2]
     if args.out is None:
-        args.out = "bench_generate_chameleon.json" if args.backbone == "chameleon" else "bench_generate.json"
+        args.out = "bench_generate.json" if args.backbone == "qwen2_vl" else f"bench_generate_{args.backbone}.json"
     with tempfile.TemporaryDirectory() as root:
-        hf_e, hf_s, m, dev = (build_chameleon if args.backbone == "chameleon" else build_models)(args, root)
+        hf_e, hf_s, m, dev = build_models(args, root)
     cfg = m.config
     gen_kw = dict(max_new_tokens=args.new_tokens, k=args.k, eos_token_ids=[-1])  # no EOS: fixed length
     results: dict = {"ours": {}, "ours_no_cot": {}}
@@ -237,7 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
     # compete with XLA's still-spinning pool on a small machine and the reference looks far slower than it is.
     ids, mask, pv, grid = make_batch(cfg, 1, args.n_latent, args.text_tokens)
     ref = lambda: reference_generate(hf_e, hf_s, ids, pv, grid, cfg.latent_token_id, args.k, args.new_tokens, dev)
-    first, ref_s, best, ref_tokens = timed_interleaved({"reference": ref}, args.repeats)["reference"]
+    stats, last = timeit_interleaved({"reference": ref}, args.repeats)
+    first, ref_s, best, ref_tokens = (stats["reference"]["first_s"], stats["reference"]["median_s"],
+                                      stats["reference"]["min_s"], last["reference"])
     results["reference"] = {"batch": 1, "seconds": ref_s, "best_seconds": best, "samples_per_s": 1 / ref_s}
     print(f"{'reference':<12} batch   1: median {ref_s:.4f} s, best {best:.4f} s ({1 / ref_s:.2f} samples/s); "
           f"first call {first:.1f} s", flush=True)
@@ -245,7 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
         fns = {"ours": ours(b, args.n_latent)}
         if b in (batch_sizes[0], max(batch_sizes)):
             fns["ours_no_cot"] = ours(b, 0)
-        for name, (first, med, best, res) in timed_interleaved(fns, args.repeats).items():
+        stats, last = timeit_interleaved(fns, args.repeats)
+        for name, st in stats.items():
+            first, med, best, res = st["first_s"], st["median_s"], st["min_s"], last[name]
             assert res.tokens.shape == (b, args.new_tokens) and (res.lengths == args.new_tokens).all()
             results[name][b] = {"seconds": med, "best_seconds": best, "first_call_seconds": first,
                                 "samples_per_s": b / med}

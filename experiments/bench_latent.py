@@ -1,13 +1,16 @@
-"""Latent forward in JAX against the release-style recompute in PyTorch, for Qwen2-VL or Chameleon.
+"""Latent forward in JAX against the release-style recompute in PyTorch, for Qwen2-VL, Qwen2.5-VL or Chameleon.
 
-Qwen2-VL: n=3, k=32, one 280x280 image (100 tokens). Chameleon (`--backbone chameleon`): n=3, k=64, one
+Qwen2-VL and Qwen2.5-VL (`--backbone qwen2_5_vl`, a windowed vision tower): n=3, k=32, one 280x280 image
+(100 tokens). Chameleon (`--backbone chameleon`): n=3, k=64, one
 64x64 image through a small VQ tokenizer (1024 tokens, as the 7B model's 512x512 images give).
 The recompute is tests/oracle.py on transformers' model with eager attention under torch.no_grad():
 every latent step re-runs the whole growing sequence, then one more full pass gives the logits.
 Also times one plain JAX forward over a sequence of the same final length (the ideal cost) and one
 single-token decode step: the floor is that pass plus n decode steps (each latent chunk reads the
-weights once). CPU, float32, median of repeated runs after compilation. Writes JSON, prints a table.
-Usage: python -m experiments.bench_latent [--backbone qwen2_vl|chameleon] [--out FILE] [--batches 1 4]
+weights once). CPU, float32, medians of repeated runs after compilation; the JAX calls are timed in interleaved
+rounds (one call of each per round), so load from elsewhere on the machine moves them alike. Writes JSON and
+prints a table.
+Usage: python -m experiments.bench_latent [--backbone qwen2_vl|qwen2_5_vl|chameleon] [--out FILE] [--batches 1 4]
 """
 
 from __future__ import annotations
@@ -31,12 +34,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="qwen2_vl", choices=["qwen2_vl", "chameleon"], help="model family")
-    ap.add_argument("--out", default=None, help="JSON file for the results (default: bench_latent[_BACKBONE].json)")
+    ap.add_argument("--backbone", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl", "chameleon"],
+                    help="model family")
+    ap.add_argument("--out", default=None,
+                    help="JSON file for the results (default: bench_latent.json; bench_latent_BACKBONE.json)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="batch sizes to time")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
     ap.add_argument("--n", type=int, default=3, help="latent steps")
-    ap.add_argument("--k", type=int, default=None, help="image embeddings per step (default 32; chameleon 64)")
+    ap.add_argument("--k", type=int, default=None,
+                    help="image embeddings per step (default: the release's, 32; chameleon 64)")
     ap.add_argument("--tail", type=int, default=16, help="suffix tokens after the latent tokens")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     args = ap.parse_args(argv)
@@ -49,11 +55,10 @@ def main(argv=None):
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from oracle import oracle_latent_forward
 
-    chameleon = args.backbone == "chameleon"
-    k = args.k if args.k is not None else (64 if chameleon else 32)
-    out_path = args.out or ("bench_latent_chameleon.json" if chameleon else "bench_latent.json")
-    build, batch_of = ((sm.small_chameleon_models, sm.chameleon_prompt_batch) if chameleon
-                       else (sm.small_models, sm.prompt_batch))
+    build, batch_of, default_k = sm.BENCH_BACKBONES[args.backbone]
+    k = args.k if args.k is not None else default_k
+    out_path = args.out or ("bench_latent.json" if args.backbone == "qwen2_vl" else
+                            f"bench_latent_{args.backbone}.json")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         hf, m = build(tmp, attn="eager")
@@ -89,11 +94,14 @@ def main(argv=None):
         row = {
             "batch": b, "final_len": int(final_len), "n": args.n, "k": k, "max_abs_logit_diff": diff,
             "selections_equal_reference": same_picks,
-            "jax_latent": sm.timeit(run_jax, args.repeats, warmup=2),
-            "jax_plain_same_len": sm.timeit(run_plain, args.repeats, warmup=2),
+            # the reference first, on its own (PyTorch's threads and XLA's pool slow each other when interleaved)
             "torch_recompute": sm.timeit(run_ref, max(2, args.repeats // 2), warmup=1),
         }
-        g1, gs = sm.timeit(gen(1), args.repeats, warmup=1), sm.timeit(gen(1 + steps), args.repeats, warmup=1)
+        # the JAX calls in interleaved rounds: a busy shared machine slows the latent forward and its floor alike
+        stats, _ = sm.timeit_interleaved({"jax_latent": run_jax, "jax_plain_same_len": run_plain, "gen_1": gen(1),
+                                          f"gen_{1 + steps}": gen(1 + steps)}, args.repeats, warmup=2)
+        row["jax_latent"], row["jax_plain_same_len"] = stats["jax_latent"], stats["jax_plain_same_len"]
+        g1, gs = stats["gen_1"], stats[f"gen_{1 + steps}"]
         row["jax_decode_step"] = max(gs["median_s"] - g1["median_s"], 0.0) / steps
         floor = row["jax_plain_same_len"]["median_s"] + args.n * row["jax_decode_step"]
         row["floor_s"] = floor

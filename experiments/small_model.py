@@ -1,4 +1,6 @@
-"""The benchmarks' small Qwen2-VL (hidden 512, 8 layers; vision 4 blocks of width 256), random weights.
+"""The benchmarks' small models, random weights: Qwen2-VL (hidden 512, 8 layers; vision 4 blocks of width 256),
+Qwen2.5-VL (the same LLM; a windowed vision tower of 4 blocks, 112 px windows, the last block full attention) and
+Chameleon (the same LLM shape; a small VQ tokenizer giving 1024 codes per 64x64 image).
 
 Built with transformers, saved as a Hugging Face folder and converted with the project's converter,
 so the JAX and PyTorch sides hold the same weights.
@@ -22,23 +24,38 @@ def special_ids(vocab: int) -> dict:
             "video": vocab - 3, "eos": vocab - 1}
 
 
-def small_hf_config(vocab: int = 8192, hidden: int = 512, layers: int = 8):
-    """transformers' Qwen2VLConfig of the small benchmark model (head_dim 64, GQA 4:1)."""
-    from transformers import Qwen2VLConfig
-
+def _llm_and_ids(vocab: int, hidden: int, layers: int) -> dict:
+    """The Qwen-family benchmark LLM (head_dim 64, GQA 4:1) and its special token ids, as config keywords."""
     ids = special_ids(vocab)
     heads = hidden // 64
-    return Qwen2VLConfig(
+    return dict(
         text_config=dict(
             vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
             num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), rms_norm_eps=1e-6,
             bos_token_id=None, eos_token_id=ids["eos"], pad_token_id=0,
             rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0},
         ),
-        vision_config=dict(depth=4, embed_dim=256, hidden_size=hidden, num_heads=4, mlp_ratio=4),
         image_token_id=ids["image"], video_token_id=ids["video"], vision_start_token_id=ids["vision_start"],
         vision_end_token_id=ids["vision_end"],
     )
+
+
+def small_hf_config(vocab: int = 8192, hidden: int = 512, layers: int = 8):
+    """transformers' Qwen2VLConfig of the small benchmark model (head_dim 64, GQA 4:1)."""
+    from transformers import Qwen2VLConfig
+
+    return Qwen2VLConfig(vision_config=dict(depth=4, embed_dim=256, hidden_size=hidden, num_heads=4, mlp_ratio=4),
+                         **_llm_and_ids(vocab, hidden, layers))
+
+
+def small_qwen25_config(vocab: int = 8192, hidden: int = 512, layers: int = 8):
+    """transformers' Qwen2_5_VLConfig: the Qwen2-VL benchmark LLM, and a vision tower shaped like the 7B's
+    (112 px windows = 8 x 8 patches, so the 280 px image has 3 x 3 windows cut at the edges; 1 of 4 blocks full)."""
+    from transformers import Qwen2_5_VLConfig
+
+    vision = dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, out_hidden_size=hidden,
+                  window_size=112, fullatt_block_indexes=[3])
+    return Qwen2_5_VLConfig(vision_config=vision, **_llm_and_ids(vocab, hidden, layers))
 
 
 def _paired_models(model_class, cfg, latent_id: int, workdir: str, attn: str, seed: int, dtype: str):
@@ -67,6 +84,15 @@ def small_models(workdir: str, attn: str = "eager", seed: int = 0, vocab: int = 
     from transformers import Qwen2VLForConditionalGeneration
 
     return _paired_models(Qwen2VLForConditionalGeneration, small_hf_config(vocab, hidden, layers),
+                          special_ids(vocab)["latent"], workdir, attn, seed, dtype)
+
+
+def small_qwen25_models(workdir: str, attn: str = "eager", seed: int = 0, vocab: int = 8192, hidden: int = 512,
+                        layers: int = 8, dtype: str = "float32"):
+    """(torch Qwen2.5-VL in float32, IVTLRModel) with the same random weights; the JAX side knows <|latent|>."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return _paired_models(Qwen2_5_VLForConditionalGeneration, small_qwen25_config(vocab, hidden, layers),
                           special_ids(vocab)["latent"], workdir, attn, seed, dtype)
 
 
@@ -100,6 +126,29 @@ def timeit(fn, repeats: int, warmup: int = 1) -> dict:
         fn()
         times.append(time.perf_counter() - t0)
     return {"median_s": float(np.median(times)), "min_s": float(np.min(times)), "repeats": repeats}
+
+
+def timeit_interleaved(fns: dict, repeats: int, warmup: int = 1) -> tuple[dict, dict]:
+    """Time several calls in rounds that call each once in turn, so the slow drift of a shared machine hits them
+    alike. Returns ({name: first_s (first call, compilation included), median_s, min_s, repeats}, {name: last
+    result})."""
+    import time
+
+    first, times, last = {}, {name: [] for name in fns}, {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        last[name] = fn()
+        first[name] = time.perf_counter() - t0
+        for _ in range(warmup - 1):
+            fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            last[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    stats = {name: {"first_s": first[name], "median_s": float(np.median(t)), "min_s": float(np.min(t)),
+                    "repeats": repeats} for name, t in times.items()}
+    return stats, last
 
 
 # ----------------------------------------------------------------------------- Chameleon
@@ -153,3 +202,11 @@ def chameleon_prompt_batch(batch: int, n_latent: int = 0, text_len: int = 128, t
                     + rng.integers(10, ids_["first_code"] - 1, size=tail).tolist())
     ids = np.array(rows, np.int64)
     return ids, np.ones_like(ids), pixel_values, None
+
+
+# backbone -> (paired builder, prompt batch, the release's K); the benchmarks' --backbone choices
+BENCH_BACKBONES = {
+    "qwen2_vl": (small_models, prompt_batch, 32),
+    "qwen2_5_vl": (small_qwen25_models, prompt_batch, 32),
+    "chameleon": (small_chameleon_models, chameleon_prompt_batch, 64),
+}
