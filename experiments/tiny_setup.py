@@ -134,6 +134,16 @@ def tiny_vq_tokenizer(params, cfg, images=(), seed: int = 0, iters: int = 15):
     return params.replace(vq=vq)
 
 
+# backbone -> its tiny (tokenizer, config) builder: (corpus, vocab_size, model overrides, vision overrides)
+TINY_BUILDERS = {"qwen2_vl": _tiny_qwen2vl, "qwen2_5_vl": _tiny_qwen25vl, "chameleon": _tiny_chameleon}
+
+
+def tiny_builder(backbone: str):
+    if backbone not in TINY_BUILDERS:
+        raise ValueError(f"backbone={backbone!r} is not valid; use one of {', '.join(TINY_BUILDERS)}")
+    return TINY_BUILDERS[backbone]
+
+
 def make_tiny_checkpoint(out_dir: str, corpus: list[str] | None = None, vocab_size: int = 768, seed: int = 0,
                          model: dict | None = None, vision: dict | None = None, backbone: str = "qwen2_vl",
                          images=()) -> str:
@@ -145,14 +155,7 @@ def make_tiny_checkpoint(out_dir: str, corpus: list[str] | None = None, vocab_si
     from ivtlr_jax.convert import convert_hf_to_checkpoint, export_checkpoint_to_hf, save_checkpoint
     from ivtlr_jax.models import backbone_for
 
-    if backbone == "chameleon":
-        tok, cfg = _tiny_chameleon(corpus, vocab_size, model, vision)
-    elif backbone == "qwen2_vl":
-        tok, cfg = _tiny_qwen2vl(corpus, vocab_size, model, vision)
-    elif backbone == "qwen2_5_vl":
-        tok, cfg = _tiny_qwen25vl(corpus, vocab_size, model, vision)
-    else:
-        raise ValueError(f"backbone={backbone!r} is not valid; use qwen2_vl, qwen2_5_vl or chameleon")
+    tok, cfg = tiny_builder(backbone)(corpus, vocab_size, model, vision)
     os.makedirs(out_dir, exist_ok=True)
     build = tempfile.mkdtemp(prefix=".tiny-build-", dir=out_dir)  # renamed into place when complete
     try:
@@ -236,10 +239,7 @@ def tiny_model_config(tcfg, model: dict | None = None):
     model = dict(model or {})
     vision = model.pop("vision", None)
     backbone = model.pop("backbone", "qwen2_vl")
-    build = {"qwen2_vl": _tiny_qwen2vl, "chameleon": _tiny_chameleon, "qwen2_5_vl": _tiny_qwen25vl}.get(backbone)
-    if build is None:
-        raise ValueError(f"backbone={backbone!r} is not valid; use qwen2_vl, qwen2_5_vl or chameleon")
-    tok, cfg = build(_tiny_corpus(tcfg), 768, model, vision)
+    tok, cfg = tiny_builder(backbone)(_tiny_corpus(tcfg), 768, model, vision)
     ids, _, vocab = add_latent_tokens_to(tok, cfg.vocab_size)
     return with_latent_ids(cfg, ids, vocab)
 
