@@ -199,10 +199,17 @@ def apply_xla_flags(preset: str | MeshPreset) -> str:
 
     from jax._src import xla_bridge
 
-    flags = xla_flags_for(preset, os.environ.get("XLA_FLAGS", ""))
-    if flags != os.environ.get("XLA_FLAGS", "") and xla_bridge.backends_are_initialized():
-        logger.warning("preset %r: XLA flags set after JAX started its backend are ignored: %s",
-                       get_preset(preset).name, flags)
+    existing = os.environ.get("XLA_FLAGS", "")
+    flags = xla_flags_for(preset, existing)
+    added = [f for f in flags.split() if f not in existing.split()]
+    if added and xla_bridge.backends_are_initialized():
+        started = jax.default_backend()
+        # another platform's flags (a GPU preset's on a CPU run) would be ignored anyway: no warning for them
+        other = tuple(f"--xla_{p}_" for p in ("cpu", "gpu", "tpu") if p != started)
+        late = [f for f in added if not f.startswith(other)]
+        if late:
+            logger.warning("preset %r: XLA flags set after JAX started its %s backend are ignored: %s",
+                           get_preset(preset).name, started, " ".join(late))
     os.environ["XLA_FLAGS"] = flags
     return flags
 

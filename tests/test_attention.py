@@ -298,6 +298,29 @@ def test_gpu_presets_add_xla_flags_without_overriding_the_user():
     assert sh.xla_flags_for("tpu_v4_8", "--a=1") == "--a=1"
 
 
+def test_late_xla_flags_warn_only_for_the_running_platform(monkeypatch, caplog):
+    """After the backend started, a GPU preset's flags on a CPU run are not worth a warning; a flag this
+    platform would have read is, and only the flags this call added are named."""
+    import dataclasses
+    import logging
+
+    import jax
+
+    from ivtlr_jax import sharding as sh
+
+    jax.devices()  # the backend has started
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_user_flag=1")
+    with caplog.at_level(logging.WARNING, logger="ivtlr_jax.sharding"):
+        sh.apply_xla_flags("gpu_1")
+    assert not caplog.records
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in os.environ["XLA_FLAGS"]
+    late = dataclasses.replace(sh.get_preset("gpu_1"), name="late", xla_flags=("--xla_cpu_late_flag=1",))
+    with caplog.at_level(logging.WARNING, logger="ivtlr_jax.sharding"):
+        sh.apply_xla_flags(late)
+    [record] = caplog.records
+    assert "--xla_cpu_late_flag=1" in record.getMessage() and "user_flag" not in record.getMessage()
+
+
 def test_preset_xla_flags_are_known_to_this_jaxlib():
     """XLA aborts on an unknown flag: start JAX with every preset flag (they are GPU flags: no effect on CPU)."""
     from ivtlr_jax import sharding as sh
