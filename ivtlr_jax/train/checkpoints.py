@@ -123,7 +123,8 @@ class RunCheckpoints:
         """RUN_DIR/stage_ends/<stage>; one left by a run that stopped before its next periodic checkpoint (and
         was resumed from an earlier one) is replaced by the one trained again."""
         self._finish(self.stages)
-        if stage in self.stages.all_steps(read=True):
+        self.stages.reload()  # the steps on disk (all_steps(read=True) does the same, with a deprecation warning)
+        if stage in self.stages.all_steps():
             logger.info("replacing %s (the stage was trained again after a resume)", self.path(stage, stage=True))
             self.stages.delete(stage)
         self._save(self.stages, stage, self.path(stage, stage=True), state, meta)
