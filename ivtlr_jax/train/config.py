@@ -72,27 +72,27 @@ class TrainConfig:
     max_latent_stage: int = 3
     pad_latent_to_max: bool = True
     latent_markers: bool = False
-    # latent options (LatentConfig)
-    k: int | None = None  # None: the backbone's default (Qwen2-VL 32, Chameleon 64)
-    latent_text: bool = True
-    position_mode: str = "sequential"
-    selection_order: str = "position"
-    latent_grad: str = "stop"
-    # what is trained: LoRA adapters (section `lora`: LoRAOptions) or the whole LLM
+    # latent options (LatentConfig, whose defaults these are)
+    k: int | None = None  # None: the backbone's default (the release's K for it)
+    latent_text: bool = LatentConfig.latent_text
+    position_mode: str = LatentConfig.position_mode
+    selection_order: str = LatentConfig.selection_order
+    latent_grad: str = LatentConfig.latent_grad
+    # what is trained: LoRA adapters (section `lora`: LoRAOptions, whose defaults these are) or the whole LLM
     finetune: str = "lora"  # lora | full
-    lora_r: int = 64
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    # optimiser (section `optimizer`: OptimizerOptions)
-    lr: float = 4e-5
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    clip: float = 0.7
-    warmup_steps: int = 0
-    schedule: str = "constant"  # constant | cosine | linear
+    lora_r: int = LoRAOptions.r
+    lora_alpha: float = LoRAOptions.alpha
+    lora_dropout: float = LoRAOptions.dropout
+    # optimiser (section `optimizer`: OptimizerOptions, whose defaults these are)
+    lr: float = OptimizerOptions.lr
+    weight_decay: float = OptimizerOptions.weight_decay
+    beta1: float = OptimizerOptions.beta1
+    beta2: float = OptimizerOptions.beta2
+    clip: float = OptimizerOptions.clip
+    warmup_steps: int = OptimizerOptions.warmup_steps
+    schedule: str = OptimizerOptions.schedule  # constant | cosine | linear
     # the step
-    batch_size: int = 64  # global batch (rows per optimiser step, before accumulation)
+    batch_size: int = 64  # rows per optimiser update over all processes, devices and micro-steps
     grad_accum: int = 1
     compute_dtype: str = "auto"  # auto: bfloat16 on accelerators, float32 on CPU
     remat: str = "auto"  # layer rematerialisation: auto (by model size) | full | dots_except_mlp | dots | none
