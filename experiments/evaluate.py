@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent steps for ivtlr / coconut / no-latent-text (default: 3, the release's last stage)")
     p.add_argument("--k", type=int, default=None,
                    help="image embeddings selected per latent step (default: the backbone's, as in the release: "
-                        "Qwen2-VL 32, Chameleon 64)")
+                        "Qwen2-VL and Qwen2.5-VL 32, Chameleon 64)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per generation batch (default: 16)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of the split")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "print the per-chip memory (parameters, KV cache, temporaries); JSON to --out "
                         "(default eval/dry_run.json)")
     p.add_argument("--resize-mode", default="reference", choices=["reference", "smart"],
-                   help="reference: every image 280x280 (release); smart: Qwen2-VL's smart_resize")
+                   help="reference: every image 280x280 (release); smart: the Qwen processors' smart_resize")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the checkpoint's)")
     p.add_argument("--out", default=None, help="output folder (default: eval/<data>-<split>-<method>)")
     p.add_argument("--save-selections", default=None, metavar="DIR",
