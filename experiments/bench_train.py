@@ -7,6 +7,13 @@ trainer's own `make_latent_batch`, the real sharded train step of the trainer. M
 are set before JAX starts. Writes JSON and prints a table (peak device memory where the device reports it).
 Usage: python -m experiments.bench_train [--model small|2b|7b] [--finetune lora|full] [--batch 8]
        [--attention auto|xla|cudnn|pallas|dense] [--remat auto|full|dots_except_mlp|dots|none] [--out FILE]
+
+`--compare REV` times the embedded default's own train step instead, at this checkout and at a git revision:
+each round runs `python -m experiments.train --config <the backbone's tiny YAML> --stage 0 --max-steps N` once
+in each tree (the revision unpacked with `git archive`, both on one synthetic split written here), alternating
+which goes first, and reads the step times the trainer records (metrics.jsonl `step_time_s`, the first
+`--skip` updates left out: compilation and warm-up). It prints per-round medians and the ratio HEAD / REV.
+  python -m experiments.bench_train --compare 2f84bce [--rounds 3] [--steps 60] [--backbone chameleon]
 """
 
 from __future__ import annotations
@@ -48,6 +55,12 @@ def model_config(name: str):
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compare", metavar="REV", help="time the embedded default's step here and at git revision "
+                    "REV, alternating runs, and print the ratio (the options below --rounds apply)")
+    ap.add_argument("--rounds", type=int, default=3, help="--compare: runs per tree")
+    ap.add_argument("--backbone", default="qwen2_vl", choices=sorted(TINY_CONFIGS),
+                    help="--compare: whose embedded default to time")
+    ap.add_argument("--skip", type=int, default=5, help="--compare: first updates of a run left out (compilation)")
     ap.add_argument("--model", default="small", choices=list(MODELS))
     ap.add_argument("--finetune", default="lora", choices=["lora", "full"])
     ap.add_argument("--batch", type=int, default=8, help="rows per step (global)")
@@ -55,7 +68,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--tail", type=int, default=128, help="labelled tokens after the latent steps")
     ap.add_argument("--n", type=int, default=3, help="latent steps")
     ap.add_argument("--k", type=int, default=32, help="image embeddings per latent step")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps after compilation")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps after compilation (default 5; --compare: "
+                    "optimiser updates per run, default 60)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--mesh", default="auto", help="mesh preset")
     ap.add_argument("--remat", default="auto", choices=["auto", "full", "dots_except_mlp", "dots", "none"],
@@ -65,6 +79,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: by kind)")
     ap.add_argument("--out", default="bench_train.json", help="JSON file for the results")
     args = ap.parse_args(argv)
+    if args.compare:
+        return compare(args.compare, rounds=args.rounds, steps=args.steps or 60, skip=args.skip,
+                       backbone=args.backbone, out=args.out)
+    args.steps = args.steps or 5
 
     from ivtlr_jax import sharding as sh
 
@@ -132,6 +150,101 @@ def main(argv=None) -> dict:
     print(f"{args.model:<7}{args.finetune:<9}{str(dtype):<10}{res['attention']:<10}{res['remat']:<16}{shape:>12}"
           f"{dt:>9.3f}{res['tokens_per_s']:>11.0f}{mfu:>7}{peak_dev:>13}{res['peak_host_rss_gib']:>10.2f}")
     with open(args.out, "w") as f:
+        json.dump(res, f, indent=2)
+    return res
+
+
+TINY_CONFIGS = {"qwen2_vl": "tiny", "chameleon": "tiny_chameleon", "qwen2_5_vl": "tiny_qwen25vl"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _unpack_revision(rev: str, dst: str) -> str:
+    """`git archive` of REV unpacked into dst; returns the full commit id (a one-line error for an unknown REV)."""
+    import subprocess
+    import tarfile
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--verify", rev + "^{commit}"], cwd=REPO, check=True,
+                                capture_output=True, text=True).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        raise SystemExit(f"--compare {rev!r}: not a git revision of {REPO}") from None
+    archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=REPO, check=True,
+                             capture_output=True).stdout
+    import io
+
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dst, filter="data")
+    return commit
+
+
+def _timed_run(tree: str, config: str, data: str, out: str, steps: int, skip: int) -> dict:
+    """One `experiments.train` run in `tree` (its own code: cwd and PYTHONPATH); its recorded update times."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "experiments.train", "--config", config, "--data-source", data, "--stage", "0",
+           "--max-steps", str(steps), "--save-every", str(10 * steps), "--out", out, "--log-every", str(10 * steps)]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each tree sets the flags it sets
+    env["PYTHONPATH"] = tree
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise SystemExit(f"--compare: the run in {tree} failed: {' | '.join(tail)}")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        times = [r["step_time_s"] for r in map(json.loads, f) if "step_time_s" in r]
+    if len(times) <= skip:
+        raise SystemExit(f"--compare: the run in {tree} recorded {len(times)} updates; need more than --skip {skip}")
+    timed = np.asarray(times[skip:])
+    return {"median_s": float(np.median(timed)), "mean_s": float(timed.mean()), "updates": len(timed),
+            "wall_s": wall, "first_s": float(times[0])}
+
+
+def compare(rev: str, rounds: int = 3, steps: int = 60, skip: int = 5, backbone: str = "qwen2_vl",
+            out: str = "bench_train.json") -> dict:
+    """Time the embedded default's step at this checkout and at `rev`, alternating; ratio HEAD / REV."""
+    import subprocess
+    import tempfile
+
+    from ivtlr_jax.data.synthetic import write_synthetic
+
+    config = TINY_CONFIGS[backbone]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip() or "working tree"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
+    head_name = f"HEAD {head}" + (" + changes" if dirty else "")
+    with tempfile.TemporaryDirectory(prefix="bench_compare_") as tmp:
+        rev_tree = os.path.join(tmp, "rev")
+        commit = _unpack_revision(rev, rev_tree)
+        data = os.path.join(tmp, "data")
+        import yaml
+
+        with open(os.path.join(REPO, "experiments", "configs", config + ".yaml")) as f:
+            rows = yaml.safe_load(f)["limit"]
+        write_synthetic(data, n=rows, n_eval=8, seed=0, level="warmup")
+        trees = {"head": REPO, "rev": rev_tree}
+        runs: dict[str, list] = {"head": [], "rev": []}
+        print(f"{'round':<7}{'tree':<22}{'median s/update':>16}{'mean':>9}{'updates':>9}{'run wall s':>11}")
+        for i in range(rounds):
+            for name in (("head", "rev") if i % 2 == 0 else ("rev", "head")):
+                r = _timed_run(trees[name], config, data, os.path.join(tmp, f"run_{name}"), steps, skip)
+                runs[name].append(r)
+                label = head_name if name == "head" else rev
+                print(f"{i:<7}{label:<22}{r['median_s']:>16.4f}{r['mean_s']:>9.4f}{r['updates']:>9}"
+                      f"{r['wall_s']:>11.1f}", flush=True)
+    med = {k: float(np.median([r["median_s"] for r in v])) for k, v in runs.items()}
+    per_round = [h["median_s"] / r["median_s"] for h, r in zip(runs["head"], runs["rev"])]
+    res = {"compare": rev, "commit": commit, "head": head_name, "backbone": backbone, "config": config,
+           "steps": steps, "skip": skip, "rounds": rounds, "runs": runs, "median_s": med,
+           "ratio_head_over_rev": med["head"] / med["rev"], "ratio_per_round": per_round}
+    print(f"{backbone} embedded default, stage 0, median s/update: {head_name} {med['head']:.4f}, {rev} "
+          f"{med['rev']:.4f}; ratio {res['ratio_head_over_rev']:.3f} (per round: "
+          f"{', '.join(f'{x:.3f}' for x in per_round)})")
+    with open(out, "w") as f:
         json.dump(res, f, indent=2)
     return res
 

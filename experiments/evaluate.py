@@ -134,12 +134,11 @@ def run_dry(args) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from experiments.train import simulate_devices_for_dry_run
     from ivtlr_jax import sharding as sh
 
     sh.get_preset(args.mesh)  # an unknown --mesh: one line naming the presets
     if args.dry_run:
-        simulate_devices_for_dry_run(args.mesh)  # CPU-only host: the preset's device count (before JAX starts)
+        sh.simulate_cpu_devices(args.mesh)  # CPU-only host: the preset's device count (before JAX starts)
         return run_dry(args)
     sh.apply_xla_flags(args.mesh)  # before JAX starts its backend
     return evaluate(args)

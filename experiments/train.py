@@ -180,16 +180,6 @@ def load_train_config(args, field_types) -> tuple:
         raise SystemExit(f"config error: {e}") from None
 
 
-def simulate_devices_for_dry_run(preset: str) -> None:
-    """On a CPU-only host, simulate the preset's device count (before JAX creates its backend)."""
-    from ivtlr_jax.sharding import get_preset
-
-    want = get_preset(preset).num_devices
-    flags = os.environ.get("XLA_FLAGS", "")
-    if want and "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={want}".strip()
-
-
 def dry_run_model_config(tcfg, yaml_values, backbone: str | None = None):
     """The model config a dry run sizes, from wherever the run would take its model: `--init CKPT` (its saved
     config), the auto-tiny default (the tiny model's config, built without weights; a YAML `model:` section
@@ -277,7 +267,9 @@ def main(argv=None) -> dict | list:
             exc_info=(u.exc_type, u.exc_value, u.exc_traceback))
     try:
         if args.dry_run:
-            simulate_devices_for_dry_run(tcfg.mesh)
+            from ivtlr_jax.sharding import simulate_cpu_devices
+
+            simulate_cpu_devices(tcfg.mesh)  # CPU-only host: the preset's device count (before JAX starts)
             return run_dry(tcfg, yaml_values, args.backbone)
         return run_training(args, tcfg, yaml_values)
     except (SystemExit, KeyboardInterrupt):

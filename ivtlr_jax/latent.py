@@ -261,7 +261,7 @@ def latent_start(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, c
     """Embed and run the prefix; returns (prefix hidden (B, P, H), Embedded, first carry, kv_valid).
 
     The cache has `cache_len` slots (default: the final sequence length); slots past the final sequence
-    count as valid, for tokens decoded later. `layer_wrapper` wraps each decoder layer and `vision_wrapper`
+    count as valid, for tokens decoded later. The carry's attention row is None when there are no latent steps. `layer_wrapper` wraps each decoder layer and `vision_wrapper`
     each image encoder block (the trainer's remat; the identity for inference).
     """
     b, p = batch.prefix_ids.shape
@@ -270,7 +270,7 @@ def latent_start(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, c
     emb = bb.embed(params, batch.prefix_ids, batch.images, vision_wrapper)
     cache = bb.init_cache(b, cache_len, emb.embeds.dtype)
     hidden, cache, attn = bb.decode(for_call(params, 0), emb.embeds, batch.positions[:, :, :p], cache, 0, kv_valid,
-                                    attn_row=True, layer_wrapper=layer_wrapper, attention=attention)
+                                    attn_row=batch.n > 0, layer_wrapper=layer_wrapper, attention=attention)
     carry = LatentCarry(cache, hidden[:, -1], attn, jnp.zeros(emb.image_valid.shape, bool))
     return hidden, emb, carry, kv_valid
 

@@ -214,6 +214,21 @@ def apply_xla_flags(preset: str | MeshPreset) -> str:
     return flags
 
 
+def simulate_cpu_devices(preset: str | MeshPreset) -> None:
+    """On a CPU-only host, ask XLA for the preset's device count (before JAX creates its backend), with the flags a
+    program over several CPU devices needs (ivtlr_jax.CPU_XLA_FLAGS). A count already in XLA_FLAGS is kept."""
+    import os
+
+    import ivtlr_jax
+
+    want = get_preset(preset).num_devices
+    flags = os.environ.get("XLA_FLAGS", "")
+    if want and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={want}".strip()
+    if ivtlr_jax.simulated_cpu_devices() > 1:
+        ivtlr_jax.use_multi_device_cpu_flags()
+
+
 def joins_several_processes(preset: str | MeshPreset, num_processes: int | None = None) -> bool:
     """Whether `maybe_initialize_distributed` with these arguments joins (or tries to join) a multi-process run."""
     if num_processes is not None:
@@ -254,6 +269,9 @@ def maybe_initialize_distributed(preset: str | MeshPreset, coordinator_address: 
     platforms = str(jax.config.jax_platforms or "cpu")
     if "cpu" in platforms.split(","):  # CPU processes (simulated hosts) exchange collectives over gloo
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        import ivtlr_jax
+
+        ivtlr_jax.use_multi_device_cpu_flags()  # a program over several processes' CPU devices (see CPU_XLA_FLAGS)
     if heartbeat_timeout_s is not None:
         kwargs["heartbeat_timeout_seconds"] = int(heartbeat_timeout_s)
     try:

@@ -262,20 +262,42 @@ def test_spec_axes_are_known_rules(tie):
         sharding.logical_to_spec(("embed", ("heads", "nope")), sharding.make_mesh("cpu"))
 
 
-def test_import_sets_the_cpu_xla_flags_before_jax_starts():
-    """`import ivtlr_jax` adds CPU_XLA_FLAGS to XLA_FLAGS (a user's own value of a flag wins); this jaxlib accepts
-    them (an unknown flag aborts at the first device query)."""
+def test_import_sets_the_cpu_xla_flags_only_for_several_cpu_devices():
+    """`import ivtlr_jax` adds CPU_XLA_FLAGS to XLA_FLAGS when the process asks for several CPU devices (a user's own
+    value of a flag wins), and leaves a single-device run on XLA's default scheduler; this jaxlib accepts the flags
+    (an unknown flag aborts at the first device query)."""
     from ivtlr_jax import CPU_XLA_FLAGS
 
-    probe = "import os, ivtlr_jax, jax; jax.devices(); print(os.environ['XLA_FLAGS'])"
+    probe = "import os, ivtlr_jax, jax; jax.devices(); print(os.environ.get('XLA_FLAGS', ''))"
     name = CPU_XLA_FLAGS[0].split("=")[0]
-    for given, want in ((None, CPU_XLA_FLAGS[0]), (f"{name}=true", f"{name}=true")):
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    two = "--xla_force_host_platform_device_count=2"
+    cases = ((two, CPU_XLA_FLAGS[0]), (f"{two} {name}=true", f"{name}=true"), (None, None),
+             ("--xla_force_host_platform_device_count=1", None))
+    for given, want in cases:
+        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
         env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **({"XLA_FLAGS": given} if given else {}))
         proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         flags = proc.stdout.split()
-        assert want in flags and sum(f.startswith(name) for f in flags) == 1, flags
+        if want is None:
+            assert not any(f.startswith(name) for f in flags), (given, flags)
+        else:
+            assert want in flags and sum(f.startswith(name) for f in flags) == 1, (given, flags)
+
+
+def test_simulated_dry_run_devices_and_joined_cpu_processes_get_the_flags(monkeypatch):
+    """The dry run's simulated devices and a CPU process joining others set CPU_XLA_FLAGS too (before JAX starts)."""
+    import ivtlr_jax
+    from ivtlr_jax import sharding
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+    sharding.simulate_cpu_devices("tpu_v4_8")
+    flags = os.environ["XLA_FLAGS"].split()
+    assert "--xla_force_host_platform_device_count=4" in flags and ivtlr_jax.CPU_XLA_FLAGS[0] in flags
+    monkeypatch.setenv("XLA_FLAGS", "")
+    sharding.simulate_cpu_devices("cpu")
+    assert ivtlr_jax.CPU_XLA_FLAGS[0] not in os.environ["XLA_FLAGS"].split()
 
 
 if __name__ == "__main__":
