@@ -55,6 +55,7 @@ def inputs(mask, d, seed=1, extra=0):
     return embeds, jnp.asarray(pos), jnp.asarray(kv_valid)
 
 
+PALLAS = ly.AttentionSpec("pallas", interpret=True)  # the TPU kernel, run by the Pallas interpreter on CPU
 STATIC = ("attn_row", "layer_wrapper", "attention", "kv_len")
 decode_at = jax.jit(ly.decoder, static_argnums=(1, 5), static_argnames=STATIC)  # cache_index a Python int
 decode_traced = jax.jit(ly.decoder, static_argnums=(1,), static_argnames=STATIC)  # cache_index traced
@@ -173,14 +174,11 @@ def test_bfloat16_fused_close_to_dense():
 @pytest.mark.slow
 def test_tpu_flash_kernel_in_interpret_mode_equals_dense():
     """The Pallas TPU kernel with segment ids, run by the Pallas interpreter on CPU (lengths padded to 128)."""
-    from jax.experimental.pallas import tpu as pltpu
-
     d = dims(kv_heads=1)
     params = decoder_params(d)
     embeds, pos, kv_valid = inputs([MASKS["both"][0], MASKS["left"][0]], d)  # row 1 ends on a real token
     want = run(d, params, embeds, pos, kv_valid, "dense")
-    with pltpu.force_tpu_interpret_mode():
-        got = run(d, params, embeds, pos, kv_valid, "pallas")
+    got = run(d, params, embeds, pos, kv_valid, PALLAS)
     valid = np.asarray(kv_valid)
     np.testing.assert_allclose(np.asarray(got[0])[valid], np.asarray(want[0])[valid], atol=1e-4, rtol=1e-4)
     assert np.abs(np.asarray(got[2])[1] - np.asarray(want[2])[1]).max() <= 1e-6
@@ -339,20 +337,11 @@ HOLES = [[0] * 3 + [1] * 6 + [0] * 2 + [1] * 9 + [0, 1, 1, 0], [1] * 4 + [0] + [
 @pytest.mark.parametrize("attention", ["xla", "pallas"])
 def test_fused_prefill_with_holes_in_the_mask_equals_dense(attention):
     """Real tokens need not be one run: a mask with holes gives the dense path's hidden states, cache and row."""
-    if attention == "pallas":
-        from jax.experimental.pallas import tpu as pltpu
-
-        d = dims(kv_heads=1)
-    else:
-        d = dims()
+    d = dims(kv_heads=1) if attention == "pallas" else dims()
     params = decoder_params(d)
     embeds, pos, kv_valid = inputs(HOLES, d, extra=3)
     want = run(d, params, embeds, pos, kv_valid, "dense", cache_len=27)
-    if attention == "pallas":
-        with pltpu.force_tpu_interpret_mode():
-            got = run(d, params, embeds, pos, kv_valid, "pallas", cache_len=27)
-    else:
-        got = run(d, params, embeds, pos, kv_valid, "xla", cache_len=27)
+    got = run(d, params, embeds, pos, kv_valid, PALLAS if attention == "pallas" else "xla", cache_len=27)
     valid = np.asarray(kv_valid[:, :24])
     np.testing.assert_allclose(np.asarray(got[0])[valid], np.asarray(want[0])[valid], atol=1e-4, rtol=1e-4)
     for a, b in ((want[1].k, got[1].k), (want[1].v, got[1].v)):
