@@ -490,6 +490,7 @@ def test_splash_latent_chunks_and_suffix_equal_dense(dtype, kv_heads):
         assert_close(a, b, dtype, (slice(None), valid))
 
 
+@pytest.mark.slow
 def test_splash_latent_loss_and_gradient_equal_dense(tiny_pair):
     """The whole training loss of a tiny model (prefix, K+1 chunks over the cache, suffix), kernel vs dense."""
     from test_latent import LATENT, latent_batch
