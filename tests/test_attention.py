@@ -1,9 +1,10 @@
 """Attention implementations of the shared decoder against its dense reference; remat, decode phases, XLA flags.
 
-Every fused implementation runs here in float32 on CPU (xla; the TPU kernel in Pallas interpret mode):
-the masks the kernels take (rows rotated to right padding + sequence lengths; segment ids) must give the
-dense einsum's outputs, attention row, cache and gradients, with left padding, right padding, both, and a
-row that is all padding.
+Every fused implementation runs here on CPU (xla; the TPU splash kernel in Pallas interpret mode): the masks
+the kernels take (rows rotated to right padding + sequence lengths; segment ids and a causal mask offset past
+the cache) must give the dense einsum's outputs, attention row, cache and gradients, with left padding, right
+padding, both, holes and a row that is all padding; the splash kernel also for latent chunks and the suffix
+over the cache, and under shard_map on simulated 4-device meshes.
 """
 
 import functools
