@@ -19,7 +19,8 @@ import numpy as np
 
 from ivtlr_jax import sharding as sh
 from ivtlr_jax.latent import LatentBatch, LatentConfig, latent_prefill, make_latent_batch, to_device
-from ivtlr_jax.models.base import Backbone
+from ivtlr_jax.models import layers as ly
+from ivtlr_jax.models.base import Backbone, param_dtype
 
 DECODE_BLOCK = 256  # decode steps per phase: a phase reads a static cache prefix at most this much past the valid one
 
@@ -79,11 +80,19 @@ def latent_states(lcfg: LatentConfig, batch: LatentBatch, hidden):
     return hidden[:, idx].transpose(1, 0, 2).astype(jnp.float32)
 
 
+def mesh_attention(bb: Backbone, params, attention: str | ly.AttentionSpec, mesh) -> ly.AttentionSpec:
+    """The AttentionSpec of a program on `mesh` (None: one device): auto resolved for the mesh's devices."""
+    return ly.attention_spec(attention, param_dtype(params), bb.dims.head_dim, mesh)
+
+
 def _prefill(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, key, temperature, top_p, *,
-             max_new_tokens: int, greedy: bool, attention: str = "auto", mesh=None, with_states: bool = False):
+             max_new_tokens: int, greedy: bool, attention: str | ly.AttentionSpec = "auto", mesh=None,
+             with_states: bool = False):
     """Prefix + latent steps into a cache of L_final + max_new_tokens slots; (cache, first tokens (B,), selected).
 
-    mesh: the cache is constrained to `sharding.cache_sharding` (batch over the data axes), None: no constraint."""
+    mesh: the cache is constrained to `sharding.cache_sharding` (batch over the data axes), None: no constraint;
+    the attention implementation is resolved for it (on TPU the splash kernel runs under shard_map there)."""
+    attention = mesh_attention(bb, params, attention, mesh)
     total = batch.kv_valid.shape[1]  # L_final: prompt with its latent chunks
     hidden, cache, selected = latent_prefill(bb, params, lcfg, batch, cache_len=total + max_new_tokens,
                                              attention=attention)
@@ -96,14 +105,16 @@ def _prefill(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, key, 
 
 
 def _decode(bb: Backbone, params, kv_valid, positions, cache, first, key, temperature, top_p, *,
-            max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, greedy: bool, attention: str = "auto",
-            decode_block: int = DECODE_BLOCK, mesh=None):
+            max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, greedy: bool,
+            attention: str | ly.AttentionSpec = "auto", decode_block: int = DECODE_BLOCK, mesh=None):
     """The decode loop after `_prefill`: one token per row per step until every row is done.
 
     kv_valid (B, L_final) and positions (B, R, L_final) are the prompt's (the LatentBatch's). The loop runs
-    in phases (`decode_phase_ends`); a phase reads only the cache slots it can need, a static prefix.
+    in phases (`decode_phase_ends`); a phase reads only the cache slots it can need, a static prefix. One
+    token per step runs dense attention over the cache whatever `attention` is (see layers.decoder).
     Returns (tokens (B, max_new_tokens), lengths (B,), steps, the cache after the last step).
     """
+    attention = mesh_attention(bb, params, attention, mesh)
     total = kv_valid.shape[1]
     kv_valid = jnp.pad(kv_valid, ((0, 0), (0, max_new_tokens)), constant_values=True)  # (B, cache_len)
     b, rows = first.shape[0], positions.shape[1]
@@ -153,7 +164,7 @@ def generate_jit(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, k
     states (n, B, H) when with_states.
 
     mesh: params and batch live on it (`sharding.param_shardings`, `sharding.put_batch`); the KV cache is
-    constrained to `sharding.cache_sharding` there."""
+    constrained to `sharding.cache_sharding` there, and `attention` resolved for its devices."""
     cache, first, selected, *states = _prefill(bb, params, lcfg, batch, key, temperature, top_p,
                                                max_new_tokens=max_new_tokens, greedy=greedy, attention=attention,
                                                mesh=mesh, with_states=with_states)

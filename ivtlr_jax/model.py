@@ -13,8 +13,10 @@ from ivtlr_jax import sharding as sh
 from ivtlr_jax.config import check_dtype
 from ivtlr_jax.latent import LatentConfig
 from ivtlr_jax.models import Backbone, backbone_for
+from ivtlr_jax.models import layers as ly
 from ivtlr_jax.models import spec as sp
 from ivtlr_jax.models.adapters import adapter_spec, fold_lora, is_linear
+from ivtlr_jax.models.base import param_dtype
 
 
 def resolve_dtype(dtype: str, platform: str | None = None) -> str:
@@ -64,11 +66,13 @@ def _fold_adapters(params, adapters, scale: float, dtypes):
 @functools.partial(jax.jit, static_argnames=("bb", "mesh"))
 def forward_logits(bb: Backbone, params, input_ids, attention_mask, positions, images, mesh=None):
     """One full pass: token ids (+ images) -> float32 logits (B, S, V); on `mesh`, the cache and activations are
-    kept in the inference layout (batch over the data axes)."""
+    kept in the inference layout (batch over the data axes) and the attention kernel is the one for its devices."""
     emb = bb.embed(params, input_ids, images)
     b, s = input_ids.shape
     cache = sh.constrain_cache(bb.init_cache(b, s, emb.embeds.dtype), mesh)
-    hidden, _, _ = bb.decode(params, emb.embeds, positions, cache, 0, attention_mask.astype(bool))
+    attention = ly.attention_spec("auto", emb.embeds.dtype, bb.dims.head_dim, mesh)
+    hidden, _, _ = bb.decode(params, emb.embeds, positions, cache, 0, attention_mask.astype(bool),
+                             attention=attention)
     return bb.lm_head(params, hidden)
 
 
@@ -235,7 +239,9 @@ class IVTLRModel:
         lcfg = self.latent_config(k, latent_text, position_mode, selection_order, latent_grad)
         batch = make_latent_batch(self.backbone, lcfg, input_ids, attention_mask, labels, pixel_values,
                                   image_grid_thw)
-        loss, logits, selected = latent_forward_jit(self.backbone, self.params, lcfg, self._put(batch))
+        attention = ly.attention_spec("auto", param_dtype(self.params), self.backbone.dims.head_dim, self.mesh)
+        loss, logits, selected = latent_forward_jit(self.backbone, self.params, lcfg, self._put(batch),
+                                                    attention=attention)
         return LatentOutput(float(loss), np.asarray(logits), np.asarray(selected))
 
     def generate(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, max_new_tokens: int = 64,

@@ -1,14 +1,17 @@
 """Attention implementations of the shared decoder against its dense reference; remat, decode phases, XLA flags.
 
-Every fused implementation runs here in float32 on CPU (xla; the TPU kernel in Pallas interpret mode):
-the masks the kernels take (rows rotated to right padding + sequence lengths; segment ids) must give the
-dense einsum's outputs, attention row, cache and gradients, with left padding, right padding, both, and a
-row that is all padding.
+Every fused implementation runs here on CPU (xla; the TPU splash kernel in Pallas interpret mode): the masks
+the kernels take (rows rotated to right padding + sequence lengths; segment ids and a causal mask offset past
+the cache) must give the dense einsum's outputs, attention row, cache and gradients, with left padding, right
+padding, both, holes and a row that is all padding; the splash kernel also for latent chunks and the suffix
+over the cache, and under shard_map on simulated 4-device meshes.
 """
 
+import functools
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +58,7 @@ def inputs(mask, d, seed=1, extra=0):
     return embeds, jnp.asarray(pos), jnp.asarray(kv_valid)
 
 
+PALLAS = ly.AttentionSpec("pallas", interpret=True)  # the TPU kernel, run by the Pallas interpreter on CPU
 STATIC = ("attn_row", "layer_wrapper", "attention", "kv_len")
 decode_at = jax.jit(ly.decoder, static_argnums=(1, 5), static_argnames=STATIC)  # cache_index a Python int
 decode_traced = jax.jit(ly.decoder, static_argnums=(1,), static_argnames=STATIC)  # cache_index traced
@@ -173,14 +177,11 @@ def test_bfloat16_fused_close_to_dense():
 @pytest.mark.slow
 def test_tpu_flash_kernel_in_interpret_mode_equals_dense():
     """The Pallas TPU kernel with segment ids, run by the Pallas interpreter on CPU (lengths padded to 128)."""
-    from jax.experimental.pallas import tpu as pltpu
-
     d = dims(kv_heads=1)
     params = decoder_params(d)
     embeds, pos, kv_valid = inputs([MASKS["both"][0], MASKS["left"][0]], d)  # row 1 ends on a real token
     want = run(d, params, embeds, pos, kv_valid, "dense")
-    with pltpu.force_tpu_interpret_mode():
-        got = run(d, params, embeds, pos, kv_valid, "pallas")
+    got = run(d, params, embeds, pos, kv_valid, PALLAS)
     valid = np.asarray(kv_valid)
     np.testing.assert_allclose(np.asarray(got[0])[valid], np.asarray(want[0])[valid], atol=1e-4, rtol=1e-4)
     assert np.abs(np.asarray(got[2])[1] - np.asarray(want[2])[1]).max() <= 1e-6
@@ -192,8 +193,19 @@ def test_resolve_attention():
     assert ly.resolve_attention("auto", jnp.float32, 128, "cuda") == "xla"  # cuDNN flash needs 16-bit inputs
     assert ly.resolve_attention("auto", jnp.bfloat16, 96 + 4, "cuda") == "xla"  # head_dim not a multiple of 8
     assert ly.resolve_attention("dense", jnp.bfloat16, 128, "cuda") == "dense"
+    assert ly.resolve_attention("auto", jnp.bfloat16, 128, "tpu") == "pallas"  # any number of chips
     with pytest.raises(ValueError, match="attention='flash'"):
         ly.resolve_attention("flash", jnp.float32, 128)
+    # the spec follows the mesh's devices, not the default backend (a TPU program compiled from a CPU host)
+    tpu_mesh = types.SimpleNamespace(devices=np.asarray([types.SimpleNamespace(platform="tpu")] * 4, object))
+    spec = ly.attention_spec("auto", jnp.bfloat16, 16, tpu_mesh)
+    assert spec.impl == "pallas" and spec.mesh is tpu_mesh and not spec.interpret
+    cpu_mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("fsdp",))
+    assert ly.attention_spec("auto", jnp.bfloat16, 16, cpu_mesh) == ly.AttentionSpec("xla", cpu_mesh)
+    assert ly.attention_spec(PALLAS, jnp.float32, 16, cpu_mesh) is PALLAS  # a spec passes through
+    assert ly.attention_spec("dense", jnp.float32, 16).impl == "dense"
+    with pytest.raises(ValueError, match="impl='auto'"):
+        ly.AttentionSpec("auto")
     d = dims()
     with pytest.raises(ValueError, match="kv_len=40"):
         decode_traced(decoder_params(d), d, jnp.zeros((1, 1, 64)), jnp.zeros((1, 1, 1), jnp.int32),
@@ -339,20 +351,11 @@ HOLES = [[0] * 3 + [1] * 6 + [0] * 2 + [1] * 9 + [0, 1, 1, 0], [1] * 4 + [0] + [
 @pytest.mark.parametrize("attention", ["xla", "pallas"])
 def test_fused_prefill_with_holes_in_the_mask_equals_dense(attention):
     """Real tokens need not be one run: a mask with holes gives the dense path's hidden states, cache and row."""
-    if attention == "pallas":
-        from jax.experimental.pallas import tpu as pltpu
-
-        d = dims(kv_heads=1)
-    else:
-        d = dims()
+    d = dims(kv_heads=1) if attention == "pallas" else dims()
     params = decoder_params(d)
     embeds, pos, kv_valid = inputs(HOLES, d, extra=3)
     want = run(d, params, embeds, pos, kv_valid, "dense", cache_len=27)
-    if attention == "pallas":
-        with pltpu.force_tpu_interpret_mode():
-            got = run(d, params, embeds, pos, kv_valid, "pallas", cache_len=27)
-    else:
-        got = run(d, params, embeds, pos, kv_valid, "xla", cache_len=27)
+    got = run(d, params, embeds, pos, kv_valid, PALLAS if attention == "pallas" else "xla", cache_len=27)
     valid = np.asarray(kv_valid[:, :24])
     np.testing.assert_allclose(np.asarray(got[0])[valid], np.asarray(want[0])[valid], atol=1e-4, rtol=1e-4)
     for a, b in ((want[1].k, got[1].k), (want[1].v, got[1].v)):
@@ -389,3 +392,205 @@ def test_attention_row_on_right_padding_is_the_last_real_tokens(tiny_pair):
         assert np.abs(np.asarray(row) - ref).max() <= 1e-4, attention
     assert np.abs(np.asarray(rows["xla"]) - np.asarray(rows["dense"])).max() <= 1e-6
     assert (np.asarray(rows["xla"])[0, 23:] == 0).all()
+
+
+# ----------------------------------------------------------------------------- the TPU splash kernel, every pass
+# Pallas interpret mode on CPU against the dense path: float32 within 1e-5, bfloat16 within 2e-2 (absolute and
+# relative: a bfloat16 ulp of hidden states near 4 is 3e-2). Every row kind in one batch: left, right, both,
+# none, all padding, holes; head_dim 16 (padded to the kernel's 128 lanes); GQA (kv 2 of 4 heads) and MHA.
+PREFILL_ROWS = [r for rows in MASKS.values() for r in rows] + HOLES  # (10, 24)
+TOL = {jnp.float32: dict(atol=1e-5, rtol=1e-5), jnp.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def assert_close(got, want, dtype, where=None):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.isfinite(got).all()
+    if where is not None:
+        got, want = got[where], want[where]
+    np.testing.assert_allclose(got, want, **TOL[dtype])
+
+
+def cast_case(d, dtype, embeds):
+    params = jax.tree.map(lambda x: x.astype(dtype), decoder_params(d, scale=10.0 if dtype == jnp.float32 else 3.0))
+    return params, embeds.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype,kv_heads", [(jnp.float32, 2), (jnp.float32, 4), (jnp.bfloat16, 2)])
+def test_splash_prefill_equals_dense(dtype, kv_heads):
+    """Causal prefill with left/right/both padding, an all-pad row and holes: hidden states, cache and row."""
+    d = dims(kv_heads=kv_heads)
+    embeds, pos, kv_valid = inputs(PREFILL_ROWS, d, extra=3)
+    params, embeds = cast_case(d, dtype, embeds)
+    want = run(d, params, embeds, pos, kv_valid, "dense", cache_len=27)
+    got = run(d, params, embeds, pos, kv_valid, PALLAS, cache_len=27)
+    valid = np.asarray(kv_valid[:, :24])
+    assert_close(got[0][:, :24], want[0][:, :24], dtype, valid)
+    for a, b in ((got[1].k, want[1].k), (got[1].v, want[1].v)):
+        assert_close(a[:, :, :24], b[:, :, :24], dtype, (slice(None), valid))
+    assert np.abs(np.asarray(got[2]) - np.asarray(want[2])).max() <= (1e-6 if dtype == jnp.float32 else 1e-4)
+
+
+def test_splash_prefill_gradients_equal_dense():
+    """float32 gradients (params and embeddings) through the kernel's backward pass, every row kind in one batch."""
+    d = dims()
+    params = decoder_params(d)
+    embeds, pos, kv_valid = inputs(PREFILL_ROWS, d)
+    valid = kv_valid[..., None]
+
+    def loss(params, embeds, attention):
+        h, _, _ = run(d, params, embeds, pos, kv_valid, attention, attn_row=False)
+        return jnp.sum(jnp.where(valid, jnp.tanh(h), 0.0))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    for g_dense, g_pallas in zip(jax.tree.leaves(grad(params, embeds, "dense")),
+                                 jax.tree.leaves(grad(params, embeds, PALLAS)), strict=True):
+        scale = max(float(np.abs(np.asarray(g_dense)).max()), 1.0)
+        assert np.isfinite(np.asarray(g_pallas)).all()
+        assert np.abs(np.asarray(g_pallas) - np.asarray(g_dense)).max() <= 1e-5 * scale
+
+
+PREFIX, CHUNK, STEPS = 24, 5, 2  # the latent loop's pieces: a prefix, STEPS chunks of CHUNK = K + 1, a suffix
+SUFFIX_ROWS = [[1] * 6, [1] * 4 + [0] * 2, [1] * 3 + [0] * 3, [1] * 6, [1] * 5 + [0], [1] * 2 + [0] * 4]
+
+
+@functools.partial(jax.jit, static_argnums=(1,), static_argnames=("attention",))
+def latent_pieces(params, d, embeds, pos, kv_valid, attention):
+    """Prefix at 0, a chunk at a static index, the others at traced indices with kv_len (as latent_step calls
+    them), then the right-padded suffix (as suffix_hidden): each piece's hidden states and attention row."""
+    cache = ly.init_cache(d, embeds.shape[0], kv_valid.shape[1], embeds.dtype)
+    outs, start = [], 0
+    for size in (PREFIX,) + (CHUNK,) * STEPS + (kv_valid.shape[1] - PREFIX - STEPS * CHUNK,):
+        index, kv_len = start, None
+        if PREFIX < start < PREFIX + STEPS * CHUNK:
+            index, kv_len = jnp.int32(start), PREFIX + STEPS * CHUNK
+        h, cache, row = ly.decoder(params, d, embeds[:, start:start + size], pos[:, :, start:start + size], cache,
+                                   index, kv_valid, attn_row=True, attention=attention, kv_len=kv_len)
+        outs.append((h, row))
+        start += size
+    return outs, cache
+
+
+@pytest.mark.parametrize("dtype,kv_heads", [(jnp.float32, 2), (jnp.bfloat16, 4)])
+def test_splash_latent_chunks_and_suffix_equal_dense(dtype, kv_heads):
+    """Latent chunks after a cached prefix (static and traced offsets) and a right-padded suffix: hidden states,
+    attention rows (what the next step selects by) and the cache."""
+    d = dims(kv_heads=kv_heads)
+    prefix = np.asarray(MASKS["left"] + MASKS["both"] + HOLES, bool)
+    valid = np.concatenate([prefix, np.ones((6, STEPS * CHUNK), bool), np.asarray(SUFFIX_ROWS, bool)], 1)
+    embeds = jnp.asarray(np.random.default_rng(2).normal(size=valid.shape + (d.hidden_size,)), jnp.float32)
+    params, embeds = cast_case(d, dtype, embeds)
+    pos = jnp.asarray(np.clip(np.cumsum(valid, 1) - 1, 0, None)[:, None].astype(np.int32))
+    want, want_cache = latent_pieces(params, d, embeds, pos, jnp.asarray(valid), attention="dense")
+    got, got_cache = latent_pieces(params, d, embeds, pos, jnp.asarray(valid), attention=PALLAS)
+    start = 0
+    for (h_got, row_got), (h_want, row_want) in zip(got, want, strict=True):
+        assert_close(h_got, h_want, dtype, valid[:, start:start + h_got.shape[1]])
+        assert np.abs(np.asarray(row_got) - np.asarray(row_want)).max() <= (1e-6 if dtype == jnp.float32 else 1e-4)
+        start += h_got.shape[1]
+    for a, b in ((got_cache.k, want_cache.k), (got_cache.v, want_cache.v)):
+        assert_close(a, b, dtype, (slice(None), valid))
+
+
+@pytest.mark.slow
+def test_splash_latent_loss_and_gradient_equal_dense(tiny_pair):
+    """The whole training loss of a tiny model (prefix, K+1 chunks over the cache, suffix), kernel vs dense."""
+    from test_latent import LATENT, latent_batch
+
+    from ivtlr_jax.latent import latent_loss, make_latent_batch, to_device
+
+    _, m = tiny_pair
+    bb = m.backbone.replace_config(latent_token_id=LATENT)
+    lcfg = LatentConfig(k=4)
+    batch = to_device(make_latent_batch(bb, lcfg, *latent_batch(2)))
+    loss = jax.jit(jax.value_and_grad(lambda p, attention: latent_loss(bb, p, lcfg, batch, attention=attention)),
+                   static_argnums=1)
+    want, g_want = loss(m.params, "dense")
+    got, g_got = loss(m.params, PALLAS)
+    assert abs(float(got) - float(want)) <= 1e-5 * abs(float(want))
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+
+
+SHARDED_CHILD = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_attention import (CHUNK, HOLES, MASKS, PREFIX, STEPS, SUFFIX_ROWS, decoder_params, dims, inputs,
+                            latent_pieces, run)
+from ivtlr_jax import sharding as sh
+from ivtlr_jax.models import layers as ly
+from ivtlr_jax.models import tpu_attention as ta
+
+def on_mesh(mesh, d, params, *arrays):
+    params = jax.device_put(params, sh.param_shardings(mesh, ly.decoder_spec(d)))
+    return params, [jax.device_put(a, sh.batch_sharding(mesh, a.ndim, a.shape[0])) for a in arrays]
+
+def diff(a, b, where):
+    return float(np.abs(np.asarray(a) - np.asarray(b))[where].max())
+
+out = {}
+fsdp = sh.make_mesh("tpu_v4_8", jax.devices())  # fsdp=4
+split = sh.make_mesh(sh.MeshPreset("fsdp2_tensor2", 4, None, None, fsdp=2, tensor=2), jax.devices())
+d = dims()
+for name, mesh, rows in (("fsdp4_batch8", fsdp, [r for k in ("left", "right", "both", "all_pad_row")
+                                                for r in MASKS[k]]),
+                         ("fsdp4_batch1", fsdp, MASKS["both"][:1])):
+    embeds, pos, kv_valid = inputs(rows, d)
+    params = decoder_params(d)
+    spec = ly.AttentionSpec("pallas", mesh, interpret=True)
+    valid = np.asarray(kv_valid)
+
+    def loss(params, embeds, attention):
+        h, _, _ = run(d, params, embeds, pos, kv_valid, attention, attn_row=False)
+        return jnp.sum(jnp.where(kv_valid[..., None], jnp.tanh(h), 0.0))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    want, g_want = run(d, params, embeds, pos, kv_valid, "dense"), grad(params, embeds, "dense")
+    mparams, (membeds, mpos, mkv) = on_mesh(mesh, d, params, embeds, pos, kv_valid)
+    got = run(d, mparams, membeds, mpos, mkv, spec)
+    g_got = grad(mparams, membeds, spec)
+    out[name] = {"spec": [str(x) for x in ta.head_batch_spec(mesh, len(rows), d.num_kv_heads)],
+                 "hidden": diff(got[0], want[0], valid), "row": float(np.abs(np.asarray(got[2]) - want[2]).max()),
+                 "cache": max(diff(got[1].k, want[1].k, (slice(None), valid)),
+                              diff(got[1].v, want[1].v, (slice(None), valid))),
+                 "grad": max(float(np.abs(np.asarray(a) - np.asarray(b)).max() / max(np.abs(np.asarray(b)).max(), 1))
+                             for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)))}
+
+prefix = np.asarray(MASKS["left"] + HOLES, bool)
+valid = np.concatenate([prefix, np.ones((4, STEPS * CHUNK), bool), np.asarray(SUFFIX_ROWS[:4], bool)], 1)
+embeds = jnp.asarray(np.random.default_rng(2).normal(size=valid.shape + (d.hidden_size,)), jnp.float32)
+pos = jnp.asarray(np.clip(np.cumsum(valid, 1) - 1, 0, None)[:, None].astype(np.int32))
+params = decoder_params(d)
+want, _ = latent_pieces(params, d, embeds, pos, jnp.asarray(valid), attention="dense")
+mparams, (membeds, mpos, mkv) = on_mesh(split, d, params, embeds, pos, jnp.asarray(valid))
+got, _ = latent_pieces(mparams, d, membeds, mpos, mkv, attention=ly.AttentionSpec("pallas", split, interpret=True))
+start, hidden, row = 0, 0.0, 0.0
+for (hg, rg), (hw, rw) in zip(got, want):
+    hidden = max(hidden, diff(hg, hw, valid[:, start:start + hg.shape[1]]))
+    row = max(row, float(np.abs(np.asarray(rg) - np.asarray(rw)).max()))
+    start += hg.shape[1]
+out["fsdp2_tensor2_latent"] = {"spec": [str(x) for x in ta.head_batch_spec(split, 4, d.num_kv_heads)],
+                               "hidden": hidden, "row": row}
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_splash_under_shard_map_on_four_cpu_devices_equals_dense():
+    """The kernel under shard_map on simulated meshes: rows over fsdp (4 ways; batch 1 replicated), and rows over
+    fsdp with kv heads over tensor for the latent pieces; equal to the dense path on one device."""
+    import json
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+               XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
+    proc = subprocess.run([sys.executable, "-c", SHARDED_CHILD, os.path.dirname(os.path.abspath(__file__))],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["fsdp4_batch8"]["spec"] == ["fsdp", "None"], result
+    assert result["fsdp4_batch1"]["spec"] == ["None", "None"], result  # 1 row does not divide: replicated
+    assert result["fsdp2_tensor2_latent"]["spec"] == ["fsdp", "tensor"], result
+    for name, r in result.items():
+        assert r["hidden"] <= 1e-5 and r["row"] <= 1e-6, (name, r)
+        assert r.get("cache", 0.0) <= 1e-5 and r.get("grad", 0.0) <= 1e-5, (name, r)

@@ -20,14 +20,14 @@ from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 
 from ivtlr_jax.models.spec import HFKey, ParamInfo
+from ivtlr_jax.models.tpu_attention import PALLAS_BLOCK, splash_attention  # noqa: F401  (PALLAS_BLOCK re-exported)
 
-# attention implementation: auto = cudnn on CUDA GPUs (bf16/fp16), pallas on one TPU chip, xla elsewhere;
-# dense = the plain einsum over the cache (the reference every implementation is tested against)
+# attention implementation: auto = cudnn on CUDA GPUs (bf16/fp16), pallas (the TPU splash kernel) on TPU, xla
+# elsewhere; dense = the plain einsum over the cache (the reference every implementation is tested against)
 ATTENTION_CHOICES = ("auto", "xla", "cudnn", "pallas", "dense")
 MASK_VALUE = -1e30  # added to masked attention scores; finite so fully masked (pad) rows stay NaN-free
 # Names of the layer's attention-side matmul outputs (checkpoint_name): what a remat policy may keep.
 ATTENTION_DOTS = ("q_proj", "k_proj", "v_proj", "context", "o_proj")
-PALLAS_BLOCK = 128  # the TPU flash kernel's sequence block: chunks are padded to a multiple of it
 
 
 # XLA:CPU with several processes (gloo collectives): a loop whose body holds collectives finishes
@@ -72,11 +72,11 @@ def _is_cuda() -> bool:
 
 
 def resolve_attention(name: str, dtype, head_dim: int, platform: str | None = None) -> str:
-    """The implementation "auto" stands for on this platform.
+    """The implementation "auto" stands for on `platform` (default: the default backend).
 
     cudnn (cuDNN flash attention) on CUDA GPUs for bfloat16/float16 with a head_dim cuDNN takes (a multiple
-    of 8, <= 128); pallas (the TPU flash kernel) on a single TPU chip (the kernel is not partitioned over a
-    mesh); xla (jax.nn.dot_product_attention's XLA path, same masks) everywhere else, CPU included.
+    of 8, <= 128); pallas (the TPU splash kernel, under shard_map on a mesh) on TPU, any number of chips; xla
+    (jax.nn.dot_product_attention's XLA path, same masks) everywhere else, CPU included.
     """
     if check_attention(name) != "auto":
         return name
@@ -84,9 +84,33 @@ def resolve_attention(name: str, dtype, head_dim: int, platform: str | None = No
     if (platform in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
             and head_dim <= 128 and (platform == "cuda" or _is_cuda())):
         return "cudnn"
-    if platform == "tpu" and jax.device_count() == 1:
+    if platform == "tpu":
         return "pallas"
     return "xla"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """A resolved attention implementation and where it runs; hashable, so a jitted call takes it as static."""
+
+    impl: str  # xla | cudnn | pallas | dense (never auto)
+    mesh: jax.sharding.Mesh | None = None  # the mesh the TPU kernel runs on under shard_map; None: one device
+    interpret: bool = False  # run the TPU kernel in Pallas interpret mode (CPU tests)
+
+    def __post_init__(self):
+        if self.impl == "auto" or check_attention(self.impl) != self.impl:
+            raise ValueError(f"AttentionSpec(impl={self.impl!r}) must be resolved; use one of "
+                             f"{[c for c in ATTENTION_CHOICES if c != 'auto']} (attention_spec resolves 'auto')")
+
+
+def attention_spec(attention: str | AttentionSpec, dtype, head_dim: int, mesh: jax.sharding.Mesh | None = None,
+                   interpret: bool = False) -> AttentionSpec:
+    """The AttentionSpec of a name for the program compiled on `mesh` (auto resolved for the mesh's platform, not
+    the default backend: a TPU program may be compiled from a CPU host); an AttentionSpec passes through."""
+    if isinstance(attention, AttentionSpec):
+        return attention
+    platform = None if mesh is None else mesh.devices.flat[0].platform
+    return AttentionSpec(resolve_attention(attention, dtype, head_dim, platform), mesh, interpret)
 
 
 # ----------------------------------------------------------------------------- typed weights
@@ -338,43 +362,26 @@ def last_real_index(valid):
     return (t - 1 - jnp.argmax(valid[:, ::-1], axis=1)).astype(jnp.int32)
 
 
-def _pallas_flash(q, k, v, valid):
-    """The TPU flash kernel with segment ids (valid run 1, pads 0); lengths padded to PALLAS_BLOCK."""
-    from jax.experimental.pallas.ops.tpu import flash_attention as fa
-
-    b, t, n, hd = q.shape
-    groups = n // k.shape[2]
-    pad = (-t) % PALLAS_BLOCK
-    seg = jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, pad)))
-
-    def heads_first(x, rep):  # (B, T, h, hd) -> (B, h * rep, T + pad, hd)
-        x = jnp.repeat(x, rep, axis=2) if rep > 1 else x
-        return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-
-    o = fa.flash_attention(heads_first(q, 1), heads_first(k, groups), heads_first(v, groups),
-                           segment_ids=fa.SegmentIds(seg, seg), causal=True, sm_scale=hd**-0.5)
-    return o.transpose(0, 2, 1, 3)[:, :t]
-
-
-def causal_self_attention(q, k, v, valid, impl: str, order=None):
+def causal_self_attention(q, k, v, valid, spec: str | AttentionSpec, order=None):
     """Causal attention of a chunk over itself (nothing cached before it) with a fused kernel.
 
     q (B, T, N, hd), k/v (B, T, KV, hd) in the compute dtype; valid (B, T) any mask of real tokens (left
     and/or right padding, holes): query t sees the real keys <= t. The mask each kernel takes: xla/cudnn
     move every row's real tokens to the front in order (`compact_order`, or `order` if given), then
     `is_causal` plus query/key sequence lengths (cuDNN's PADDING_CAUSAL), and put the output back; pallas
-    gives real tokens segment id 1 and pads 0. Pad queries return 0.
+    (the splash kernel, `splash_attention`) gives real tokens segment id 1 and pads 0. Pad queries return 0.
     """
-    if impl in ("xla", "cudnn"):
+    spec = spec if isinstance(spec, AttentionSpec) else AttentionSpec(spec)
+    if spec.impl in ("xla", "cudnn"):
         src, dest, length = compact_order(valid) if order is None else order
         o = jax.nn.dot_product_attention(_gather_rows(q, src), _gather_rows(k, src), _gather_rows(v, src),
                                          is_causal=True, query_seq_lengths=length, key_value_seq_lengths=length,
-                                         implementation=impl)
+                                         implementation=spec.impl)
         o = _gather_rows(o, dest)
-    elif impl == "pallas":
-        o = _pallas_flash(q, k, v, valid)
+    elif spec.impl == "pallas":
+        return splash_attention(q, k, v, valid, valid, 0, mesh=spec.mesh, interpret=spec.interpret)
     else:
-        raise ValueError(f"attention={impl!r} has no fused kernel; use one of xla, cudnn, pallas")
+        raise ValueError(f"attention={spec.impl!r} has no fused kernel; use one of xla, cudnn, pallas")
     return jnp.where(valid[:, :, None, None], o, jnp.zeros((), o.dtype))
 
 
@@ -426,17 +433,19 @@ def cached_attention(q, k, v, ck, cv, past_valid, valid, attn_row: bool):
 
 
 def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cache_index, kv_valid, *,
-            attn_row: bool = False, layer_wrapper: Callable = identity, attention: str = "auto",
+            attn_row: bool = False, layer_wrapper: Callable = identity, attention: str | AttentionSpec = "auto",
             kv_len: int | None = None):
     """The one decoder entry point: prefill, latent chunks, suffix and one-token decoding.
 
     embeds (B, T, H) go to cache slots [cache_index, cache_index + T); positions (B, R, T); kv_valid
-    (B, max_len) marks slots holding real tokens. Query t sees valid slots <= cache_index + t.
-    Attention (static `attention`, see resolve_attention): a chunk with nothing cached before it
-    (cache_index the Python int 0: prefill, a full pass) runs the fused kernel (any mask of real tokens:
-    left/right padding or holes); a chunk after cached slots (latent chunks, the
-    suffix, decoding) runs dense attention over only the cache slots before it: [0, cache_index) when
-    cache_index is a Python int, else [0, kv_len) (a static bound >= cache_index; default the whole cache).
+    (B, max_len) marks slots holding real tokens. Query t sees valid slots <= cache_index + t; a chunk reads
+    only the cache slots before it: [0, cache_index) when cache_index is a Python int, else [0, kv_len) (a
+    static bound >= cache_index; default the whole cache).
+    Attention (static `attention`: a name or an AttentionSpec, see attention_spec): a chunk with nothing cached
+    before it (cache_index the Python int 0: prefill, a full pass) runs the fused kernel (any mask of real
+    tokens: left/right padding or holes). After cached slots, the TPU kernel (pallas) runs every chunk of
+    more than one token (latent chunks, the suffix) over [readable cache slots; the chunk]; one-token chunks
+    (decoding) and the other implementations run dense attention there.
     `layer_wrapper` wraps the scanned layer function (the trainer's remat, see train.remat; hashable when a
     jitted call takes it as a static argument).
     Returns (hidden after the final norm (B, T, H), new cache, attention row or None), where the
@@ -447,7 +456,7 @@ def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cac
     max_len = cache.max_len
     nkv, hd = d.num_kv_heads, d.head_dim
     dtype = embeds.dtype
-    impl = resolve_attention(attention, dtype, hd)
+    spec = attention_spec(attention, dtype, hd)
     if isinstance(cache_index, (int, np.integer)):
         cache_index = past = int(cache_index)
         if not 0 <= cache_index <= max_len - t:
@@ -456,12 +465,15 @@ def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cac
         past = max_len if kv_len is None else int(kv_len)
         if not 0 < past <= max_len:
             raise ValueError(f"kv_len={kv_len} must be in [1, {max_len}] (the cache slots a chunk may read)")
-    fused = impl != "dense" and past == 0
+    # a one-query kernel call is not worth it (T padded to a 128-row block): one-token decoding stays dense
+    splash = spec.impl == "pallas" and (past == 0 or t > 1)
+    fused = splash or (spec.impl in ("xla", "cudnn") and past == 0)
     cos, sin = rope_cos_sin(d, positions)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     valid = jax.lax.dynamic_slice_in_dim(kv_valid, cache_index, t, axis=1)  # (B, T)
     past_valid = kv_valid[:, :past] & (jnp.arange(past) < cache_index)[None]  # (B, past)
-    order = compact_order(valid) if fused and impl in ("xla", "cudnn") else None  # once for every layer
+    seen = jnp.concatenate([past_valid, valid], 1)  # (B, past + T): the keys a real query of the chunk may see
+    order = compact_order(valid) if fused and not splash else None  # once for every layer
     last = last_real_index(valid) if fused else None  # (B,) the query whose attention row is returned
     eps = d.rms_norm_eps
 
@@ -473,9 +485,16 @@ def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cac
         k = apply_rotary(k, cos, sin).astype(cache.k.dtype).astype(dtype)  # as stored in the cache
         v = v.astype(cache.v.dtype).astype(dtype)
         if fused:
-            o = causal_self_attention(q, k, v, valid, impl, order)
+            if past:  # [the readable cache slots; the chunk] (B, past + T, KV, hd): the kernel's keys
+                k = jnp.concatenate([ck[:, :past].astype(dtype), k], 1)
+                v = jnp.concatenate([cv[:, :past].astype(dtype), v], 1)
+            if splash:
+                o = splash_attention(q, k, v, valid, seen, past, mesh=spec.mesh, interpret=spec.interpret)
+            else:
+                o = causal_self_attention(q, k, v, valid, spec, order)
             q_last = jnp.take_along_axis(q, last[:, None, None, None], axis=1)[:, 0]  # (B, N, hd)
-            row = last_query_row(q_last, k, valid) if attn_row else None  # (B, T)
+            row = last_query_row(q_last, k, seen) if attn_row else None  # (B, past + T)
+            k, v = k[:, past:], v[:, past:]
         else:
             if past:  # only the slots before the chunk are read
                 ck, cv = ck[:, :past], cv[:, :past]

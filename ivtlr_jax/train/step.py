@@ -101,9 +101,9 @@ def assemble_params(bb: Backbone, trainable, frozen, tcfg: TrainConfig, dtype, k
 
 
 def batch_loss(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, remat: Callable = identity,
-               attention: str = "auto", vision_remat: Callable = identity):
+               attention: str | ly.AttentionSpec = "auto", vision_remat: Callable = identity):
     """Mean cross-entropy of one (device) batch, the decoder layers under `remat` and the image encoder's blocks
-    under `vision_remat` (it runs forward only: it is frozen)."""
+    under `vision_remat` (it runs forward only: it is frozen); `attention` a name or the mesh's AttentionSpec."""
     return latent_loss(bb, params, lcfg, batch, remat, attention, vision_remat)
 
 
@@ -127,20 +127,24 @@ def labelled_tokens(labels):
     return jnp.sum(labels[:, 1:] != IGNORE).astype(jnp.float32)
 
 
-def make_train_step(bb: Backbone, lcfg: LatentConfig, tcfg: TrainConfig, tx, schedule, dtype):
+def make_train_step(bb: Backbone, lcfg: LatentConfig, tcfg: TrainConfig, tx, schedule, dtype,
+                    attention: str | ly.AttentionSpec | None = None):
     """(state, frozen, micro-batch) -> (new state, metrics): one micro-step; every `grad_accum`-th applies the update.
 
     The update is the gradient of the mean token loss over all rows of its micro-steps: each micro-step adds
     the gradient of its summed token losses, and the update divides by the labelled tokens of them all, so
     grad_accum micro-steps equal one step over the same rows. One function for every n (static in the batch).
     `metrics` hold the update's loss (over its micro-steps so far), its gradient norm and learning rate.
+    `attention`: the AttentionSpec of the mesh the step is compiled for (`build_train_step` makes it); None:
+    `tcfg.attention`, resolved for the default backend (one device).
     """
     accumulate = tcfg.grad_accum > 1
     remat = layer_wrapper(tcfg.remat, bb.dims)  # "auto" resolved by the decoder's size
+    attention = tcfg.attention if attention is None else attention
 
     def loss_fn(trainable, frozen, batch, key):
         params = assemble_params(bb, trainable, frozen, tcfg, dtype, key)
-        return batch_loss(bb, params, lcfg, batch, remat, tcfg.attention, VISION_REMAT)
+        return batch_loss(bb, params, lcfg, batch, remat, attention, VISION_REMAT)
 
     def summed_loss(trainable, frozen, batch, key):
         tokens = labelled_tokens(batch.labels)
@@ -190,9 +194,11 @@ def empty_accum(trainable) -> GradAccum:
 def build_train_step(bb: Backbone, lcfg: LatentConfig, tcfg: TrainConfig, tx, schedule, dtype, layout, mesh):
     """The sharded, jitted train step the trainer runs and the dry run compiles: one builder for both.
 
-    `layout` is the run's `StateLayout` (state and frozen shardings); the state is donated.
+    `layout` is the run's `StateLayout` (state and frozen shardings); the state is donated. The attention
+    implementation is resolved for `mesh`'s devices (auto on TPU: the splash kernel under shard_map on it).
     """
-    fn = make_train_step(bb, lcfg, tcfg, tx, schedule, dtype)
+    attention = ly.attention_spec(tcfg.attention, dtype, bb.dims.head_dim, mesh)
+    fn = make_train_step(bb, lcfg, tcfg, tx, schedule, dtype, attention)
     return jax.jit(fn, in_shardings=(layout.state_shardings, layout.frozen_shardings, None),
                    out_shardings=(layout.state_shardings, sh.replicated(mesh)), donate_argnums=(0,))
 
