@@ -96,7 +96,7 @@ def assemble_params(bb: Backbone, trainable, frozen, tcfg: TrainConfig, dtype, k
     if tcfg.finetune == "lora":
         lora = tcfg.lora
         dropout = lora.dropout if key is not None else 0.0
-        return apply_lora(cast_params(spec, frozen, dtype), trainable, lora.alpha / lora.r, dropout, key)
+        return apply_lora(cast_params(spec, frozen, dtype), trainable, lora.meta.scale, dropout, key)
     return cast_params(spec, combine(spec, trainable, frozen), dtype)
 
 
