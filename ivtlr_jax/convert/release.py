@@ -46,7 +46,7 @@ from ivtlr_jax.convert.hf_to_jax import (
 from ivtlr_jax.convert.safetensors_io import SafetensorsReader, read_header
 from ivtlr_jax.models import backbone_for, model_config_from_hf_dir
 from ivtlr_jax.models import spec as sp
-from ivtlr_jax.models.adapters import adapter_spec, fold_lora
+from ivtlr_jax.models.adapters import LoRAMeta, adapter_spec, fold_lora
 
 log = logging.getLogger(__name__)
 
@@ -473,7 +473,7 @@ def convert_release_to_checkpoint(
     cfg = dataclasses.replace(with_latent_ids(cfg, ids, cfg.vocab_size), position_mode=RELEASE_POSITION_MODE)
     bb = backbone_for(cfg)
     rplan = plan_release(bb, keys, reader.shapes, release)
-    scale = float(lora_alpha) / rplan.rank
+    lora = LoRAMeta(rplan.rank, lora_alpha)
     target_of = {rplan.plan.sources[k]: v for k, v in {**rplan.lora, **rplan.merged_only}.items()}  # base -> (A, B)
     always_merged = {rplan.plan.sources[k] for k in rplan.merged_only}
     factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -488,7 +488,7 @@ def convert_release_to_checkpoint(
         if keep_lora and name not in always_merged:
             factors[name] = (a, b)
             return arr
-        return fold_lora(arr.T, a, b, scale).T  # W + (alpha / r) B A in float32, as (out, in)
+        return fold_lora(arr.T, a, b, lora.scale).T  # W + (alpha / r) B A in float32, as (out, in)
 
     params, largest = fill_params(bb, rplan.plan, get, target, verbose)
     alias = _check_alias(reader, keys, rplan, params.llm.embed, release)
@@ -501,8 +501,7 @@ def convert_release_to_checkpoint(
         adapters = _adapter_tree(bb, rplan, factors)
     copied = write_converted(base, dst, cfg, params, hf_config, tok, ids, overwrite=overwrite)
     if keep_lora:
-        save_lora(dst, bb, adapters, rank=rplan.rank, alpha=float(lora_alpha),
-                  source=os.path.basename(release), overwrite=overwrite)
+        save_lora(dst, bb, adapters, lora, source=os.path.basename(release), overwrite=overwrite)
     leaves = list(sp.flatten(params).values())
     summary = {
         "src": release,
@@ -522,7 +521,7 @@ def convert_release_to_checkpoint(
         "embedding_alias": alias,
         "latent_token_ids": ids,
         "latent_rows_match_init": rows_match,
-        "lora": {"r": rplan.rank, "alpha": float(lora_alpha), "scale": scale, "kept": keep_lora,
+        "lora": {**lora.to_dict(), "scale": lora.scale, "kept": keep_lora,
                  "targets": sorted({e.path.split("/")[-2] for e in rplan.plan.entries if e.info.lora}),
                  "kernels": len(rplan.lora), "merged_outside_targets": name_patterns(sorted(rplan.merged_only))},
         "position_mode": cfg.position_mode,

@@ -288,7 +288,8 @@ class Trainer:
     # ------------------------------------------------------------------ records
     def _meta(self, stage: int, position: dict | None, step: int) -> dict:
         return {"stage": stage, "iterator": position, "step": int(step), "init": os.path.abspath(self.init),
-                "finetune": self.tcfg.finetune, "lora_r": self.tcfg.lora.r, "lora_alpha": self.tcfg.lora.alpha,
+                "finetune": self.tcfg.finetune, "lora": self.tcfg.lora.meta.to_dict() if self.tcfg.finetune == "lora"
+                else None,
                 "process_count": self.nproc, "train_config": self.tcfg.to_dict()}
 
     def _finish_step(self, p: _Pending, bar, losses: list) -> None:
