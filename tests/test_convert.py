@@ -16,13 +16,13 @@ import pytest
 import safetensors.torch as safetensors_torch
 import torch
 import transformers
+from stored import load_checkpoint
 
 from ivtlr_jax.convert import (
     LATENT_TOKENS,
     check_params,
     convert_hf_to_checkpoint,
     export_checkpoint_to_hf,
-    load_checkpoint,
     save_checkpoint,
 )
 from ivtlr_jax.convert.safetensors_io import SafetensorsReader
@@ -500,9 +500,7 @@ def _delete_optimizer_state(run_ckpt):
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 def test_merge_lora_reads_no_optimizer_state(tmp_path, finetune):
     """--merge-lora of a run whose Adam moments were deleted works and equals the merge of the whole state."""
-    from run_state import read_checkpoint, trained_params
-
-    from ivtlr_jax.convert import load_checkpoint
+    from stored import load_checkpoint, read_checkpoint, trained_params
 
     cfg = _small_cfg()
     run_ckpt, base = _run_checkpoint(str(tmp_path), cfg, finetune)

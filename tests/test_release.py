@@ -13,9 +13,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from stored import load_checkpoint
 
 from ivtlr_jax import IVTLRModel
-from ivtlr_jax.convert import LATENT_TOKENS, convert_hf_to_checkpoint, convert_release_to_checkpoint, load_checkpoint
+from ivtlr_jax.convert import LATENT_TOKENS, convert_hf_to_checkpoint, convert_release_to_checkpoint
 from ivtlr_jax.convert.release import RELEASE_PREFIX, name_patterns
 from ivtlr_jax.models import spec as sp
 

@@ -56,8 +56,8 @@ def test_wrong_preset_is_a_clear_error(workdir):
 
 def test_lora_trains_only_adapters_and_vision_is_frozen(workdir):
     import jax
+    from stored import load_checkpoint
 
-    from ivtlr_jax.convert import load_checkpoint
     from ivtlr_jax.models import spec as sp
     from ivtlr_jax.train import Trainer
 
@@ -124,7 +124,7 @@ def test_stage_from_previous_stage_checkpoint_and_missing_start(workdir):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypatch):
-    from run_state import read_checkpoint
+    from stored import read_checkpoint
 
     from ivtlr_jax.train import Trainer, TrainingStopped
 
@@ -151,10 +151,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypatch):
 
 def test_merge_lora_export_loads_and_matches_adapted_model(workdir):
 
-    from run_state import trainable_tree
+    from stored import load_checkpoint, trainable_tree
 
     from ivtlr_jax import IVTLRModel
-    from ivtlr_jax.convert import load_checkpoint
     from ivtlr_jax.train import train
     from ivtlr_jax.train.export import export_trained_checkpoint
     from ivtlr_jax.train.lora import apply_lora

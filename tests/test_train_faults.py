@@ -61,7 +61,7 @@ epath.Path.write_text = full
 
 
 def test_disk_full_during_a_checkpoint_names_the_path_and_keeps_the_previous(workdir):
-    from run_state import read_checkpoint
+    from stored import read_checkpoint
 
     from ivtlr_jax.train.checkpoints import complete_steps
 

@@ -154,15 +154,3 @@ def load_params(ckpt_dir: str, mesh=None, targets=None, lora: str = "merge", dty
         adapters = None
         sample()
     return LoadedParams(cfg, params, meta, adapters)
-
-
-def load_checkpoint(ckpt_dir: str, dtype: str | None = None, *, lora: str = "merge"):
-    """(config, params as numpy on the host) of a checkpoint folder: `load_params` with no mesh.
-
-    `dtype` casts every leaf except those the spec pins (e.g. the VQ encoder stays float32); lora "merge" or
-    "base" (see load_params).
-    """
-    if lora not in ("merge", "base"):
-        raise ValueError(f"lora={lora!r} is not valid; use 'merge' or 'base'")
-    loaded = load_params(ckpt_dir, lora=lora, dtype=dtype)
-    return loaded.config, loaded.params

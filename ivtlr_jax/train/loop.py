@@ -24,9 +24,9 @@ import jax
 import numpy as np
 
 from ivtlr_jax import sharding as sh
+from ivtlr_jax.convert.layout import PERIODIC_DIR
 from ivtlr_jax.latent import LatentBatch, make_latent_batch
 from ivtlr_jax.train import peers
-from ivtlr_jax.train.checkpoints import PERIODIC_DIR
 from ivtlr_jax.train.config import TrainConfig
 from ivtlr_jax.train.metrics import RunMetrics, peak_flops, stage_summary, update_record
 from ivtlr_jax.train.planning import StartPlan, plan_start, resume_hint

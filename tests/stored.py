@@ -1,10 +1,20 @@
-"""What the tests read of a run checkpoint as a whole: its state and meta, and the params it trained (the references
-the library's leaf-by-leaf reads are tested against)."""
+"""What the tests read back whole of what the library stored: a checkpoint folder's config and params on the host, a
+run checkpoint's state and meta, and the params a run trained (the references the library's reads are tested
+against)."""
 
 import logging
 import os
 
 import numpy as np
+
+
+def load_checkpoint(ckpt_dir: str, dtype: str | None = None, *, lora: str = "merge"):
+    """(config, params as numpy on the host) of a checkpoint folder: `convert.load_params` with no mesh; lora "merge"
+    folds unmerged adapters in, "base" leaves them out."""
+    from ivtlr_jax.convert import load_params
+
+    loaded = load_params(ckpt_dir, lora=lora, dtype=dtype)
+    return loaded.config, loaded.params
 
 
 def read_checkpoint(path: str):
