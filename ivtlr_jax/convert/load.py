@@ -103,7 +103,7 @@ def _fold(spec, params, adapters, meta: LoRAMeta, targets):
     """params with the adapters folded in, each kernel in its target's dtype: in place on the host, or on the
     devices in one jitted call that donates the unfolded params."""
     named = sp.named_leaves(spec, targets)
-    dtype = next(named[n].dtype for n, i in sp.infos(spec) if i.lora and named[n] is not None)
+    dtype = next(named[n].dtype for n, i in sp.infos(spec) if i.lora)  # every LoRA kernel's (load_params checks)
     if all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(params)):
         return fold_adapters(params, adapters, meta.scale, dtype, in_place=True)
     fold = functools.partial(fold_adapters, scale=meta.scale, dtype=dtype)
@@ -142,6 +142,10 @@ def load_params(ckpt_dir: str, mesh=None, targets=None, lora: str = "merge", dty
         targets = _as_stored(spec, stored, mesh) if dtype is None else abstract_params(bb, mesh, check_dtype(dtype))
     meta = read_lora_meta(ckpt_dir, bb)
     merge = meta is not None and lora == "merge"
+    named = sp.named_leaves(spec, targets)
+    if merge and any(named[n] is None for n, i in sp.infos(spec) if i.lora):
+        raise ValueError(f"{ckpt_dir!r} holds unmerged LoRA adapters: lora='merge' folds them into every LoRA target "
+                         "kernel, so `targets` must name them all; or pass lora='keep' or 'base'")
     params = read_tree(os.path.join(ckpt_dir, PARAMS_DIR), spec, _unfolded(spec, targets, stored) if merge else
                        targets)
     sample()

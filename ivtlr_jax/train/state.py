@@ -60,6 +60,7 @@ class TrainInit:
         return frozen, trainable
 
     def frozen(self, seed):
+        """The frozen params alone (a start without --init draws them on the mesh)."""
         return self.split(self.params(seed))[0]
 
     def state(self, seed, trainable=None) -> TrainState:
