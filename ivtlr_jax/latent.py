@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -23,7 +22,7 @@ from flax import struct
 
 from ivtlr_jax.config import coerce_fields
 from ivtlr_jax.models.base import Backbone, Embedded
-from ivtlr_jax.models.layers import acc_dtype, for_call, identity, loop_scan
+from ivtlr_jax.models.layers import LayerWrapper, acc_dtype, for_call, identity, loop_scan
 
 IGNORE = -100
 LOSS_CHUNK = 128  # positions per block of the chunked training loss (memory O(B * LOSS_CHUNK * V))
@@ -257,12 +256,14 @@ def _kv_valid(batch: LatentBatch, cache_len: int):
 
 
 def latent_start(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, cache_len: int | None = None,
-                 layer_wrapper: Callable = identity, attention: str = "auto", vision_wrapper: Callable = identity):
+                 layer_wrapper: LayerWrapper = identity, attention: str = "auto",
+                 vision_wrapper: LayerWrapper = identity):
     """Embed and run the prefix; returns (prefix hidden (B, P, H), Embedded, first carry, kv_valid).
 
     The cache has `cache_len` slots (default: the final sequence length); slots past the final sequence
-    count as valid, for tokens decoded later. The carry's attention row is None when there are no latent steps. `layer_wrapper` wraps each decoder layer and `vision_wrapper`
-    each image encoder block (the trainer's remat; the identity for inference).
+    count as valid, for tokens decoded later. The carry's attention row is None when there are no latent steps.
+    `layer_wrapper` wraps each decoder layer and `vision_wrapper` each image encoder block (the trainer's remat;
+    the identity for inference); `layer_wrapper.unroll` unrolls the latent loop and the loss's chunks too.
     """
     b, p = batch.prefix_ids.shape
     cache_len = batch.kv_valid.shape[1] if cache_len is None else cache_len
@@ -276,7 +277,7 @@ def latent_start(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, c
 
 
 def latent_step(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, emb: Embedded, kv_valid,
-                carry: LatentCarry, t, layer_wrapper: Callable = identity, attention: str = "auto"):
+                carry: LatentCarry, t, layer_wrapper: LayerWrapper = identity, attention: str = "auto"):
     """One latent step t: select K image tokens, run the chunk [V_t ; h]; returns (carry, (chunk hidden, idx))."""
     b, p, c, k = batch.batch_size, batch.prefix_len, lcfg.chunk_len, lcfg.k
     h, used = carry.h, carry.used
@@ -303,7 +304,8 @@ def latent_step(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, em
 
 
 def latent_prefill(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, cache_len: int | None = None,
-                   layer_wrapper: Callable = identity, attention: str = "auto", vision_wrapper: Callable = identity):
+                   layer_wrapper: LayerWrapper = identity, attention: str = "auto",
+                   vision_wrapper: LayerWrapper = identity):
     """Prefix pass then the scan over n latent steps, filling the KV cache.
 
     Returns (hidden (B, P + n*C, H) after the final norm, cache, selected (n, B, k)).
@@ -315,12 +317,13 @@ def latent_prefill(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch,
         return hidden, carry.cache, jnp.zeros((0, b, lcfg.k), jnp.int32)
     step = functools.partial(latent_step, bb, params, lcfg, batch, emb, kv_valid, layer_wrapper=layer_wrapper,
                              attention=attention)
-    carry, (chunks, selected) = loop_scan(lambda cr, t: step(cr, t), carry, jnp.arange(n))
+    carry, (chunks, selected) = loop_scan(lambda cr, t: step(cr, t), carry, jnp.arange(n),
+                                          unroll=layer_wrapper.unroll)
     hidden = jnp.concatenate([hidden, chunks.transpose(1, 0, 2, 3).reshape(b, n * lcfg.chunk_len, -1)], 1)
     return hidden, carry.cache, selected
 
 
-def suffix_hidden(bb: Backbone, params, batch: LatentBatch, hidden, cache, layer_wrapper: Callable = identity,
+def suffix_hidden(bb: Backbone, params, batch: LatentBatch, hidden, cache, layer_wrapper: LayerWrapper = identity,
                   attention: str = "auto"):
     """Run the suffix (remaining steps, answer) through the cache after `hidden` (B, P + n*C, H)."""
     start = hidden.shape[1]
@@ -332,8 +335,8 @@ def suffix_hidden(bb: Backbone, params, batch: LatentBatch, hidden, cache, layer
     return jnp.concatenate([hidden, out], 1)
 
 
-def latent_hidden(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, layer_wrapper: Callable = identity,
-                  attention: str = "auto", vision_wrapper: Callable = identity):
+def latent_hidden(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, layer_wrapper: LayerWrapper = identity,
+                  attention: str = "auto", vision_wrapper: LayerWrapper = identity):
     """Final-norm hidden states over the whole final sequence (B, L_final, H), and the selections."""
     hidden, cache, selected = latent_prefill(bb, params, lcfg, batch, layer_wrapper=layer_wrapper, attention=attention,
                                              vision_wrapper=vision_wrapper)
@@ -347,11 +350,11 @@ def _latent_forward(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch
     return cross_entropy(logits, batch.labels), logits, selected
 
 
-def chunked_cross_entropy(bb: Backbone, params, hidden, labels, chunk: int = LOSS_CHUNK):
+def chunked_cross_entropy(bb: Backbone, params, hidden, labels, chunk: int = LOSS_CHUNK, unroll: bool = False):
     """cross_entropy(lm_head(hidden), labels) without materialising (B, L, V) logits.
 
     Positions are processed `chunk` at a time under remat, so the backward pass recomputes each
-    chunk's logits instead of keeping them all; memory is O(B * chunk * V).
+    chunk's logits instead of keeping them all; memory is O(B * chunk * V). `unroll`: see `loop_scan`.
     """
     b, length, h = hidden.shape
     target = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE, labels.dtype)], 1)  # next token per position
@@ -371,16 +374,16 @@ def chunked_cross_entropy(bb: Backbone, params, hidden, labels, chunk: int = LOS
         nll = -jnp.take_along_axis(logp, jnp.where(keep, tgt, 0)[..., None], -1)[..., 0]
         return (carry[0] + jnp.sum(nll * keep), carry[1] + keep.sum(dtype=jnp.int32)), None
 
-    (total, count), _ = loop_scan(one, (jnp.zeros((), f), jnp.zeros((), jnp.int32)), (hidden, target))
+    (total, count), _ = loop_scan(one, (jnp.zeros((), f), jnp.zeros((), jnp.int32)), (hidden, target), unroll=unroll)
     return total / jnp.maximum(count, 1)
 
 
-def latent_loss(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, layer_wrapper: Callable = identity,
-                attention: str = "auto", vision_wrapper: Callable = identity):
+def latent_loss(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, layer_wrapper: LayerWrapper = identity,
+                attention: str = "auto", vision_wrapper: LayerWrapper = identity):
     """The training loss: latent forward + chunked cross-entropy (same value as `_latent_forward`'s loss).
     The wrappers are the trainer's remat of the decoder layers and of the image encoder blocks."""
     hidden, _ = latent_hidden(bb, params, lcfg, batch, layer_wrapper, attention, vision_wrapper)
-    return chunked_cross_entropy(bb, params, hidden, batch.labels)
+    return chunked_cross_entropy(bb, params, hidden, batch.labels, unroll=layer_wrapper.unroll)
 
 
 latent_forward_jit = jax.jit(_latent_forward, static_argnames=("bb", "lcfg", "attention"))

@@ -11,11 +11,10 @@ import numpy as np
 
 from ivtlr_jax import sharding as sh
 from ivtlr_jax.config import check_dtype
+from ivtlr_jax.convert.load import abstract_params  # noqa: F401  (the params of a load on a mesh: eval.dry_run)
 from ivtlr_jax.latent import LatentConfig
 from ivtlr_jax.models import Backbone, backbone_for
 from ivtlr_jax.models import layers as ly
-from ivtlr_jax.models import spec as sp
-from ivtlr_jax.models.adapters import adapter_spec, fold_lora, is_linear
 from ivtlr_jax.models.base import param_dtype
 
 
@@ -40,29 +39,6 @@ def resolve_mesh(mesh) -> jax.sharding.Mesh | None:
                      "jax.sharding.Mesh")
 
 
-def abstract_params(bb: Backbone, mesh, dtype: str, lora_float32: bool = False):
-    """ShapeDtypeStructs of the backbone's params on `mesh`, in the training layout (`sharding.param_shardings`),
-    in `dtype` except the leaves the spec pins; lora_float32: LoRA target kernels in float32 (to fold into)."""
-    spec = bb.param_spec()
-    target = jnp.dtype(dtype)
-    return jax.tree.map(
-        lambda i, s: jax.ShapeDtypeStruct(i.shape, jnp.float32 if lora_float32 and i.lora else i.leaf_dtype(target),
-                                          sharding=s),
-        spec, sh.param_shardings(mesh, spec), is_leaf=sp.is_info)
-
-
-def _fold_adapters(params, adapters, scale: float, dtypes):
-    """On device: each adapted kernel folded by the one merge rule (`adapters.fold_lora`, float32), cast to its
-    target dtype (`dtypes`: the spec's tree of dtypes)."""
-
-    def fold(p, ad, dt):
-        if ad is None:
-            return p
-        return p.replace(kernel=fold_lora(p.kernel, ad.a, ad.b, scale).astype(dt.kernel))
-
-    return jax.tree.map(fold, params, adapters, dtypes, is_leaf=is_linear)
-
-
 @functools.partial(jax.jit, static_argnames=("bb", "mesh"))
 def forward_logits(bb: Backbone, params, input_ids, attention_mask, positions, images, mesh=None):
     """One full pass: token ids (+ images) -> float32 logits (B, S, V); on `mesh`, the cache and activations are
@@ -81,49 +57,25 @@ def _image_features(bb: Backbone, params, images):
     return bb.image_features(params, images)
 
 
-def _load_on_mesh(ckpt_dir: str, dtype: str, mesh):
-    """(config, params on the mesh, report): each device reads only its shards (orbax ArrayRestoreArgs, the
-    trainer's mechanism); unmerged adapters are read sharded too and folded in on the mesh."""
-    from ivtlr_jax.convert.checkpoint import (
-        LORA_DIR,
-        PARAMS_DIR,
-        check_stored,
-        load_config,
-        read_lora_config,
-        restore_sharded,
-    )
+def _load(ckpt_dir: str, dtype: str, mesh):
+    """(config, params, report): one device, or on the mesh where each device reads only its shards and unmerged
+    adapters are folded in on the devices (`convert.load_params`, the trainer's reader)."""
+    from ivtlr_jax.convert.load import load_params
     from ivtlr_jax.train.state import DeviceBytes
     from ivtlr_jax.train.step import tree_bytes_per_device
 
-    cfg = load_config(ckpt_dir)
-    bb = backbone_for(cfg)
-    spec = bb.param_spec()
-    check_stored(spec, os.path.join(ckpt_dir, PARAMS_DIR), what=f"params in {ckpt_dir!r}")
-    meta = read_lora_config(ckpt_dir, bb)
+    if mesh is None:
+        loaded = load_params(ckpt_dir, dtype=dtype)
+        params = jax.tree_util.tree_map(jnp.asarray, loaded.params)
+        total = int(sum(x.nbytes for x in jax.tree_util.tree_leaves(params)))
+        return loaded.config, params, {"param_bytes_total": total, "param_peak_bytes_per_device": total}
     monitor = DeviceBytes()
-    targets = abstract_params(bb, mesh, dtype, lora_float32=meta is not None)
-    params = restore_sharded(ckpt_dir, spec, targets)
-    monitor.sample()
-    if meta is not None:
-        rank = int(meta["r"])
-        aspec = adapter_spec(spec, rank)
-        check_stored(aspec, os.path.join(ckpt_dir, LORA_DIR), what=f"LoRA adapters in {ckpt_dir!r}")
-        atargets = jax.tree.map(lambda i, s: jax.ShapeDtypeStruct(i.shape, jnp.float32, sharding=s), aspec,
-                                sh.param_shardings(mesh, aspec), is_leaf=sp.is_info)
-        adapters = restore_sharded(ckpt_dir, aspec, atargets, subdir=LORA_DIR)
-        monitor.sample()
-        final = abstract_params(bb, mesh, dtype)
-        dtypes = jax.tree.map(lambda t: t.dtype, final)
-        fold = jax.jit(functools.partial(_fold_adapters, scale=float(meta["alpha"]) / rank, dtypes=dtypes),
-                       out_shardings=jax.tree.map(lambda t: t.sharding, final), donate_argnums=(0,))
-        params = fold(params, adapters)
-        monitor.sample()
-        del adapters
-    leaves = jax.tree_util.tree_leaves(params)
-    report = {"param_bytes_total": int(sum(x.nbytes for x in leaves)),
+    loaded = load_params(ckpt_dir, mesh=mesh, dtype=dtype, sample=monitor.sample)
+    params = loaded.params
+    report = {"param_bytes_total": int(sum(x.nbytes for x in jax.tree_util.tree_leaves(params))),
               "param_bytes_per_device": tree_bytes_per_device(params, jax.tree.map(lambda x: x.sharding, params)),
               "param_peak_bytes_per_device": int(monitor.peak)}
-    return cfg, params, report
+    return loaded.config, params, report
 
 
 class IVTLRModel:
@@ -155,15 +107,7 @@ class IVTLRModel:
             raise ValueError(f"ckpt_dir={ckpt_dir!r} is not a folder; convert one with tools/convert_weights.py")
         mesh = resolve_mesh(mesh)
         dtype = resolve_dtype(dtype, None if mesh is None else mesh.devices.flat[0].platform)
-        if mesh is None:
-            from ivtlr_jax.convert import load_checkpoint
-
-            cfg, params = load_checkpoint(ckpt_dir, dtype=dtype)
-            params = jax.tree_util.tree_map(jnp.asarray, params)
-            total = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
-            report = {"param_bytes_total": int(total), "param_peak_bytes_per_device": int(total)}
-            return cls(cfg, params, path=ckpt_dir, load_report=report)
-        cfg, params, report = _load_on_mesh(ckpt_dir, dtype, mesh)
+        cfg, params, report = _load(ckpt_dir, dtype, mesh)
         return cls(cfg, params, path=ckpt_dir, mesh=mesh, load_report=report)
 
     @property

@@ -16,13 +16,13 @@ import pytest
 import safetensors.torch as safetensors_torch
 import torch
 import transformers
+from stored import load_checkpoint
 
 from ivtlr_jax.convert import (
     LATENT_TOKENS,
     check_params,
     convert_hf_to_checkpoint,
     export_checkpoint_to_hf,
-    load_checkpoint,
     save_checkpoint,
 )
 from ivtlr_jax.convert.safetensors_io import SafetensorsReader
@@ -500,9 +500,7 @@ def _delete_optimizer_state(run_ckpt):
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 def test_merge_lora_reads_no_optimizer_state(tmp_path, finetune):
     """--merge-lora of a run whose Adam moments were deleted works and equals the merge of the whole state."""
-    from ivtlr_jax.convert import load_checkpoint
-    from ivtlr_jax.train.checkpoints import read_checkpoint
-    from ivtlr_jax.train.export import trained_params
+    from stored import load_checkpoint, read_checkpoint, trained_params
 
     cfg = _small_cfg()
     run_ckpt, base = _run_checkpoint(str(tmp_path), cfg, finetune)
@@ -561,3 +559,18 @@ def test_merge_lora_peak_host_memory(tmp_path, finetune):
           f"{(r['peak'] - r['before']) / 2**20:.1f} MiB")
     assert r["bytes"] > 60 * 2**20
     assert r["peak"] - r["before"] <= 1.2 * r["bytes"] + ORBAX_OCDBT_CACHE_BYTES, r
+
+
+def test_lora_record_has_one_schema_and_reads_the_older_one():
+    """LoRAMeta is written as {"r", "alpha"} (lora_config.json, a run checkpoint's "lora"); run checkpoints written
+    before it carry top-level "lora_r" / "lora_alpha" and still read; a record with neither names what it needs."""
+    from ivtlr_jax.convert.merge import run_lora_meta
+    from ivtlr_jax.models.adapters import LoRAMeta
+
+    meta = LoRAMeta(4, 8)
+    assert meta.to_dict() == {"r": 4, "alpha": 8.0} and meta.scale == 2.0
+    assert run_lora_meta({"finetune": "lora", "lora": meta.to_dict()}, "new") == meta
+    assert run_lora_meta({"finetune": "lora", "lora_r": 4, "lora_alpha": 8}, "old") == meta
+    assert LoRAMeta.from_dict(json.loads(json.dumps({**meta.to_dict(), "targets": []})), "lora_config.json") == meta
+    with pytest.raises(ValueError, match=r"run meta: no LoRA r and alpha in \['finetune'\]"):
+        run_lora_meta({"finetune": "lora"}, "run meta")

@@ -25,7 +25,7 @@ from ivtlr_jax.convert import save_checkpoint
 from ivtlr_jax.convert.checkpoint import save_lora
 from ivtlr_jax.models import backbone_for
 from ivtlr_jax.models import spec as sp
-from ivtlr_jax.models.adapters import adapter_spec
+from ivtlr_jax.models.adapters import LoRAMeta, adapter_spec
 
 assert len(jax.devices()) == 4, jax.devices()
 IMG, LAT, EOS = 500, 505, 511
@@ -42,7 +42,7 @@ save_checkpoint(os.path.join(root, "lora"), cfg, params)
 aspec = adapter_spec(bb.param_spec(), 4)
 rng = np.random.default_rng(1)
 adapters = sp.map_spec(lambda i: (rng.standard_normal(i.shape) * 0.1).astype(np.float32), aspec)
-save_lora(os.path.join(root, "lora"), bb, adapters, 4, 8.0)
+save_lora(os.path.join(root, "lora"), bb, adapters, LoRAMeta(4, 8.0))
 
 def batch(rows, n, seed=0):
     pv, grid = image_batch([[1, 8, 8]] * rows, seed=seed)

@@ -97,8 +97,7 @@ def losses_by_step(out):
 
 def trainable(out, step):
     import jax
-
-    from ivtlr_jax.train.checkpoints import read_checkpoint
+    from stored import read_checkpoint
 
     state, meta = read_checkpoint(os.path.join(out, "checkpoints", str(step)))
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(state["trainable"])], meta

@@ -234,8 +234,9 @@ def test_both_key_layouts_convert_to_the_same_checkpoint(pair, tmp_path):
     import shutil
 
     from safetensors.numpy import load_file, save_file
+    from stored import load_checkpoint
 
-    from ivtlr_jax.convert import convert_hf_to_checkpoint, load_checkpoint
+    from ivtlr_jax.convert import convert_hf_to_checkpoint
     from ivtlr_jax.models import spec as sp
 
     _, m, _, root = pair

@@ -13,9 +13,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from stored import load_checkpoint
 
 from ivtlr_jax import IVTLRModel
-from ivtlr_jax.convert import LATENT_TOKENS, convert_hf_to_checkpoint, convert_release_to_checkpoint, load_checkpoint
+from ivtlr_jax.convert import LATENT_TOKENS, convert_hf_to_checkpoint, convert_release_to_checkpoint
 from ivtlr_jax.convert.release import RELEASE_PREFIX, name_patterns
 from ivtlr_jax.models import spec as sp
 
@@ -268,10 +269,9 @@ def test_keep_lora_logits_equal_merged(release):
     lay = "model.layers.1.mlp.up_proj"
     w = rel.sd[f"{RELEASE_PREFIX}{lay}.base_layer.weight"].float().numpy()
     np.testing.assert_array_equal(np.asarray(base.llm.layers.up.kernel[1]), w.T)
-    from ivtlr_jax.convert.checkpoint import load_lora
-    from ivtlr_jax.models import backbone_for
+    from ivtlr_jax.convert import load_params
 
-    adapters, _ = load_lora(kept, backbone_for(load_checkpoint(kept, lora="base")[0]))
+    adapters = load_params(kept, lora="keep").adapters
     np.testing.assert_array_equal(adapters.llm.layers.up.a[1], rel.sd[f"{RELEASE_PREFIX}{lay}.lora_A.default.weight"]
                                   .numpy().T)
     np.testing.assert_array_equal(adapters.llm.layers.up.b[1], rel.sd[f"{RELEASE_PREFIX}{lay}.lora_B.default.weight"]
@@ -403,7 +403,7 @@ def test_trainer_starts_from_kept_adapters(release):
     if rel.kind != "qwen2_vl":
         pytest.skip("one backbone is enough: the trainer is backbone-generic")
     from ivtlr_jax import sharding as sh
-    from ivtlr_jax.convert.checkpoint import load_lora
+    from ivtlr_jax.convert import load_params
     from ivtlr_jax.models import backbone_for
     from ivtlr_jax.train.config import TrainConfig
     from ivtlr_jax.train.state import create_train_state
@@ -415,7 +415,7 @@ def test_trainer_starts_from_kept_adapters(release):
     tcfg = TrainConfig(finetune="lora", mesh="cpu", compute_dtype="float32", lora_r=R, lora_alpha=ALPHA)
     tx, _ = make_optimizer(tcfg, 10)
     state, frozen, _, _ = create_train_state(bb, tcfg, mesh, tx, "float32", kept)
-    want, _ = load_lora(kept, bb)
+    want = load_params(kept, lora="keep").adapters
     for a, b in zip(sp.flatten(state.trainable).values(), sp.flatten(want).values(), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
     _, base = load_checkpoint(kept, lora="base")

@@ -56,8 +56,8 @@ def test_wrong_preset_is_a_clear_error(workdir):
 
 def test_lora_trains_only_adapters_and_vision_is_frozen(workdir):
     import jax
+    from stored import load_checkpoint
 
-    from ivtlr_jax.convert import load_checkpoint
     from ivtlr_jax.models import spec as sp
     from ivtlr_jax.train import Trainer
 
@@ -124,8 +124,9 @@ def test_stage_from_previous_stage_checkpoint_and_missing_start(workdir):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypatch):
+    from stored import read_checkpoint
+
     from ivtlr_jax.train import Trainer, TrainingStopped
-    from ivtlr_jax.train.checkpoints import read_checkpoint
 
     calls = {"n": 0}
     real = Trainer.host_batch
@@ -150,10 +151,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypatch):
 
 def test_merge_lora_export_loads_and_matches_adapted_model(workdir):
 
+    from stored import load_checkpoint, trainable_tree
+
     from ivtlr_jax import IVTLRModel
-    from ivtlr_jax.convert import load_checkpoint
     from ivtlr_jax.train import train
-    from ivtlr_jax.train.export import export_trained_checkpoint, trainable_tree
+    from ivtlr_jax.train.export import export_trained_checkpoint
     from ivtlr_jax.train.lora import apply_lora
 
     tcfg = train_config(workdir, "merge", finetune="lora", lora_r=4, lora_alpha=8, stages=(0,), max_steps=2, lr=1e-2)

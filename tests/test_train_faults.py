@@ -61,7 +61,9 @@ epath.Path.write_text = full
 
 
 def test_disk_full_during_a_checkpoint_names_the_path_and_keeps_the_previous(workdir):
-    from ivtlr_jax.train.checkpoints import complete_steps, read_checkpoint
+    from stored import read_checkpoint
+
+    from ivtlr_jax.train.checkpoints import complete_steps
 
     root, cfg = workdir
     out = str(root / "disk_full")

@@ -70,7 +70,7 @@ def error_lines(stderr):
 
 
 def trainable_of(run_dir, step):
-    from ivtlr_jax.train.checkpoints import read_checkpoint
+    from stored import read_checkpoint
 
     state, meta = read_checkpoint(os.path.join(run_dir, "checkpoints", str(step)))
     return state["trainable"], meta

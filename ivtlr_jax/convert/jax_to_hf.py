@@ -13,13 +13,9 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from ivtlr_jax.convert.checkpoint import (
-    HF_CONFIG_NAME,
-    copy_tokenizer_files,
-    hf_config_for,
-    load_checkpoint,
-    sync_hf_config,
-)
+from ivtlr_jax.convert.checkpoint import copy_tokenizer_files, hf_config_for, sync_hf_config
+from ivtlr_jax.convert.layout import HF_CONFIG_NAME
+from ivtlr_jax.convert.load import load_params
 from ivtlr_jax.convert.safetensors_io import INDEX_NAME, TensorSpec, write_sharded
 from ivtlr_jax.models import backbone_for
 from ivtlr_jax.models import spec as sp
@@ -38,7 +34,8 @@ def export_checkpoint_to_hf(
     """Write old-hub-layout safetensors, config.json and the tokenizer files of `ckpt_dir` into `dst`."""
     start = time.time()
     ckpt_dir, dst = os.path.abspath(ckpt_dir), os.path.abspath(dst)
-    cfg, params = load_checkpoint(ckpt_dir)
+    loaded = load_params(ckpt_dir)  # on the host, as stored, unmerged adapters folded in
+    cfg, params = loaded.config, loaded.params
     existing = glob.glob(os.path.join(dst, "*.safetensors")) + glob.glob(os.path.join(dst, INDEX_NAME))
     if existing and not overwrite:
         raise ValueError(

@@ -1,6 +1,6 @@
-"""LoRA adapters as data, below the trainer and the converter: their spec (derived from the params spec's
-`lora` flags) and the one rule that folds them into a kernel. Applying them with dropout is the trainer's
-(`train/lora.py`); reading and writing them is the converter's.
+"""LoRA adapters as data, below the trainer and the converter: their record (`LoRAMeta`: r, alpha and the one
+scale), their spec (derived from the params spec's `lora` flags) and the one rule that folds them into a kernel.
+Applying them with dropout is the trainer's (`train/lora.py`); reading and writing them is the converter's.
 
 The adapters mirror the params tree: a `LoRAAdapter` (A (L, in, r), B (L, r, out), float32) where the
 backbone's spec marks a kernel as a LoRA target (q, k, v, o, gate, up, down of the LLM), None elsewhere.
@@ -8,6 +8,8 @@ backbone's spec marks a kernel as a LoRA target (q, k, v, o, gate, up, down of t
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -17,6 +19,35 @@ from flax import struct
 
 from ivtlr_jax.models import spec as sp
 from ivtlr_jax.models.layers import Linear
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAMeta:
+    """What a set of adapters is: rank r and alpha. `scale` (alpha / r) is the only place the scale is made;
+    `to_dict` is the one schema it is written under ({"r", "alpha"})."""
+
+    r: int
+    alpha: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "r", int(self.r))
+        object.__setattr__(self, "alpha", float(self.alpha))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def to_dict(self) -> dict:
+        return {"r": self.r, "alpha": self.alpha}
+
+    @classmethod
+    def from_dict(cls, record: Mapping, where: str) -> LoRAMeta:
+        """From {"r", "alpha"}, or {"lora_r", "lora_alpha"} (run checkpoints written before the one schema)."""
+        for r, alpha in (("r", "alpha"), ("lora_r", "lora_alpha")):
+            if r in record and alpha in record:
+                return cls(record[r], record[alpha])
+        raise ValueError(f"{where}: no LoRA r and alpha in {sorted(record)}; expected the keys 'r' and 'alpha' "
+                         "(or 'lora_r' and 'lora_alpha' of older run checkpoints)")
 
 
 @struct.dataclass
@@ -68,15 +99,23 @@ def fold_lora(kernel, a, b, scale: float):
     return delta * jnp.float32(scale) + jnp.asarray(kernel).astype(jnp.float32)
 
 
-def fold_adapters(params, adapters, scale: float, dtype=None):
-    """Host params with each adapted kernel replaced by `fold_lora` of it, one (in, out) matrix at a time, stored
-    in `dtype` (or the kernel's own)."""
+def fold_adapters(params, adapters, scale: float, dtype=None, in_place: bool = False):
+    """params with each adapted kernel replaced by `fold_lora` of it, stored in `dtype` (or the kernel's own).
+
+    numpy kernels are folded one (in, out) matrix at a time; `in_place` (the caller owns the params) writes into
+    a kernel that already has the output dtype (host memory: one layer's float32 copy). jax arrays are folded in
+    one call on their devices (jit it, with the params donated, to fold on a mesh).
+    """
 
     def fold(p, ad):
         if ad is None:
             return p
-        kernel = np.asarray(p.kernel)
-        out = np.empty(kernel.shape, dtype if dtype is not None else kernel.dtype)
+        if not isinstance(p.kernel, np.ndarray):
+            kernel = fold_lora(p.kernel, ad.a, ad.b, scale)
+            return p.replace(kernel=kernel.astype(p.kernel.dtype if dtype is None else dtype))
+        kernel = p.kernel
+        here = in_place and (dtype is None or np.dtype(dtype) == kernel.dtype) and kernel.flags.writeable
+        out = kernel if here else np.empty(kernel.shape, kernel.dtype if dtype is None else dtype)
         a, b = np.asarray(ad.a), np.asarray(ad.b)
         for idx in np.ndindex(kernel.shape[:-2]):
             out[idx] = fold_lora(kernel[idx], a[idx], b[idx], scale)

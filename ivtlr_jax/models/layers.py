@@ -34,27 +34,25 @@ ATTENTION_DOTS = ("q_proj", "k_proj", "v_proj", "context", "o_proj")
 # asynchronously, so the next collective can start while the loop's are in flight; gloo tags every
 # all-gather alike, and two processes that interleave them differently receive each other's data
 # ("Received data size doesn't match expected size"). Unrolled loops keep every collective in program
-# order. `unroll_loops(True)` is set by the trainer for exactly that case; everywhere else loops stay rolled.
-_UNROLL = {"on": False}
+# order. A trainer asks for them for exactly that case (`LayerWrapper.unroll`, a static argument of what it
+# traces); everywhere else loops stay rolled.
+def loop_scan(f, init, xs, length=None, unroll: bool = False):
+    """`jax.lax.scan`, unrolled when the caller asks (`LayerWrapper.unroll`: multi-process CPU runs)."""
+    return jax.lax.scan(f, init, xs, length=length, unroll=True if unroll else 1)
 
 
-def unroll_loops(on: bool) -> None:
-    """Unroll every `loop_scan` traced from now on (see _UNROLL)."""
-    _UNROLL["on"] = bool(on)
+@dataclasses.dataclass(frozen=True)
+class LayerWrapper:
+    """How a caller runs scanned layers: each layer function as it is (a trainer's remat overrides `__call__`) and
+    the loops unrolled or not (`unroll`). Hashable: a static argument, so part of a jit's cache key."""
+
+    unroll: bool = dataclasses.field(default=False, kw_only=True)
+
+    def __call__(self, fn: Callable) -> Callable:
+        return fn
 
 
-def loops_unrolled() -> bool:
-    return _UNROLL["on"]
-
-
-def loop_scan(f, init, xs, length=None):
-    """`jax.lax.scan`, unrolled when `unroll_loops(True)` was set (multi-process CPU runs)."""
-    return jax.lax.scan(f, init, xs, length=length, unroll=True if _UNROLL["on"] else 1)
-
-
-def identity(fn: Callable) -> Callable:
-    """The default layer wrapper: the layer as it is (inference; a trainer passes its remat wrapper)."""
-    return fn
+identity = LayerWrapper()  # the default: layers as they are, loops rolled (inference)
 
 
 def check_attention(name: str) -> str:
@@ -516,7 +514,7 @@ def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cac
         return x, (k, v, row)
 
     past_kv = (None, None) if past == 0 else (cache.k, cache.v)
-    x, (ks, vs, rows) = loop_scan(layer_wrapper(layer), embeds, (llm.layers, *past_kv))
+    x, (ks, vs, rows) = loop_scan(layer_wrapper(layer), embeds, (llm.layers, *past_kv), unroll=layer_wrapper.unroll)
     x = rms_norm(x, llm.norm, eps)
     at = (0, 0, cache_index, 0, 0)
     new_cache = KVCache(jax.lax.dynamic_update_slice(cache.k, ks.astype(cache.k.dtype), at),

@@ -4,6 +4,7 @@ from ivtlr_jax.train.checkpoints import CheckpointWriteError, UnreadableCheckpoi
 from ivtlr_jax.train.config import TrainConfig
 from ivtlr_jax.train.loop import Trainer, TrainingStopped, train
 from ivtlr_jax.train.planning import StartPlan, plan_start
+from ivtlr_jax.train.setup import RunSetup, setup_run
 
-__all__ = ["CheckpointWriteError", "StartPlan", "TrainConfig", "Trainer", "TrainingStopped", "UnreadableCheckpoint",
-           "plan_start", "train"]
+__all__ = ["CheckpointWriteError", "RunSetup", "StartPlan", "TrainConfig", "Trainer", "TrainingStopped",
+           "UnreadableCheckpoint", "plan_start", "setup_run", "train"]

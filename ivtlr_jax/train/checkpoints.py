@@ -9,10 +9,16 @@ import time
 
 import jax
 
-PERIODIC_DIR = "checkpoints"
-STAGE_DIR = "stage_ends"
-UNREADABLE_DIR = "unreadable"  # damaged checkpoints are moved here by a resume that skipped them
-META_FILE = os.path.join("meta", "metadata")
+from ivtlr_jax.convert.layout import (
+    META_FILE,
+    META_ITEM,
+    PERIODIC_DIR,
+    STAGE_DIR,
+    STATE_ITEM,
+    UNREADABLE_DIR,
+    complete_steps,
+    run_checkpoint_dir,
+)
 
 logger = logging.getLogger("ivtlr_jax.train")
 
@@ -46,14 +52,6 @@ def _manager(path: str, keep: int | None, asynchronous: bool):
     return ocp.CheckpointManager(os.path.abspath(path), options=options)
 
 
-def complete_steps(run_dir: str, sub: str = PERIODIC_DIR) -> list[int]:
-    """Steps of the complete (committed) checkpoints on disk, oldest first; no orbax needed."""
-    root = os.path.join(run_dir, sub)
-    if not os.path.isdir(root):
-        return []
-    return sorted(int(d) for d in os.listdir(root) if d.isdigit() and os.path.isdir(os.path.join(root, d)))
-
-
 def read_meta(path: str) -> dict:
     """The JSON meta of one checkpoint folder; UnreadableCheckpoint names the file and the error."""
     file = os.path.join(path, META_FILE)
@@ -70,7 +68,7 @@ def read_meta(path: str) -> dict:
 def _args(state, meta):
     import orbax.checkpoint as ocp
 
-    return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    return ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)})
 
 
 def abstract_like(tree):
@@ -89,7 +87,7 @@ class RunCheckpoints:
         self._in_flight: dict[int, str] = {}  # id(manager) -> folder of the save still being written
 
     def path(self, step: int, stage: bool = False) -> str:
-        return os.path.join(self.run_dir, STAGE_DIR if stage else PERIODIC_DIR, str(step))
+        return run_checkpoint_dir(self.run_dir, step, stage)
 
     def _write_failed(self, folder: str, error: BaseException) -> CheckpointWriteError:
         done = complete_steps(self.run_dir)
@@ -147,12 +145,12 @@ class RunCheckpoints:
         folder = self.path(step, stage)
         meta = read_meta(folder)
         mngr = self.stages if stage else self.periodic
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(like_state)))
+        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_like(like_state))})
         try:
             out = mngr.restore(step, args=args)
         except Exception as e:
             raise UnreadableCheckpoint(f"{folder}: {_first_line(e)}") from e
-        return out.state, meta
+        return out[STATE_ITEM], meta
 
     def set_aside(self, step: int) -> str:
         """Move a damaged periodic checkpoint out of the way (process 0) so its step can be written again."""
@@ -182,31 +180,3 @@ class RunCheckpoints:
         self.wait()
         self.periodic.close()
         self.stages.close()
-
-
-def read_checkpoint(path: str):
-    """(state, meta) of one checkpoint step folder (RUN_DIR/checkpoints/<step> or stage_ends/<stage>)."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(path)
-    if not os.path.isdir(os.path.join(path, "state")):
-        raise ValueError(
-            f"{path!r} is not a training checkpoint (no state/ inside); give RUN_DIR/checkpoints/<step> "
-            "or RUN_DIR/stage_ends/<stage>"
-        )
-    ckptr = ocp.StandardCheckpointer()
-    state_dir = os.path.join(path, "state")
-    absl_log = logging.getLogger("absl")
-    level = absl_log.level
-    absl_log.setLevel(logging.ERROR)  # StandardCheckpointer warns about a manager-level file it does not need
-    try:
-        meta = ckptr.metadata(state_dir)
-    finally:
-        absl_log.setLevel(level)
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # any saving topology -> this host
-    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=local), tree)
-    state = ckptr.restore(state_dir, target)
-    with open(os.path.join(path, "meta", "metadata")) as f:
-        return state, json.load(f)

@@ -10,6 +10,7 @@ from typing import Any
 
 from ivtlr_jax.config import SUPPORTED_DTYPES, coerce_fields, config_from_dict
 from ivtlr_jax.latent import LatentConfig
+from ivtlr_jax.models.adapters import LoRAMeta
 from ivtlr_jax.models.layers import ATTENTION_CHOICES
 from ivtlr_jax.train.remat import REMAT_CHOICES
 
@@ -19,7 +20,7 @@ SCHEDULE_CHOICES = ("constant", "cosine", "linear")
 
 @dataclasses.dataclass(frozen=True)
 class LoRAOptions:
-    """The LoRA adapters: rank, alpha (scale = alpha / r) and the dropout on their input."""
+    """The LoRA adapters: rank, alpha (their record and scale: `meta`) and the dropout on their input."""
 
     r: int = 64
     alpha: float = 16.0
@@ -29,8 +30,8 @@ class LoRAOptions:
         coerce_fields(self)
 
     @property
-    def scale(self) -> float:
-        return self.alpha / self.r
+    def meta(self) -> LoRAMeta:
+        return LoRAMeta(self.r, self.alpha)
 
 
 @dataclasses.dataclass(frozen=True)

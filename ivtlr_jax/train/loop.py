@@ -1,4 +1,5 @@
-"""The multi-stage curriculum trainer: data, sharded steps, checkpoints, signals, resume.
+"""The multi-stage curriculum trainer's loop over a run set up by `setup.setup_run`: sharded steps, checkpoints,
+signals.
 
 The hot loop never waits on the host: batches are collated, laid out and put on the devices by a
 background thread two steps ahead (`prefetch.Prefetcher`); a step's metrics are read after the next
@@ -6,7 +7,7 @@ step is dispatched (one step late), so the device is busy while the host logs; c
 asynchronously by orbax. In a multi-process run every process trains the same steps on its own rows,
 only process 0 writes metrics and plots, SIGTERM to any process stops all of them at the same step
 (JAX's preemption sync), and a process whose peer is gone exits with a clear line (`peers.PeerWatchdog`).
-Where a run starts is `planning`; what it records and shows is `metrics`.
+Where a run starts is `planning`; what it is given, `setup`; what it records and shows, `metrics`.
 """
 
 from __future__ import annotations
@@ -23,16 +24,15 @@ import jax
 import numpy as np
 
 from ivtlr_jax import sharding as sh
+from ivtlr_jax.convert.layout import PERIODIC_DIR
 from ivtlr_jax.latent import LatentBatch, make_latent_batch
-from ivtlr_jax.models import backbone_for
 from ivtlr_jax.train import peers
-from ivtlr_jax.train.checkpoints import PERIODIC_DIR, RunCheckpoints, UnreadableCheckpoint
 from ivtlr_jax.train.config import TrainConfig
 from ivtlr_jax.train.metrics import RunMetrics, peak_flops, stage_summary, update_record
-from ivtlr_jax.train.planning import StartPlan, check_resumable, plan_start, requested_stages, resume_hint
+from ivtlr_jax.train.planning import StartPlan, plan_start, resume_hint
 from ivtlr_jax.train.prefetch import Prefetcher
-from ivtlr_jax.train.state import create_train_state
-from ivtlr_jax.train.step import build_train_step, compute_dtype, make_optimizer, micro_batch_size, model_flops
+from ivtlr_jax.train.setup import RunSetup, setup_run
+from ivtlr_jax.train.step import build_train_step, model_flops
 
 logger = logging.getLogger("ivtlr_jax.train")
 
@@ -70,83 +70,44 @@ class _Pending:
 
 
 class Trainer:
-    """Holds the mesh, params, optimiser and data of one run; `run()` trains the requested stages.
+    """Loops over a run set up by `setup.setup_run`: `run()` trains the requested stages.
 
-    `plan` (from `plan_start`) is made here when not given; `watchdog` (a started `peers.PeerWatchdog`)
-    likewise in a multi-process run; `trace_rows` makes every process record the data rows of each
-    step in RUN_DIR/debug/rows.process_<i>.jsonl.
+    `plan` (from `plan_start`) is made by the setup when not given; `watchdog` (a started `peers.PeerWatchdog`)
+    is started here in a multi-process run when not given; `trace_rows` makes every process record the data rows
+    of each step in RUN_DIR/debug/rows.process_<i>.jsonl; `prefetch` is how many batches are made ahead.
     """
 
     def __init__(self, tcfg: TrainConfig, *, plan: StartPlan | None = None, watchdog=None,
                  peer_timeout_s: float = 60.0, trace_rows: bool = False, prefetch: int = 2):
-        from transformers import AutoTokenizer
-
-        from ivtlr_jax.convert.checkpoint import load_config
-        from ivtlr_jax.data import CurriculumOptions, encode_split, load_split
-
         self.tcfg = tcfg
-        sh.maybe_initialize_distributed(tcfg.mesh)
-        self.mesh = sh.make_mesh(tcfg.mesh)
+        sh.maybe_initialize_distributed(tcfg.mesh)  # the processes first: the watchdog watches the setup too
         self.nproc, self.pid = jax.process_count(), jax.process_index()
-        data_parallel = int(np.prod([self.mesh.shape[a] for a in sh.BATCH_AXES if a in self.mesh.shape]))
-        self.micro_batch = micro_batch_size(tcfg, self.nproc, data_parallel)  # rows of one micro-step
-        if self.nproc > 1 and self.mesh.devices.flat[0].platform == "cpu":
-            from ivtlr_jax.models.layers import unroll_loops
-
-            unroll_loops(True)  # XLA:CPU + gloo: collectives inside a loop can interleave across processes
-        self.stages = requested_stages(tcfg)
-        self.plan = plan if plan is not None else plan_start(tcfg)
-        if plan is None and self.plan.notice:
-            logger.warning(self.plan.notice)
-        self.start_kind, self.start_at = self.plan.kind, self.plan.at
-        init = tcfg.init
-        if self.plan.meta is not None and (init is None or not os.path.isdir(init)):
-            init = self.plan.meta.get("init") or init
-        if init is None or not os.path.isdir(init):
-            raise ValueError(f"--init {init!r} is not a checkpoint folder")
-        self.init = init
-        self.prefetch_depth = prefetch
-        self.metrics = RunMetrics(tcfg.out, self.pid, trace_rows)
         self.watchdog = watchdog
         if self.watchdog is None and self.nproc > 1:
             self.watchdog = peers.PeerWatchdog(peer_timeout_s, resume_hint=lambda: resume_hint(tcfg.out)).start()
-        self.cfg = load_config(init)
-        self.bb = backbone_for(self.cfg)
-        if self.cfg.latent_token_id is None and max(self.stages) > 0:
-            raise ValueError(f"--init {init!r} has no <|latent|> token; convert it with --add-latent-tokens")
-        self.lcfg = tcfg.latent(self.bb.default_k)
-        dataset = load_split(tcfg.data, tcfg.train_split, source=tcfg.data_source)
-        if tcfg.limit:
-            dataset = dataset.select(range(min(tcfg.limit, len(dataset))))
-        self.tokenizer = AutoTokenizer.from_pretrained(init)
-        self.image_options = self.bb.image_options()
-        self.split = encode_split(dataset, self.tokenizer, self.image_options, prompt=self.bb.prompt,
-                                  max_length=tcfg.max_length)
-        self.curriculum = CurriculumOptions(max_latent_stage=tcfg.max_latent_stage,
-                                            epochs_per_stage=tcfg.epochs_per_stage,
-                                            pad_latent_to_max=tcfg.pad_latent_to_max,
-                                            latent_markers=tcfg.latent_markers)
-        self.dtype = compute_dtype(tcfg)
-        self.steps_per_epoch = math.ceil(len(self.split) / tcfg.batch_size)  # optimiser updates
-        total = len(self.stages) * tcfg.epochs_per_stage * self.steps_per_epoch
-        self.tx, self.schedule = make_optimizer(tcfg, total)
-        os.makedirs(tcfg.out, exist_ok=True)
-        self.ckpts = RunCheckpoints(tcfg.out, keep=tcfg.keep)
-        self.resume_meta = None
-        restore = None
-        if self.start_kind == "stage_end":
-            def restore(like):
-                state, self.resume_meta = self.ckpts.restore(self.start_at, like, stage=True)
-                return state
-        elif self.start_kind == "resume":
-            restore = self._restore_newest_readable
-        self.state, self.frozen, self.state_report, self.layout = create_train_state(
-            self.bb, tcfg, self.mesh, self.tx, self.dtype, init, restore_state=restore)
-        self.state_sh, self.frozen_sh = self.layout.state_shardings, self.layout.frozen_shardings
+        try:
+            self.setup: RunSetup = setup_run(tcfg, plan)
+        except BaseException as e:
+            if watchdog is None and self.watchdog is not None:  # ours: the peers hear of the failure
+                self.watchdog.stop(failed=" ".join(str(e).split())[:300] or type(e).__name__)
+            raise
+        s = self.setup
+        self.mesh, self.bb, self.lcfg, self.layout, self.ckpts = s.mesh, s.bb, s.lcfg, s.layout, s.checkpoints
+        self.state, self.frozen = s.state, s.frozen  # the loop replaces the state after every step
+        self.prefetch_depth = prefetch
+        self.metrics = RunMetrics(tcfg.out, self.pid, trace_rows)
         self.start_step = int(self.state.step)  # optimiser updates; read once, the loop counts on the host
         self._step = None
         self._compiled: dict = {}
         self._stop_signal = None
+
+    @property
+    def start_kind(self) -> str:
+        return self.setup.start.kind
+
+    @property
+    def start_at(self) -> int | None:
+        return self.setup.start.at
 
     @property
     def history(self) -> list[dict]:
@@ -157,40 +118,13 @@ class Trainer:
     def history(self, records: list[dict]) -> None:
         self.metrics.history = records
 
-    @property
-    def metrics_path(self) -> str:
-        return self.metrics.path
-
-    # ------------------------------------------------------------------ setup
-    def _restore_newest_readable(self, like):
-        """Restore the newest checkpoint that reads on every process; damaged newer ones are named and set aside."""
-        skipped = list(self.plan.unreadable)
-        for i, (step, meta) in enumerate(self.plan.candidates):
-            if i:
-                check_resumable(self.tcfg, step, meta)
-            error, state = None, None
-            try:
-                state, meta = self.ckpts.restore(step, like)
-            except UnreadableCheckpoint as e:
-                error = str(e)
-            if not peers.all_agree(f"restore/{step}", error is None):
-                skipped.append((step, error or "unreadable on another process"))
-                continue
-            for bad, why in sorted(skipped, reverse=True):
-                if bad > step:
-                    dst = self.ckpts.set_aside(bad)
-                    logger.warning("checkpoint step %d is unreadable (%s); moved it to %s; resuming from step %d",
-                                   bad, why, dst, step)
-            self.start_at, self.resume_meta = step, meta
-            return state
-        raise ValueError(f"--resume: no readable checkpoint in {os.path.join(self.tcfg.out, PERIODIC_DIR)}: "
-                         + "; ".join(f"step {s}: {why}" for s, why in skipped))
-
+    # ------------------------------------------------------------------ steps and batches
     def step_fn(self):
         """The jitted micro-step (`build_train_step`, as the dry run compiles it; one compilation per shape and n)."""
         if self._step is None:
-            self._step = build_train_step(self.bb, self.lcfg, self.tcfg, self.tx, self.schedule, self.dtype,
-                                          self.layout, self.mesh)
+            s = self.setup
+            self._step = build_train_step(s.bb, s.lcfg, s.tcfg, s.tx, s.schedule, s.dtype, s.layout, s.mesh,
+                                          unroll=s.unroll)
         return self._step
 
     def compiled_step(self, arrays: LatentBatch):
@@ -218,17 +152,7 @@ class Trainer:
 
     def iterator(self, stage: int):
         """This process's BatchIterator over the epochs of `stage` (its rows of every global batch)."""
-        from ivtlr_jax.data import BatchIterator
-
-        tcfg = self.tcfg
-        return BatchIterator(self.split, batch_size=self.micro_batch // self.nproc, steps_multiple=tcfg.grad_accum,
-                             latent_id=self.cfg.latent_token_id if self.cfg.latent_token_id is not None else -1,
-                             pad_id=self.tokenizer.pad_token_id, curriculum=self.curriculum, seed=tcfg.seed,
-                             num_epochs=(stage + 1) * tcfg.epochs_per_stage,
-                             start_epoch=stage * tcfg.epochs_per_stage, process_index=self.pid,
-                             process_count=self.nproc, num_workers=tcfg.num_workers,
-                             start_latent_id=self.cfg.start_latent_token_id,
-                             end_latent_id=self.cfg.end_latent_token_id, image_options=self.image_options)
+        return self.setup.data.iterator(stage)
 
     @staticmethod
     def _position_for(saved: dict, it) -> dict:
@@ -287,8 +211,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ records
     def _meta(self, stage: int, position: dict | None, step: int) -> dict:
-        return {"stage": stage, "iterator": position, "step": int(step), "init": os.path.abspath(self.init),
-                "finetune": self.tcfg.finetune, "lora_r": self.tcfg.lora.r, "lora_alpha": self.tcfg.lora.alpha,
+        return {"stage": stage, "iterator": position, "step": int(step), "init": os.path.abspath(self.setup.init),
+                "finetune": self.tcfg.finetune, "lora": self.tcfg.lora.meta.to_dict() if self.tcfg.finetune == "lora"
+                else None,
                 "process_count": self.nproc, "train_config": self.tcfg.to_dict()}
 
     def _finish_step(self, p: _Pending, bar, losses: list) -> None:
@@ -370,27 +295,27 @@ class Trainer:
 
     def run(self) -> dict:
         """Train the stages; returns {"stages": {s: {...}}, "stopped": reason or None, "step": n}."""
-        tcfg = self.tcfg
+        tcfg, start = self.tcfg, self.setup.start
         step = self.start_step
-        if self.resume_meta is not None:
-            logger.info("restored %s %s (step %d)", self.start_kind, self.start_at, step)
+        if start.meta is not None:
+            logger.info("restored %s %s (step %d)", start.kind, start.at, step)
         self.metrics.log({"event": "state", "step": step, "finetune": tcfg.finetune, "mesh": sh.describe(self.mesh),
-                   "processes": self.nproc, "start": self.start_kind, "start_at": self.start_at,
-                   **self.state_report})
-        stages = self.stages
-        if self.start_kind == "resume":
-            stages = [s for s in stages if s >= self.resume_meta["stage"]]
+                          "processes": self.nproc, "start": start.kind, "start_at": start.at,
+                          **self.setup.state_report})
+        stages = self.setup.stages
+        if start.kind == "resume":
+            stages = [s for s in stages if s >= start.meta["stage"]]
         self.metrics.open_tensorboard()
         self._install_signals()
         self._peak, self._ndev = peak_flops(tcfg), self.mesh.devices.size
         summary: dict = {"stages": {}, "stopped": None}
-        self._last_saved = step if self.start_kind != "init" else None
+        self._last_saved = step if start.kind != "init" else None
         failure = None
         try:
             for stage in stages:
                 position = None
-                if self.start_kind == "resume" and self.resume_meta["stage"] == stage:
-                    position = self.resume_meta.get("iterator")
+                if start.kind == "resume" and start.meta["stage"] == stage:
+                    position = start.meta.get("iterator")
                 step, losses, finished, stop = self._run_stage(stage, position, step)
                 summary["stages"][stage] = stage_summary(losses, min(stage, tcfg.max_latent_stage))
                 if finished:
@@ -421,6 +346,7 @@ class Trainer:
     def plot_losses(self) -> str | None:
         """RUN_DIR/loss.png from the run's metrics (skipped without matplotlib)."""
         return self.metrics.plot_losses()
+
 
 def train(tcfg: TrainConfig, **kwargs) -> dict:
     """Build a Trainer and run it (keyword arguments go to Trainer)."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ivtlr_jax.train.checkpoints import PERIODIC_DIR, STAGE_DIR, UnreadableCheckpoint, complete_steps, read_meta
+from ivtlr_jax.convert.layout import PERIODIC_DIR, STAGE_DIR, complete_steps
+from ivtlr_jax.train.checkpoints import UnreadableCheckpoint, read_meta
 from ivtlr_jax.train.config import TrainConfig
 
 # Config fields that decide the training trajectory: a resumed run must have the values of the run it continues.

@@ -1,5 +1,6 @@
 """Layer rematerialisation, a training choice: the policies, "auto" by model size, and the layer wrappers the
-train step hands the decoder and the image encoder (the model itself only calls the wrapper it is given)."""
+train step hands the decoder and the image encoder (the model itself only calls the wrapper it is given; the
+wrapper also carries the run's `unroll`, see `layers.LayerWrapper`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import dataclasses
 
 import jax
 
-from ivtlr_jax.models.layers import ATTENTION_DOTS, DecoderDims
+from ivtlr_jax.models.layers import ATTENTION_DOTS, DecoderDims, LayerWrapper
 
 # layer rematerialisation: auto = by model size (resolve_remat); full keeps least memory
 REMAT_CHOICES = ("auto", "full", "dots_except_mlp", "dots", "none")
@@ -37,9 +38,9 @@ def resolve_remat(name: str, d: DecoderDims) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Remat:
+class Remat(LayerWrapper):
     """A layer wrapper: the layer function under jax.checkpoint with the named policy ("none" saves everything:
-    no recomputation). Hashable by its policy, so a jitted function may take it as a static argument."""
+    no recomputation). Hashable by its policy and `unroll`, so a jitted function may take it as a static argument."""
 
     policy: str
 
@@ -51,10 +52,11 @@ class Remat:
         return jax.checkpoint(fn, policy=REMAT_POLICIES[self.policy])
 
 
-def layer_wrapper(name: str, d: DecoderDims) -> Remat:
+def layer_wrapper(name: str, d: DecoderDims, unroll: bool = False) -> Remat:
     """The decoder layer wrapper of a `remat` option ("auto" resolved by the decoder's size)."""
-    return Remat(resolve_remat(name, d))
+    return Remat(resolve_remat(name, d), unroll=unroll)
 
 
-# The frozen image encoder runs forward only in training; its blocks are still wrapped, with the least memory.
-VISION_REMAT = Remat("full")
+def vision_wrapper(unroll: bool = False) -> Remat:
+    """The image encoder's wrapper: it runs forward only in training (frozen), its blocks with the least memory."""
+    return Remat("full", unroll=unroll)

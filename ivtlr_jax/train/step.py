@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -16,10 +15,10 @@ from ivtlr_jax.latent import IGNORE, LatentBatch, LatentConfig, latent_loss
 from ivtlr_jax.models import layers as ly
 from ivtlr_jax.models import spec as sp
 from ivtlr_jax.models.base import Backbone
-from ivtlr_jax.models.layers import identity
+from ivtlr_jax.models.layers import LayerWrapper, identity
 from ivtlr_jax.train.config import TrainConfig
 from ivtlr_jax.train.lora import apply_lora
-from ivtlr_jax.train.remat import VISION_REMAT, layer_wrapper
+from ivtlr_jax.train.remat import layer_wrapper, vision_wrapper
 
 
 @struct.dataclass
@@ -96,12 +95,12 @@ def assemble_params(bb: Backbone, trainable, frozen, tcfg: TrainConfig, dtype, k
     if tcfg.finetune == "lora":
         lora = tcfg.lora
         dropout = lora.dropout if key is not None else 0.0
-        return apply_lora(cast_params(spec, frozen, dtype), trainable, lora.alpha / lora.r, dropout, key)
+        return apply_lora(cast_params(spec, frozen, dtype), trainable, lora.meta.scale, dropout, key)
     return cast_params(spec, combine(spec, trainable, frozen), dtype)
 
 
-def batch_loss(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, remat: Callable = identity,
-               attention: str | ly.AttentionSpec = "auto", vision_remat: Callable = identity):
+def batch_loss(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, remat: LayerWrapper = identity,
+               attention: str | ly.AttentionSpec = "auto", vision_remat: LayerWrapper = identity):
     """Mean cross-entropy of one (device) batch, the decoder layers under `remat` and the image encoder's blocks
     under `vision_remat` (it runs forward only: it is frozen); `attention` a name or the mesh's AttentionSpec."""
     return latent_loss(bb, params, lcfg, batch, remat, attention, vision_remat)
@@ -127,7 +126,7 @@ def labelled_tokens(labels):
     return jnp.sum(labels[:, 1:] != IGNORE).astype(jnp.float32)
 
 
-def make_train_step(bb: Backbone, lcfg: LatentConfig, tcfg: TrainConfig, tx, schedule, dtype,
+def make_train_step(bb: Backbone, lcfg: LatentConfig, tcfg: TrainConfig, tx, schedule, dtype, unroll: bool = False,
                     attention: str | ly.AttentionSpec | None = None):
     """(state, frozen, micro-batch) -> (new state, metrics): one micro-step; every `grad_accum`-th applies the update.
 
@@ -135,16 +134,18 @@ def make_train_step(bb: Backbone, lcfg: LatentConfig, tcfg: TrainConfig, tx, sch
     the gradient of its summed token losses, and the update divides by the labelled tokens of them all, so
     grad_accum micro-steps equal one step over the same rows. One function for every n (static in the batch).
     `metrics` hold the update's loss (over its micro-steps so far), its gradient norm and learning rate.
-    `attention`: the AttentionSpec of the mesh the step is compiled for (`build_train_step` makes it); None:
-    `tcfg.attention`, resolved for the default backend (one device).
+    `unroll` (multi-process CPU runs, see `layers.loop_scan`): every loop the step traces is unrolled, and the
+    update is selected instead of branched to. `attention`: the AttentionSpec of the mesh the step is compiled
+    for (`build_train_step` makes it); None: `tcfg.attention`, resolved for the default backend (one device).
     """
     accumulate = tcfg.grad_accum > 1
-    remat = layer_wrapper(tcfg.remat, bb.dims)  # "auto" resolved by the decoder's size
+    remat = layer_wrapper(tcfg.remat, bb.dims, unroll)  # "auto" resolved by the decoder's size
+    vision_remat = vision_wrapper(unroll)
     attention = tcfg.attention if attention is None else attention
 
     def loss_fn(trainable, frozen, batch, key):
         params = assemble_params(bb, trainable, frozen, tcfg, dtype, key)
-        return batch_loss(bb, params, lcfg, batch, remat, attention, VISION_REMAT)
+        return batch_loss(bb, params, lcfg, batch, remat, attention, vision_remat)
 
     def summed_loss(trainable, frozen, batch, key):
         tokens = labelled_tokens(batch.labels)
@@ -176,7 +177,7 @@ def make_train_step(bb: Backbone, lcfg: LatentConfig, tcfg: TrainConfig, tx, sch
                        "lr": schedule(state.step)}
             return state.replace(accum=acc), metrics
 
-        if ly.loops_unrolled():  # no conditional either (see layers.unroll_loops): both branches, selected
+        if unroll:  # no conditional either: both branches, selected
             apply_now = acc.micro == tcfg.grad_accum
             return jax.tree.map(lambda u, w: jnp.where(apply_now, u, w), update(None), wait(None))
         return jax.lax.cond(acc.micro == tcfg.grad_accum, update, wait, None)
@@ -191,14 +192,16 @@ def empty_accum(trainable) -> GradAccum:
                      jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
 
 
-def build_train_step(bb: Backbone, lcfg: LatentConfig, tcfg: TrainConfig, tx, schedule, dtype, layout, mesh):
+def build_train_step(bb: Backbone, lcfg: LatentConfig, tcfg: TrainConfig, tx, schedule, dtype, layout, mesh,
+                     unroll: bool = False):
     """The sharded, jitted train step the trainer runs and the dry run compiles: one builder for both.
 
     `layout` is the run's `StateLayout` (state and frozen shardings); the state is donated. The attention
     implementation is resolved for `mesh`'s devices (auto on TPU: the splash kernel under shard_map on it).
+    `unroll`: see `make_train_step` (the run's setup decides it, `setup.unrolled_loops`).
     """
     attention = ly.attention_spec(tcfg.attention, dtype, bb.dims.head_dim, mesh)
-    fn = make_train_step(bb, lcfg, tcfg, tx, schedule, dtype, attention)
+    fn = make_train_step(bb, lcfg, tcfg, tx, schedule, dtype, unroll, attention)
     return jax.jit(fn, in_shardings=(layout.state_shardings, layout.frozen_shardings, None),
                    out_shardings=(layout.state_shardings, sh.replicated(mesh)), donate_argnums=(0,))
 

@@ -198,7 +198,7 @@ class Qwen25VL(Qwen2VL):
             h = ly.rms_norm(x, blk.norm2, RMS_EPS)
             return x + blk.down(act(blk.gate(h)) * blk.up(h)), None
 
-        x, _ = ly.loop_scan(layer_wrapper(block), x, (vparams.blocks, full))
+        x, _ = ly.loop_scan(layer_wrapper(block), x, (vparams.blocks, full), unroll=layer_wrapper.unroll)
         mp = vparams.merger
         x = ly.rms_norm(x, mp.ln_q, RMS_EPS)
         x = x.reshape(b, m * p // v.spatial_merge_size**2, -1)  # groups of merge^2 consecutive patches

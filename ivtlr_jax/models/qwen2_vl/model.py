@@ -287,7 +287,7 @@ class Qwen2VL(Backbone):
             h = blk.fc1(h)
             return x + blk.fc2(h * jax.nn.sigmoid(1.702 * h)), None  # quick_gelu
 
-        x, _ = ly.loop_scan(layer_wrapper(block), x, vparams.blocks)
+        x, _ = ly.loop_scan(layer_wrapper(block), x, vparams.blocks, unroll=layer_wrapper.unroll)
         mp = vparams.merger
         x = ly.layer_norm(x, mp.ln_q.scale, mp.ln_q.bias)
         x = x.reshape(b, m * p // v.spatial_merge_size**2, -1)  # groups of merge^2 consecutive patches
