@@ -54,29 +54,34 @@ def example_batch(bb: Backbone, lcfg, rows: int, text: int = DRY_RUN_TEXT, tail:
 
 def compile_with_progress(lower: Callable, what: str):
     """`lower().compile()` with the elapsed time shown on stderr meanwhile (a ticker on a terminal, else a line
-    before and after); returns (compiled, seconds)."""
+    before and after); returns (compiled, seconds). It runs in a worker thread, so that Ctrl-C stops a compile
+    of many minutes at once (the main thread waits in Python, where the interrupt is raised)."""
     start = time.time()
     ticker = tqdm(desc=f"compiling {what}", bar_format="{desc}: {elapsed}", file=sys.stderr, disable=None,
                   leave=False)
     if ticker.disable:
         print(f"compiling {what} ...", file=sys.stderr, flush=True)
-    done = threading.Event()
+    outcome = {}
 
-    def tick():
-        while not done.wait(1.0):
-            ticker.refresh()
+    def work():
+        try:
+            outcome["compiled"] = lower().compile()
+        except BaseException as e:  # re-raised in the caller's thread
+            outcome["error"] = e
 
-    thread = threading.Thread(target=tick, name="compile-progress", daemon=True)
-    thread.start()
+    worker = threading.Thread(target=work, name="compile", daemon=True)  # abandoned, not awaited, on Ctrl-C
+    worker.start()
     try:
-        compiled = lower().compile()
+        while worker.is_alive():
+            worker.join(1.0)
+            ticker.refresh()
     finally:
-        done.set()
-        thread.join()
         ticker.close()
+    if "error" in outcome:
+        raise outcome["error"]
     seconds = time.time() - start
     print(f"compiled {what} in {seconds:.0f} s", file=sys.stderr, flush=True)
-    return compiled, seconds
+    return outcome["compiled"], seconds
 
 
 def memory_figures(compiled) -> dict:
