@@ -209,7 +209,8 @@ def get_preset(preset: str | MeshPreset) -> MeshPreset:
     if isinstance(preset, MeshPreset):
         return preset
     if preset not in PRESETS:
-        raise ValueError(f"--mesh={preset!r} is not a preset; use one of {sorted(PRESETS)}")
+        raise ValueError(f"--mesh={preset!r} is not a preset; use one of {sorted(PRESETS)} (--mesh list describes "
+                         "them)")
     return PRESETS[preset]
 
 
