@@ -203,7 +203,8 @@ def cost_model_figures(program: StepProgram, remat: str, batch: LatentBatch) -> 
         problems.append(f"the slice's optimal_seconds is {optimal:.3g}, not a time")
     if abs(mismatch) > COST_MODEL_TOLERANCE:
         problems.append(f"its compiler FLOPs ({flops:.3g} per chip) are {mismatch:+.0%} off the analytic count "
-                        f"({slice_flops:.3g}, which leaves out the recomputation of remat {remat})")
+                        f"({slice_flops:.3g}, which leaves out what the backward pass recomputes: remat {remat}'s "
+                        "layers and the loss's checkpointed LM head)")
     if problems:
         out["reason"] = "; ".join(problems)
     else:
