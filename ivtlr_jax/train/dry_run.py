@@ -203,8 +203,8 @@ def cost_model_figures(program: StepProgram, remat: str, batch: LatentBatch) -> 
         problems.append(f"the slice's optimal_seconds is {optimal:.3g}, not a time")
     if abs(mismatch) > COST_MODEL_TOLERANCE:
         problems.append(f"its compiler FLOPs ({flops:.3g} per chip) are {mismatch:+.0%} off the analytic count "
-                        f"({slice_flops:.3g}, which leaves out what the backward pass recomputes: remat {remat}'s "
-                        "layers and the loss's checkpointed LM head)")
+                        f"({slice_flops:.3g}, which leaves out what the backward pass recomputes, remat {remat}'s "
+                        "layers and the loss's checkpointed LM head, and counts attention as causal)")
     if problems:
         out["reason"] = "; ".join(problems)
     else:
