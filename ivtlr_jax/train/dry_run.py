@@ -108,11 +108,13 @@ def custom_calls(compiled) -> list[str]:
 
 
 def fit_figures(target: sh.CompileTarget, mem: dict) -> dict:
-    """HBM per chip of the target and whether the compiled total fits it (None where the HBM is unknown)."""
-    hbm, total = target.hbm_bytes, mem.get("compiler_total_bytes_per_device")
-    known = hbm is not None and total is not None
-    return {"hbm_bytes_per_chip": hbm, "fits": (total <= hbm) if known else None,
-            "headroom_bytes_per_chip": (hbm - total) if known else None}
+    """What the program needs per chip (the larger of the compiler's total and its peak), the target's HBM per chip
+    and whether it fits (None where the HBM is unknown)."""
+    hbm = target.hbm_bytes
+    need = max(mem.get("compiler_total_bytes_per_device", 0), mem.get("compiler_peak_memory_in_bytes", 0)) or None
+    known = hbm is not None and need is not None
+    return {"bytes_needed_per_chip": need, "hbm_bytes_per_chip": hbm, "fits": (need <= hbm) if known else None,
+            "headroom_bytes_per_chip": (hbm - need) if known else None}
 
 
 def target_figures(target: sh.CompileTarget) -> dict:
@@ -272,17 +274,17 @@ def fit_verdict(results: list[dict], label: Callable[[dict], str]) -> str:
     """The last line of a dry run's table: does each program fit the chip's HBM (`label` names a result)."""
     parts = []
     for r in results:
-        total = r.get("compiler_total_bytes_per_device")
-        if total is None:
+        need = r["bytes_needed_per_chip"]
+        if need is None:
             parts.append(f"{label(r)}unknown (the compiler gave no memory analysis)")
-        elif r.get("hbm_bytes_per_chip") is None:
-            parts.append(f"{label(r)}unknown ({_gib(total)} GiB per device; --mesh {r['mesh_preset']} names no HBM "
+        elif r["hbm_bytes_per_chip"] is None:
+            parts.append(f"{label(r)}unknown ({_gib(need)} GiB per device; --mesh {r['mesh_preset']} names no HBM "
                          "size)")
         else:
             hbm, room = r["hbm_bytes_per_chip"], r["headroom_bytes_per_chip"]
             verdict = "fits" if r["fits"] else "does not fit"
             spare = f"{_gib(room)} GiB free" if room >= 0 else f"{_gib(-room)} GiB over"
-            parts.append(f"{label(r)}{verdict}: {_gib(total)} of {hbm / GIB:.0f} GiB per chip ({spare})")
+            parts.append(f"{label(r)}{verdict}: {_gib(need)} of {hbm / GIB:.0f} GiB per chip ({spare})")
     estimated = "" if results[0]["compiler"] == "xla:tpu" else " (XLA:CPU's estimate: compile with XLA:TPU to know)"
     return "; ".join(parts) + estimated
 
