@@ -25,6 +25,7 @@ from ivtlr_jax.models import layers as ly
 from ivtlr_jax.models import spec as sp
 from ivtlr_jax.models.base import Backbone
 from ivtlr_jax.models.layers import resolve_attention
+from ivtlr_jax.sharding import GIB
 from ivtlr_jax.train.config import TrainConfig
 from ivtlr_jax.train.remat import resolve_remat
 from ivtlr_jax.train.state import state_layout
@@ -35,7 +36,6 @@ DRY_RUN_TAIL = 256  # labelled tokens after the latent steps
 COST_SLICE_LAYERS = 2  # decoder layers of the loop-free slice whose time XLA:TPU's cost model estimates
 COST_MODEL_TOLERANCE = 0.10  # the slice's compiler FLOPs must match the analytic count this closely
 COST_MODEL_LABEL = "XLA:TPU cost-model estimate, not a measurement"
-GIB = 2**30
 
 
 def example_batch(bb: Backbone, lcfg, rows: int, text: int = DRY_RUN_TEXT, tail: int = DRY_RUN_TAIL,
@@ -191,17 +191,17 @@ def cost_model_figures(program: StepProgram, remat: str, batch: LatentBatch) -> 
         ly.unroll_loops(was_unrolled)
     compiled, seconds = compile_with_progress(lambda: lowered, f"the {COST_SLICE_LAYERS}-layer slice (cost model)")
     cost = compiled.cost_analysis() or {}
-    if isinstance(cost, list):  # older jax: one dict per program
-        cost = cost[0] if cost else {}
     chips = program.target.mesh.devices.size
     slice_flops = model_flops(piece.bb, piece.tcfg, batch) / chips  # one micro-step, per chip
     full_flops = model_flops(program.bb, program.tcfg, batch) / chips
-    flops, optimal = float(cost.get("flops", 0.0)), float(cost.get("optimal_seconds", -1.0))
+    flops, optimal = float(cost.get("flops", 0.0)), cost.get("optimal_seconds")
     out = {"slice_layers": COST_SLICE_LAYERS, "slice_compile_s": seconds, "slice_flops_per_chip": flops,
            "slice_analytic_flops_per_chip": slice_flops, "slice_optimal_seconds": optimal}
     mismatch = flops / slice_flops - 1.0
     problems = []
-    if optimal <= 0:
+    if optimal is None:
+        problems.append("the cost analysis gives no optimal_seconds")
+    elif optimal <= 0:
         problems.append(f"the slice's optimal_seconds is {optimal:.3g}, not a time")
     if abs(mismatch) > COST_MODEL_TOLERANCE:
         problems.append(f"its compiler FLOPs ({flops:.3g} per chip) are {mismatch:+.0%} off the analytic count "
