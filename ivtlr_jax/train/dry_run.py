@@ -97,7 +97,7 @@ def memory_figures(compiled) -> dict:
                                               - out["compiler_alias_size_in_bytes"]
                                               + out["compiler_temp_size_in_bytes"])
     peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
-    if peak:  # XLA:TPU's simulated peak of live buffers (XLA:CPU gives none)
+    if peak:  # the compiler's peak of live buffers (XLA:TPU's heap simulation)
         out["compiler_peak_memory_in_bytes"] = peak
     return out
 
