@@ -2,12 +2,15 @@
 
   python -m experiments.evaluate --ckpt CKPT --data m3cot --split test [--method ivtlr] [--n-latent 3]
       [--batch-size 16] [--limit N] [--out DIR] [--save-selections DIR] [--mesh auto] [--dtype auto]
-  python -m experiments.evaluate --ckpt CKPT --dry-run --mesh tpu_v5e_8 [--batch-size 16]   # memory per chip
+  python -m experiments.evaluate --config qwen2vl_7b_m3cot --dry-run --mesh tpu_v5e_8 [--batch-size 16]  # per chip
+  python -m experiments.evaluate --ckpt CKPT --dry-run --mesh tpu_v5e_8
 
 The model is read shard by shard onto --mesh (default: every local device) in the training layout; generation
 runs there with the batch split over the data axes. --dry-run compiles generation ahead of time on abstract
-arrays (only the checkpoint's config is read) and prints the per-chip memory of parameters, KV cache and
-temporaries; on a CPU-only host a preset's device count is simulated.
+arrays (no weights: the model's shape from a training --config's model: section, or a checkpoint's config) and
+prints the per-chip memory of parameters, KV cache and temporaries, and whether it fits the chip's HBM. For a
+TPU --mesh with libtpu installed (pip install -e '.[tpu]') XLA:TPU compiles it for the preset's topology;
+otherwise XLA:CPU on the preset's device count, simulated.
 
 Writes to --out: predictions.jsonl (one row per example), summary.json, summary.md and
 accuracy_by_domain.png. Accuracy is exact match of the option letter extracted from the generated
@@ -42,6 +45,8 @@ __all__ = ["ANSWER_FORMATS", "DEFAULT_MAX_NEW_TOKENS", "METHODS", "build_parser"
 
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
+    from ivtlr_jax.sharding import COMPILERS, TPU_EXTRA
+
     p = argparse.ArgumentParser(
         prog="python -m experiments.evaluate",
         description="Accuracy, autoregressive steps and latency of IVT-LR (and its baselines/ablations) on a "
@@ -54,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m experiments.evaluate --ckpt ckpt/ivtlr --data synthetic --limit 32 "
                "--save-selections out/sel",
     )
-    p.add_argument("--ckpt", required=True, help="checkpoint folder (tools/convert_weights.py or the trainer)")
+    p.add_argument("--ckpt", help="checkpoint folder (tools/convert_weights.py or the trainer); required unless "
+                                  "--dry-run --config")
     p.add_argument("--data", default=None, choices=["m3cot", "scienceqa", "synthetic"],
                    help="dataset (required unless --dry-run)")
     p.add_argument("--data-source", default=None,
@@ -88,11 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter dtype (default: auto = bfloat16 on accelerators, float32 on CPU)")
     p.add_argument("--mesh", default="auto",
                    help="device mesh preset the model is sharded over (ivtlr_jax.sharding.PRESETS: cpu, gpu_1, gpu_8, "
-                        "tpu_v4_8, tpu_v5e_8, ...; default: auto = every local device)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="no evaluation and no weights read: compile generation for --mesh on abstract arrays and "
-                        "print the per-chip memory (parameters, KV cache, temporaries); JSON to --out "
-                        "(default eval/dry_run.json)")
+                        "tpu_v4_8, tpu_v5e_8, tpu_v6e_8, ...; --mesh list prints them all with their TPU topology, "
+                        "HBM and peak FLOP/s; default: auto = every local device)")
+    dry = p.add_argument_group("dry run: generation memory per chip before renting the --mesh")
+    dry.add_argument("--dry-run", action="store_true",
+                     help="no evaluation and no weights read: compile generation for --mesh on abstract arrays and "
+                          "print the per-chip memory (parameters, KV cache, temporaries) and whether it fits the "
+                          "chip's HBM; JSON to --out (default eval/dry_run.json)")
+    dry.add_argument("--config", help="with --dry-run: the model's shape from a training YAML (a file, or a name "
+                                      "under experiments/configs: qwen2vl_7b_m3cot, tiny, ...): its model: section, "
+                                      "or the tiny model of init: auto-tiny; instead of --ckpt's config")
+    dry.add_argument("--compiler", choices=COMPILERS, default="auto",
+                     help="what compiles the dry run: tpu = XLA:TPU on compile-only devices of the TPU preset's "
+                          f"topology (needs libtpu: {TPU_EXTRA}); cpu = XLA:CPU on simulated CPU devices; auto "
+                          "(default) = tpu for a TPU --mesh when libtpu is installed, else cpu")
     p.add_argument("--resize-mode", default="reference", choices=["reference", "smart"],
                    help="reference: every image 280x280 (release); smart: the Qwen processors' smart_resize")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the checkpoint's)")
@@ -117,15 +132,24 @@ def evaluate(args) -> dict:
     return summary
 
 
-def run_dry(args) -> dict:
-    """--dry-run: the checkpoint's config only (no weights), the generation program compiled for --mesh."""
-    from ivtlr_jax.convert.checkpoint import load_config
+def run_dry(args, compiler: str = "cpu") -> dict:
+    """--dry-run: the model's config only (--config's model: section or --ckpt's config; no weights), the generation
+    program compiled for --mesh (`compiler`: "tpu" or "cpu")."""
+    from ivtlr_jax.sharding import compile_target
 
     cfg = EvalConfig.from_namespace(args)
     cfg.check()
     n, k, latent_text = method_settings(cfg)
-    result = generation_dry_run(load_config(cfg.ckpt), cfg.mesh, cfg.dtype, cfg.batch_size, max_new_tokens(cfg), n, k,
-                                latent_text)
+    if args.config:
+        from experiments.train import yaml_model_config
+
+        model = yaml_model_config(args.config)
+    else:
+        from ivtlr_jax.convert.checkpoint import load_config
+
+        model = load_config(cfg.ckpt)
+    result = generation_dry_run(model, compile_target(cfg.mesh, compiler), cfg.dtype, cfg.batch_size,
+                                max_new_tokens(cfg), n, k, latent_text)
     print(format_generation_dry_run(result))
     print(f"wrote {save_dry_run(result, cfg.out)}")
     return result
@@ -136,10 +160,23 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from ivtlr_jax import sharding as sh
 
+    if args.mesh == "list":
+        print(sh.format_presets())
+        return {}
     sh.get_preset(args.mesh)  # an unknown --mesh: one line naming the presets
+    if args.config and not args.dry_run:
+        raise ValueError("--config gives the model's shape to --dry-run only; evaluate a checkpoint with --ckpt")
     if args.dry_run:
-        sh.simulate_cpu_devices(args.mesh)  # CPU-only host: the preset's device count (before JAX starts)
-        return run_dry(args)
+        if not (args.config or args.ckpt):
+            raise ValueError("--dry-run needs the model's shape: --config NAME (a training YAML's model: section, "
+                             "e.g. qwen2vl_7b_m3cot) or --ckpt CKPT (only its config is read)")
+        compiler = sh.resolve_compiler(args.compiler, args.mesh)
+        if compiler == "cpu":
+            sh.simulate_cpu_devices(args.mesh)  # CPU-only host: the preset's device count (before JAX starts)
+        return run_dry(args, compiler)
+    if not args.ckpt:
+        raise ValueError("--ckpt is required: the checkpoint folder to evaluate (tools/convert_weights.py or the "
+                         "trainer)")
     sh.apply_xla_flags(args.mesh)  # before JAX starts its backend
     return evaluate(args)
 

@@ -15,6 +15,8 @@ Examples:
       --out runs/m3cot --mesh tpu_v4_8
   python -m experiments.train --config tiny --data synthetic --stage=2 --mesh=tpu_v4_8
   python -m experiments.train --config qwen2vl_7b_m3cot --dry-run      # memory per chip, no weights
+  python -m experiments.train --config qwen2vl_7b_m3cot --dry-run --mesh tpu_v5e_8 --grad-accum 4
+  python -m experiments.train --mesh list                               # the mesh presets and their TPUs
   python -m experiments.launch_local --processes 2 --devices-per-process 2 -- --config tiny --data synthetic \
       --stage=2 --mesh tpu_v4_8 --out runs/two_hosts          # a 2-host pod layout, simulated on one machine
   python -m experiments.train --config qwen2vl_7b_m3cot --mesh tpu_v4_32 --init ckpt/qwen2vl-7b --out RUN_DIR \
@@ -33,7 +35,6 @@ import logging
 import os
 import sys
 import threading
-import time
 
 from experiments.embedded_default import CONFIGS as EMBEDDED_CONFIGS
 from experiments.tiny_setup import AUTO_TINY, build_auto_tiny_in_subprocess, config_path, prepare_auto_tiny
@@ -72,7 +73,7 @@ HELP = {
     "remat": "layer rematerialisation in the backward pass: auto (by model size: dots up to 4B decoder "
              "parameters, dots_except_mlp above) | full (least memory) | dots_except_mlp (keep the q/k/v/o "
              "projections and the attention output, recompute the MLP) | dots (keep every projection) | none; "
-             "--dry-run shows its memory against full",
+             "--dry-run --compare-remat shows its memory against full",
     "attention": "attention kernel: auto (cudnn on CUDA GPUs in bfloat16, pallas on one TPU chip, xla elsewhere) "
                  "| xla | cudnn | pallas | dense (plain einsum, the reference); chunks after cached tokens "
                  "(latent steps, suffix, decoding) run dense over the valid cache slots",
@@ -81,8 +82,10 @@ HELP = {
     "seed": "seed for data order, LoRA init and dropout",
     "max_steps": "stop (with a checkpoint) after this many optimiser updates in total, counted from the start of "
                  "the curriculum",
-    "mesh": "device mesh preset: cpu, gpu_1, gpu_8, tpu_v4_8, tpu_v4_32, tpu_v5e_8, auto. GPU presets (and auto) "
-            "add XLA flags unless XLA_FLAGS already names them: --xla_gpu_enable_latency_hiding_scheduler=true, "
+    "mesh": "device mesh preset: cpu, gpu_1, gpu_8, tpu_v4_8, tpu_v4_32, tpu_v4_64, tpu_v5e_8, tpu_v5e_32, tpu_v5p_8, "
+            "tpu_v6e_8, auto; --mesh list prints each with its devices, hosts, mesh axes and, for a TPU slice, its "
+            "topology, HBM and peak FLOP/s per chip. GPU presets (and auto) add XLA flags unless XLA_FLAGS "
+            "already names them: --xla_gpu_enable_latency_hiding_scheduler=true, "
             "--xla_gpu_enable_triton_gemm=false (cuBLAS GEMMs); gpu_8 also "
             "--xla_gpu_enable_highest_priority_async_stream=true and 128 MiB all-gather/reduce-scatter "
             "combine thresholds (ivtlr_jax.sharding.apply_xla_flags)",
@@ -96,6 +99,8 @@ HELP = {
 
 
 def build_parser(field_types: dict) -> argparse.ArgumentParser:
+    from ivtlr_jax.sharding import COMPILERS, TPU_EXTRA
+
     ap = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="YAML file or a name under experiments/configs (tiny, qwen2vl_7b_m3cot, ...)")
@@ -107,10 +112,24 @@ def build_parser(field_types: dict) -> argparse.ArgumentParser:
                     help="alone: run that backbone's embedded default (a tiny random model trained on the synthetic "
                          "set through every stage, then evaluated); with a config whose init is auto-tiny: build "
                          "that backbone's tiny model")
-    ap.add_argument("--dry-run", action="store_true", help="compile the trainer's own micro-step (batch_size/"
-                    "grad_accum rows) on the mesh with abstract arrays (no weights) and print per-device memory, for "
-                    "LoRA and full; the model's shape comes from --init CKPT (its config), the auto-tiny default, "
-                    "or the YAML's model: section")
+    dry = ap.add_argument_group("dry run: memory and time per chip before renting the --mesh")
+    dry.add_argument("--dry-run", action="store_true", help="compile the trainer's own micro-step (batch_size/"
+                     "grad_accum rows) for the --mesh with abstract arrays (no weights) and print per-chip memory, "
+                     "whether it fits the chip's HBM, and the model FLOPs and time per update, for LoRA and full "
+                     "(JSON: RUN_DIR/dry_run.json); the model's shape comes from --init CKPT (its config), the "
+                     "auto-tiny default, or the YAML's model: section")
+    dry.add_argument("--compiler", choices=COMPILERS, default="auto",
+                     help="what compiles the dry run: tpu = XLA:TPU on compile-only devices of the TPU preset's "
+                          f"topology (the whole pod, from this one process; needs libtpu: {TPU_EXTRA}); cpu = "
+                          "XLA:CPU on simulated CPU devices (other fusions and buffers, no Pallas kernels); auto "
+                          "(default) = tpu for a TPU --mesh when libtpu is installed, else cpu")
+    dry.add_argument("--compare-remat", action="store_true",
+                     help="compile the step once more with remat full and report the extra temporary memory the "
+                          "chosen --remat policy's saved activations take (doubles the compile time)")
+    dry.add_argument("--cost-model", action="store_true",
+                     help="also ask XLA:TPU's cost model for the update's time: it compiles a loop-free 2-layer slice "
+                          "of the step (scans unrolled; minutes at 7B widths) and reports its estimate scaled to the "
+                          "model's layers where the estimate is usable, else why not")
     ap.add_argument("--debug", action="store_true", help="print the traceback of an error (otherwise one line; "
                     "process 0 also writes it to RUN_DIR/train.log), show library logs, and have every process "
                     "record the data rows of each micro-step in RUN_DIR/debug/rows.process_<i>.jsonl")
@@ -206,8 +225,24 @@ def dry_run_model_config(tcfg, yaml_values, backbone: str | None = None):
     return model_config_from_dict(model)
 
 
-def run_dry(tcfg, yaml_values, backbone: str | None = None) -> list[dict]:
+def yaml_model_config(config: str, backbone: str | None = None):
+    """The model config a training YAML (`--config NAME`) trains, as its --dry-run sizes it (no weights read)."""
+    import yaml
+
+    from ivtlr_jax.train.config import TrainConfig
+
+    with open(config_path(config)) as f:
+        values = yaml.safe_load(f) or {}
+    tcfg = TrainConfig.from_dict({k: v for k, v in values.items() if k != "model"})
+    return dry_run_model_config(tcfg, values, backbone)
+
+
+def run_dry(tcfg, yaml_values, backbone: str | None = None, compiler: str = "cpu", compare_remat: bool = False,
+            cost_model: bool = False) -> list[dict]:
+    """--dry-run: the train step compiled for the mesh (`compiler`: "tpu" or "cpu"), LoRA and full; the table and
+    RUN_DIR/dry_run.json."""
     from ivtlr_jax.models import backbone_for
+    from ivtlr_jax.sharding import compile_target
     from ivtlr_jax.train.dry_run import dry_run, format_dry_run
 
     cfg = dry_run_model_config(tcfg, yaml_values, backbone)
@@ -215,12 +250,9 @@ def run_dry(tcfg, yaml_values, backbone: str | None = None) -> list[dict]:
         cfg = dataclasses.replace(cfg, latent_token_id=cfg.vocab_size - 1)
     if getattr(cfg, "image_vocab", None) == ():  # Chameleon without its vocabulary map: any ids size the gathers
         cfg = dataclasses.replace(cfg, image_vocab=tuple(range(4, 4 + cfg.vq.num_embeddings)))
-    results = []
-    for finetune in ("lora", "full"):
-        t0 = time.time()
-        res = dry_run(backbone_for(cfg), dataclasses.replace(tcfg, finetune=finetune))
-        res["compile_s"] = time.time() - t0
-        results.append(res)
+    target = compile_target(tcfg.mesh, compiler)
+    results = [dry_run(backbone_for(cfg), dataclasses.replace(tcfg, finetune=finetune), target,
+                       compare_remat=compare_remat, cost_model=cost_model) for finetune in ("lora", "full")]
     print(format_dry_run(results))
     out = os.path.join(tcfg.out, "dry_run.json")
     os.makedirs(tcfg.out, exist_ok=True)
@@ -255,6 +287,11 @@ def main(argv=None) -> dict | list:
         return run_embedded_default(backbone=backbone)
     field_types = _field_types()
     args = build_parser(field_types).parse_args(argv)
+    if args.mesh == "list":
+        from ivtlr_jax.sharding import format_presets
+
+        print(format_presets())
+        return {}
     tcfg, yaml_values = load_train_config(args, field_types)
     setup_logging(args.debug)
     if not args.debug:  # errors raised in library threads (e.g. after a failed checkpoint write) go to the log file
@@ -267,10 +304,12 @@ def main(argv=None) -> dict | list:
             exc_info=(u.exc_type, u.exc_value, u.exc_traceback))
     try:
         if args.dry_run:
-            from ivtlr_jax.sharding import simulate_cpu_devices
+            from ivtlr_jax import sharding as sh
 
-            simulate_cpu_devices(tcfg.mesh)  # CPU-only host: the preset's device count (before JAX starts)
-            return run_dry(tcfg, yaml_values, args.backbone)
+            compiler = sh.resolve_compiler(args.compiler, tcfg.mesh)
+            if compiler == "cpu":
+                sh.simulate_cpu_devices(tcfg.mesh)  # CPU-only host: the preset's device count (before JAX starts)
+            return run_dry(tcfg, yaml_values, args.backbone, compiler, args.compare_remat, args.cost_model)
         return run_training(args, tcfg, yaml_values)
     except (SystemExit, KeyboardInterrupt):
         raise

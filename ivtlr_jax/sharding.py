@@ -4,13 +4,19 @@ A mesh has the axes ("data", "fsdp", "tensor"). Every parameter dimension carrie
 the backbone's spec table); `LOGICAL_RULES` maps logical names to mesh axes; `logical_to_sharding` turns
 the two into `NamedSharding`s, leaving a dimension replicated where its size does not divide.
 CPU devices may stand in for any preset (tests use XLA_FLAGS=--xla_force_host_platform_device_count=N).
+A TPU preset also names its slice's topology: with libtpu installed, `compile_target` builds its mesh from
+compile-only TPU devices (the whole pod, from one process on any machine) for XLA:TPU to compile for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.util
 import logging
 import math
+import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +40,75 @@ MULTI_GPU_XLA_FLAGS = GPU_XLA_FLAGS + (
     "--xla_gpu_reduce_scatter_combine_threshold_bytes=134217728",  # ... and reduce-scatters (128 MiB)
 )
 BATCH_AXES = ("data", "fsdp")  # the leading (batch) axis of activations and inputs is split over these
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuChip:
+    """A TPU generation: the device kind JAX reports, HBM and peak dense bfloat16 FLOP/s per chip, and the
+    `chip_config_name` its topologies take ("megacore": one device per chip of two TensorCores)."""
+
+    name: str
+    device_kind: str
+    hbm_bytes: int
+    peak_flops: float
+    chip_config: str = "default"
+
+
+TPU_CHIPS: dict[str, TpuChip] = {
+    c.name: c
+    for c in (
+        TpuChip("v4", "TPU v4", 32 * GIB, 275e12, "megacore"),
+        TpuChip("v5e", "TPU v5 lite", 16 * GIB, 197e12),
+        TpuChip("v5p", "TPU v5", 95 * GIB, 459e12, "megacore"),
+        TpuChip("v6e", "TPU v6 lite", 32 * GIB, 918e12),
+    )
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuTopology:
+    """A TPU slice as libtpu names it (`jax.experimental.topologies.get_topology_desc` builds its compile-only
+    devices from these): the chip, the topology ("v4:2x2x1") and the chips of one host along each axis."""
+
+    chip: TpuChip
+    name: str
+    chips_per_host: tuple[int, int, int]
+
+    def devices(self) -> list:
+        """The slice's compile-only devices (every host's, each with its `process_index`); needs libtpu, which
+        one process at a time may hold."""
+        from jax.experimental import topologies
+
+        try:
+            with _quiet_stderr():  # libtpu's start-up warnings about the TPU VM it is not running on
+                desc = topologies.get_topology_desc(
+                    topology_name=self.name, platform="tpu", chip_config_name=self.chip.chip_config,
+                    chips_per_host_bounds=self.chips_per_host, num_slices=1)
+        except RuntimeError as e:
+            if "lockfile" in str(e):
+                named = re.search(r"/\S*libtpu_lockfile", str(e))
+                raise ValueError(f"another process holds libtpu ({named.group(0) if named else 'its lock file'}): "
+                                 "only one process at a time can compile for TPU; wait until it ends, or use "
+                                 "--compiler cpu") from None
+            raise
+        return list(desc.devices)
+
+
+TPU_EXTRA = "pip install -e '.[tpu]'"  # libtpu at the version jax[tpu] pins for the installed jax
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 to /dev/null inside (what libtpu's C++ writes there never passes through Python)."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +116,8 @@ class MeshPreset:
     """A named hardware layout: how many devices on how many hosts, and the mesh axis sizes.
 
     `num_devices=None` means "all devices found" (the `fsdp` size -1 takes the rest);
-    `num_hosts=None` means any host count; `platform=None` means any platform.
+    `num_hosts=None` means any host count; `platform=None` means any platform. A TPU preset's `topology`
+    serves only compiling for it from elsewhere (`compile_target`); on its own TPUs the devices found are used.
     """
 
     name: str
@@ -55,6 +131,7 @@ class MeshPreset:
     # set by `apply_xla_flags` before the backend starts. The CPU flags every preset needs on CPU devices
     # (ivtlr_jax.CPU_XLA_FLAGS) are set by `import ivtlr_jax`, before this module can run.
     xla_flags: tuple[str, ...] = ()
+    topology: TpuTopology | None = None
 
     def axis_sizes(self, num_devices: int) -> dict[str, int]:
         """Mesh axis sizes for `num_devices` devices; a size of -1 takes what the others leave."""
@@ -76,6 +153,14 @@ class MeshPreset:
         return f"{devices}{hosts}{platform}"
 
 
+def _tpu(name: str, chips: int, hosts: int, chip: str, topology: str, chips_per_host: tuple[int, int, int]):
+    """A TPU slice's preset (named tpu_<Cloud TPU's name>): FSDP over all its chips."""
+    where = "one host" if hosts == 1 else f"{hosts} hosts"
+    return MeshPreset(name, chips, hosts, "tpu", fsdp=chips,
+                      description=f"TPU {name[4:].replace('_', '-')}: {chips} chips on {where}, FSDP over all",
+                      topology=TpuTopology(TPU_CHIPS[chip], topology, chips_per_host))
+
+
 PRESETS: dict[str, MeshPreset] = {
     p.name: p
     for p in (
@@ -83,9 +168,13 @@ PRESETS: dict[str, MeshPreset] = {
         MeshPreset("gpu_1", 1, 1, "gpu", description="one GPU", xla_flags=GPU_XLA_FLAGS),
         MeshPreset("gpu_8", 8, 1, "gpu", fsdp=8, description="8 GPUs on one host, FSDP over all",
                    xla_flags=MULTI_GPU_XLA_FLAGS),
-        MeshPreset("tpu_v4_8", 4, 1, "tpu", fsdp=4, description="TPU v4-8: 4 chips, one host, FSDP over all"),
-        MeshPreset("tpu_v4_32", 16, 4, "tpu", fsdp=16, description="TPU v4-32: 16 chips on 4 hosts, FSDP over all"),
-        MeshPreset("tpu_v5e_8", 8, 1, "tpu", fsdp=8, description="TPU v5e-8: 8 chips, one host, FSDP over all"),
+        _tpu("tpu_v4_8", 4, 1, "v4", "v4:2x2x1", (2, 2, 1)),
+        _tpu("tpu_v4_32", 16, 4, "v4", "v4:2x2x4", (2, 2, 1)),
+        _tpu("tpu_v4_64", 32, 8, "v4", "v4:2x4x4", (2, 2, 1)),
+        _tpu("tpu_v5e_8", 8, 1, "v5e", "v5e:2x4", (2, 4, 1)),
+        _tpu("tpu_v5e_32", 32, 8, "v5e", "v5e:4x8", (2, 2, 1)),
+        _tpu("tpu_v5p_8", 4, 1, "v5p", "v5p:2x2x1", (2, 2, 1)),
+        _tpu("tpu_v6e_8", 8, 1, "v6e", "v6e:2x4", (2, 4, 1)),
         MeshPreset("auto", None, None, None, fsdp=-1, description="FSDP over every device found",
                    xla_flags=GPU_XLA_FLAGS),  # GPU-only flags: without effect on CPU and TPU
     )
@@ -120,7 +209,8 @@ def get_preset(preset: str | MeshPreset) -> MeshPreset:
     if isinstance(preset, MeshPreset):
         return preset
     if preset not in PRESETS:
-        raise ValueError(f"--mesh={preset!r} is not a preset; use one of {sorted(PRESETS)}")
+        raise ValueError(f"--mesh={preset!r} is not a preset; use one of {sorted(PRESETS)} (--mesh list describes "
+                         "them)")
     return PRESETS[preset]
 
 
@@ -180,6 +270,110 @@ def describe(mesh: Mesh) -> str:
     hosts = len({d.process_index for d in mesh.devices.flat})
     return (f"mesh {axes} | {_plural(mesh.devices.size, first.platform + ' device')} on "
             f"{_plural(hosts, 'host')} (process {jax.process_index()} of {jax.process_count()})")
+
+
+def format_presets() -> str:
+    """The presets as a table (`--mesh list`): devices, hosts, mesh axes and, for TPU slices, the topology, HBM and
+    peak bfloat16 FLOP/s per chip."""
+    rows = [("preset", "devices", "hosts", "mesh", "topology", "HBM/chip", "peak/chip", "description")]
+    for p in PRESETS.values():
+        axes = " ".join(f"{a}={'rest' if n == -1 else n}" for a, n in (("data", p.data), ("fsdp", p.fsdp),
+                                                                       ("tensor", p.tensor)) if n != 1)
+        chip = p.topology.chip if p.topology else None
+        rows.append((p.name, "all" if p.num_devices is None else str(p.num_devices),
+                     "any" if p.num_hosts is None else str(p.num_hosts), axes or "-",
+                     p.topology.name if p.topology else "-", f"{chip.hbm_bytes / GIB:.0f} GiB" if chip else "-",
+                     f"{chip.peak_flops / 1e12:.0f} TFLOP/s" if chip else "-", p.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines + [f"With libtpu ({TPU_EXTRA}) a TPU preset's --dry-run compiles with XLA:TPU for its "
+                              "topology, on any machine."])
+
+
+# ---------------------------------------------------------------------------------------- compiling for a preset
+COMPILERS = ("auto", "tpu", "cpu")
+
+
+def libtpu_installed() -> bool:
+    """Whether libtpu (XLA:TPU) can be imported here."""
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def resolve_compiler(compiler: str, preset: str | MeshPreset) -> str:
+    """"tpu" or "cpu": what compiles a dry run for the preset. auto: XLA:TPU for a TPU preset when libtpu is
+    installed, else XLA:CPU on simulated CPU devices. ValueError (one line) for a choice that cannot be honoured."""
+    p = get_preset(preset)
+    if compiler not in COMPILERS:
+        raise ValueError(f"--compiler {compiler!r} is not valid; use one of {', '.join(COMPILERS)}")
+    if compiler == "cpu":
+        return "cpu"
+    if p.topology is None:
+        if compiler == "tpu":
+            tpus = ", ".join(n for n, q in PRESETS.items() if q.topology)
+            raise ValueError(f"--compiler tpu: --mesh {p.name} is not a TPU slice; use one of {tpus}, "
+                             "or --compiler cpu")
+        return "cpu"
+    if libtpu_installed():
+        return "tpu"
+    if compiler == "tpu":
+        raise ValueError(f"--compiler tpu needs libtpu, which is not installed: {TPU_EXTRA} (the tpu extra), "
+                         "or --compiler cpu")
+    logger.warning("--mesh %s: compiling with XLA:CPU on simulated devices, as libtpu is not installed (%s compiles "
+                   "with XLA:TPU for the preset's topology)", p.name, TPU_EXTRA)
+    return "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileTarget:
+    """What a dry run compiles for and with: the preset's mesh and the compiler ("xla:tpu" on compile-only devices
+    of the preset's topology, else "xla:<platform>" on this machine's devices), its version and the topology."""
+
+    preset: MeshPreset
+    mesh: Mesh
+    compiler: str
+    compiler_version: str
+    topology: str | None = None
+
+    @property
+    def platform(self) -> str:
+        """The platform of the devices compiled for (what "auto" choices resolve by)."""
+        return self.mesh.devices.flat[0].platform
+
+    @property
+    def hbm_bytes(self) -> int | None:
+        """HBM per chip of the preset's TPU (None where unknown: CPU and GPU presets)."""
+        return self.preset.topology.chip.hbm_bytes if self.preset.topology else None
+
+    @property
+    def peak_flops(self) -> float | None:
+        """Peak bfloat16 FLOP/s per chip of the preset's TPU (None where unknown)."""
+        return self.preset.topology.chip.peak_flops if self.preset.topology else None
+
+    def describe(self) -> str:
+        """One line: the mesh, its devices and where they are."""
+        if self.topology is None:
+            return describe(self.mesh)
+        axes = " ".join(f"{name}={size}" for name, size in self.mesh.shape.items())
+        hosts = len({d.process_index for d in self.mesh.devices.flat})
+        kind = self.mesh.devices.flat[0].device_kind
+        return (f"mesh {axes} | {_plural(self.mesh.devices.size, kind + ' chip')} on {_plural(hosts, 'host')} "
+                f"(compile-only devices of topology {self.topology})")
+
+
+def compile_target(preset: str | MeshPreset, compiler: str = "auto") -> CompileTarget:
+    """The mesh to compile the preset's programs for (`resolve_compiler` picks XLA:TPU or XLA:CPU). XLA:TPU: the
+    preset's mesh over its topology's compile-only devices, every host's (so a pod compiles whole, from one
+    process). XLA:CPU: `make_mesh` on this machine's devices (`simulate_cpu_devices` before JAX starts)."""
+    import jaxlib
+
+    p = get_preset(preset)
+    if resolve_compiler(compiler, p) == "tpu":
+        from importlib.metadata import version
+
+        mesh = make_mesh(p, p.topology.devices())
+        return CompileTarget(p, mesh, "xla:tpu", f"libtpu {version('libtpu')}", p.topology.name)
+    mesh = make_mesh(p)
+    return CompileTarget(p, mesh, f"xla:{mesh.devices.flat[0].platform}", f"jaxlib {jaxlib.__version__}")
 
 
 def xla_flags_for(preset: str | MeshPreset, existing: str = "") -> str:

@@ -175,7 +175,8 @@ def test_cli_on_a_mesh_equals_one_device(workspace):
 
 
 def test_dry_run_reports_generation_memory_per_device(workspace):
-    """--dry-run reads only the config (params/ is emptied here) and simulates the preset's 4 devices on CPU."""
+    """--dry-run --compiler cpu reads only the config (params/ is emptied here) and simulates the preset's 4 devices on
+    CPU (XLA:TPU's dry run: tests/test_tpu_compile.py, the one file that holds libtpu)."""
     import shutil
 
     root, _ = workspace
@@ -184,7 +185,7 @@ def test_dry_run_reports_generation_memory_per_device(workspace):
     shutil.copy(root / "ckpt" / "ivtlr_config.json", cfg_only / "ivtlr_config.json")
     (cfg_only / "params").mkdir()
     out = root / "dry.json"
-    proc = _cli(["--ckpt", str(cfg_only), "--dry-run", "--mesh", "tpu_v4_8", "--batch-size", "4",
+    proc = _cli(["--ckpt", str(cfg_only), "--dry-run", "--mesh", "tpu_v4_8", "--compiler", "cpu", "--batch-size", "4",
                  "--max-new-tokens", "4", "--k", "4", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "generation memory per device on --mesh tpu_v4_8" in proc.stdout and "KV cache" in proc.stdout
@@ -194,5 +195,7 @@ def test_dry_run_reports_generation_memory_per_device(workspace):
     assert r["kv_cache_bytes_per_device"] * 4 == r["kv_cache_bytes_total"]  # batch 4 over the 4 data devices
     assert r["compiler_total_bytes_per_device"] >= r["param_bytes_per_device"]
     assert r["compiler_temp_size_in_bytes"] > 0
+    assert r["compiler"] == "xla:cpu" and r["topology"] is None and r["hbm_bytes_per_chip"] == 32 * 2**30
+    assert r["fits"] is True and proc.stdout.splitlines()[-2].startswith("fits: ")
     bad = _cli(["--ckpt", str(cfg_only), "--dry-run", "--mesh", "tpu_v9"])
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: --mesh='tpu_v9'")

@@ -43,7 +43,7 @@ for finetune in ("full", "lora"):
     tcfg = TrainConfig(finetune=finetune, mesh="gpu_8", compute_dtype="float32", k=4, batch_size=8, lora_r=8)
     tx, _ = make_optimizer(tcfg, 10)
     state, frozen, report, layout = create_train_state(bb, tcfg, sh.make_mesh("gpu_8"), tx, "float32", ckpt)
-    dry = dry_run(bb, tcfg, text=16, tail=8, n=1, platform="cpu", compare_remat=False)
+    dry = dry_run(bb, tcfg, text=16, tail=8, n=1)
     shard_counts = sorted({len(x.addressable_shards) for x in jax.tree_util.tree_leaves(state.trainable)})
     out[finetune] = {**report, "dry_state_bytes_total": dry["state_bytes_total"],
                      "dry_state_bytes_per_device": dry["state_bytes_per_device"],

@@ -1,28 +1,41 @@
-"""Ahead-of-time compile of the train step on abstract arrays: per-device memory before renting a pod.
+"""Ahead-of-time compile of the train step on abstract arrays: per-chip memory and time before renting a pod.
 
 The state layout is the one `create_train_state` materialises (`state_layout`), so the state figures here
-are the ones a real start reports; the batch is laid out by the same `make_latent_batch` as training.
+are the ones a real start reports; the batch is laid out by the same `make_latent_batch` as training. The
+step is compiled for a `sharding.CompileTarget`: XLA:TPU on the compile-only devices of a TPU preset's
+topology (libtpu installed), else XLA:CPU on simulated CPU devices.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from ivtlr_jax import sharding as sh
 from ivtlr_jax.latent import LatentBatch, make_latent_batch
+from ivtlr_jax.models import layers as ly
 from ivtlr_jax.models import spec as sp
 from ivtlr_jax.models.base import Backbone
 from ivtlr_jax.models.layers import resolve_attention
+from ivtlr_jax.sharding import GIB
 from ivtlr_jax.train.config import TrainConfig
 from ivtlr_jax.train.remat import resolve_remat
 from ivtlr_jax.train.state import state_layout
-from ivtlr_jax.train.step import build_train_step, compute_dtype, make_optimizer, micro_batch_size
+from ivtlr_jax.train.step import build_train_step, compute_dtype, make_optimizer, micro_batch_size, model_flops
 
 DRY_RUN_TEXT = 124  # prompt text tokens around the image (the reference prompt: ~124 + 100 image tokens)
 DRY_RUN_TAIL = 256  # labelled tokens after the latent steps
+COST_SLICE_LAYERS = 2  # decoder layers of the loop-free slice whose time XLA:TPU's cost model estimates
+COST_MODEL_TOLERANCE = 0.10  # the slice's compiler FLOPs must match the analytic count this closely
+COST_MODEL_LABEL = "XLA:TPU cost-model estimate, not a measurement"
 
 
 def example_batch(bb: Backbone, lcfg, rows: int, text: int = DRY_RUN_TEXT, tail: int = DRY_RUN_TAIL,
@@ -39,7 +52,40 @@ def example_batch(bb: Backbone, lcfg, rows: int, text: int = DRY_RUN_TEXT, tail:
     return make_latent_batch(bb, lcfg, ids, np.ones_like(ids), labels, pv, grids)
 
 
-def _memory(compiled) -> dict:
+def compile_with_progress(lower: Callable, what: str):
+    """`lower().compile()` with the elapsed time shown on stderr meanwhile (a ticker on a terminal, else a line
+    before and after); returns (compiled, seconds). It runs in a worker thread, so that Ctrl-C stops a compile
+    of many minutes at once (the main thread waits in Python, where the interrupt is raised)."""
+    start = time.time()
+    ticker = tqdm(desc=f"compiling {what}", bar_format="{desc}: {elapsed}", file=sys.stderr, disable=None,
+                  leave=False)
+    if ticker.disable:
+        print(f"compiling {what} ...", file=sys.stderr, flush=True)
+    outcome = {}
+
+    def work():
+        try:
+            outcome["compiled"] = lower().compile()
+        except BaseException as e:  # re-raised in the caller's thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=work, name="compile", daemon=True)  # abandoned, not awaited, on Ctrl-C
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(1.0)
+            ticker.refresh()
+    finally:
+        ticker.close()
+    if "error" in outcome:
+        raise outcome["error"]
+    seconds = time.time() - start
+    print(f"compiled {what} in {seconds:.0f} s", file=sys.stderr, flush=True)
+    return outcome["compiled"], seconds
+
+
+def memory_figures(compiled) -> dict:
+    """XLA's memory analysis of a compiled program, per device, as `compiler_*` keys ({} where it gives none)."""
     mem = compiled.memory_analysis()
     if mem is None:
         return {}
@@ -50,7 +96,31 @@ def _memory(compiled) -> dict:
                                               + out["compiler_output_size_in_bytes"]
                                               - out["compiler_alias_size_in_bytes"]
                                               + out["compiler_temp_size_in_bytes"])
+    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+    if peak:  # the compiler's peak of live buffers (XLA:TPU's heap simulation)
+        out["compiler_peak_memory_in_bytes"] = peak
     return out
+
+
+def custom_calls(compiled) -> list[str]:
+    """The custom-call targets in a compiled program (a Pallas TPU kernel is a Mosaic "tpu_custom_call")."""
+    return sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())))
+
+
+def fit_figures(target: sh.CompileTarget, mem: dict) -> dict:
+    """What the program needs per chip (the larger of the compiler's total and its peak), the target's HBM per chip
+    and whether it fits (None where the HBM is unknown)."""
+    hbm = target.hbm_bytes
+    need = max(mem.get("compiler_total_bytes_per_device", 0), mem.get("compiler_peak_memory_in_bytes", 0)) or None
+    known = hbm is not None and need is not None
+    return {"bytes_needed_per_chip": need, "hbm_bytes_per_chip": hbm, "fits": (need <= hbm) if known else None,
+            "headroom_bytes_per_chip": (hbm - need) if known else None}
+
+
+def target_figures(target: sh.CompileTarget) -> dict:
+    """The compiler, its version, the topology and the mesh a dry run compiled for."""
+    return {"mesh_preset": target.preset.name, "mesh": target.describe(), "compiler": target.compiler,
+            "compiler_version": target.compiler_version, "topology": target.topology}
 
 
 def abstract_step_inputs(bb: Backbone, tcfg: TrainConfig, mesh, layout, text: int = DRY_RUN_TEXT,
@@ -66,79 +136,213 @@ def abstract_step_inputs(bb: Backbone, tcfg: TrainConfig, mesh, layout, text: in
     return layout.state, layout.frozen, batch
 
 
-def dry_run(bb: Backbone, tcfg: TrainConfig, text: int = DRY_RUN_TEXT, tail: int = DRY_RUN_TAIL, n: int = 3,
-            platform: str = "tpu", compare_remat: bool = True) -> dict:
-    """Lower and compile the train step on the preset's mesh without loading weights.
+@dataclasses.dataclass(frozen=True)
+class StepProgram:
+    """The trainer's micro-step for one backbone and config on a target, ready to lower on abstract inputs."""
+
+    bb: Backbone
+    tcfg: TrainConfig
+    target: sh.CompileTarget
+    dtype: object
+    text: int
+    tail: int
+    n: int
+
+    def inputs(self):
+        tx, _ = make_optimizer(self.tcfg, 1000)
+        layout = state_layout(self.bb, self.tcfg, self.target.mesh, tx, self.dtype)
+        return layout, abstract_step_inputs(self.bb, self.tcfg, self.target.mesh, layout, self.text, self.tail,
+                                            self.n, processes=self.target.preset.num_hosts or 1)
+
+    def lower(self, remat: str):
+        """The step under the `remat` policy, lowered (traced) on the abstract inputs."""
+        tcfg = dataclasses.replace(self.tcfg, remat=remat)
+        tx, schedule = make_optimizer(tcfg, 1000)
+        layout, (state, frozen, batch) = self.inputs()
+        step = build_train_step(self.bb, tcfg.latent(self.bb.default_k), tcfg, tx, schedule, self.dtype, layout,
+                                self.target.mesh)
+        return step.lower(state, frozen, batch)
+
+
+def time_figures(program: StepProgram, batch: LatentBatch, peak_flops: float | None) -> dict:
+    """Model FLOPs of one optimiser update per chip and its time at the chip's peak (a lower bound)."""
+    chips = program.target.mesh.devices.size
+    flops = model_flops(program.bb, program.tcfg, batch) * program.tcfg.grad_accum / chips
+    return {"model_flops_per_update_per_chip": flops, "peak_flops_per_chip": peak_flops,
+            "seconds_per_update_at_peak": flops / peak_flops if peak_flops else None}
+
+
+def cost_model_figures(program: StepProgram, remat: str, batch: LatentBatch) -> dict:
+    """XLA:TPU's cost model on a loop-free slice of the step (COST_SLICE_LAYERS decoder layers at the model's
+    widths, every scan unrolled: the cost analysis counts a loop's body once), scaled to the whole model by
+    the analytic FLOPs. `estimate_seconds_per_update` is set only when the slice's optimal_seconds is positive
+    and its FLOPs are within COST_MODEL_TOLERANCE of the analytic count; `reason` says why not otherwise."""
+    if program.target.compiler != "xla:tpu":
+        return {"reason": f"the cost model is XLA:TPU's; this dry run compiled with {program.target.compiler}"}
+    layers = program.bb.dims.num_layers
+    if layers <= COST_SLICE_LAYERS:
+        return {"reason": f"the model has {layers} decoder layers: no slice is smaller"}
+    piece = dataclasses.replace(program, bb=program.bb.replace_config(num_hidden_layers=COST_SLICE_LAYERS))
+    was_unrolled = ly.loops_unrolled()
+    ly.unroll_loops(True)
+    try:
+        lowered = piece.lower(remat)  # traced unrolled; compiled after the switch is back
+    finally:
+        ly.unroll_loops(was_unrolled)
+    compiled, seconds = compile_with_progress(lambda: lowered, f"the {COST_SLICE_LAYERS}-layer slice (cost model)")
+    cost = compiled.cost_analysis() or {}
+    chips = program.target.mesh.devices.size
+    slice_flops = model_flops(piece.bb, piece.tcfg, batch) / chips  # one micro-step, per chip
+    full_flops = model_flops(program.bb, program.tcfg, batch) / chips
+    flops, optimal = float(cost.get("flops", 0.0)), cost.get("optimal_seconds")
+    out = {"slice_layers": COST_SLICE_LAYERS, "slice_compile_s": seconds, "slice_flops_per_chip": flops,
+           "slice_analytic_flops_per_chip": slice_flops, "slice_optimal_seconds": optimal}
+    mismatch = flops / slice_flops - 1.0
+    problems = []
+    if optimal is None:
+        problems.append("the cost analysis gives no optimal_seconds")
+    elif optimal <= 0:
+        problems.append(f"the slice's optimal_seconds is {optimal:.3g}, not a time")
+    if abs(mismatch) > COST_MODEL_TOLERANCE:
+        problems.append(f"its compiler FLOPs ({flops:.3g} per chip) are {mismatch:+.0%} off the analytic count "
+                        f"({slice_flops:.3g}, which leaves out what the backward pass recomputes, remat {remat}'s "
+                        "layers and the loss's checkpointed LM head, and counts attention as causal)")
+    if problems:
+        out["reason"] = "; ".join(problems)
+    else:
+        out["estimate_seconds_per_update"] = optimal * full_flops / slice_flops * program.tcfg.grad_accum
+        out["label"] = (f"{COST_MODEL_LABEL}: the {COST_SLICE_LAYERS}-layer slice scaled to "
+                        f"{program.bb.dims.num_layers} layers by the analytic FLOPs")
+    return out
+
+
+def dry_run(bb: Backbone, tcfg: TrainConfig, target: sh.CompileTarget | None = None, text: int = DRY_RUN_TEXT,
+            tail: int = DRY_RUN_TAIL, n: int = 3, compare_remat: bool = False, cost_model: bool = False) -> dict:
+    """Lower and compile the train step for `target` (default: XLA:CPU for tcfg.mesh) without loading weights.
 
     The step is built by `build_train_step`, the trainer's own builder, and fed the trainer's micro-batch
     (batch_size / grad_accum rows). Returns per-device bytes of frozen params, trainable params, optimiser
-    state, the train state's total (`state_bytes_total`), and the compiler's memory analysis. The remat
-    policy is resolved ("auto" by model size); with `compare_remat` and a policy other than "full" the
-    step is compiled once more with "full" and `remat_cost_bytes_per_device` is the extra temporary
-    memory the policy's saved activations take.
+    state, the train state's total (`state_bytes_total`), the compiler's memory analysis and whether it fits
+    the chip's HBM, the model FLOPs of one update per chip and its time at peak, and (`cost_model`, XLA:TPU)
+    the cost model's estimate from a loop-free slice. Compute dtype and attention are resolved for the target's
+    devices. With `compare_remat` and a policy other than "full" the step is compiled once more with "full" and
+    `remat_cost_bytes_per_device` is the extra temporary memory the policy's saved activations take.
     """
-    mesh = sh.make_mesh(tcfg.mesh)
-    dtype = compute_dtype(tcfg, platform)
-    tx, schedule = make_optimizer(tcfg, 1000)
-    layout = state_layout(bb, tcfg, mesh, tx, dtype)
-    lcfg = tcfg.latent(bb.default_k)
-    state, frozen, batch = abstract_step_inputs(bb, tcfg, mesh, layout, text, tail, n,
-                                                processes=sh.get_preset(tcfg.mesh).num_hosts or 1)
-    micro = batch.batch_size
+    target = target or sh.compile_target(tcfg.mesh, "cpu")
+    dtype = compute_dtype(tcfg, target.preset.platform or target.platform)
     remat = resolve_remat(tcfg.remat, bb.dims)
-    target = {"gpu": "cuda", None: platform}.get(sh.get_preset(tcfg.mesh).platform, sh.get_preset(tcfg.mesh).platform)
-
-    def compile_with(policy: str):
-        step = build_train_step(bb, lcfg, dataclasses.replace(tcfg, remat=policy), tx, schedule, dtype, layout, mesh)
-        return step.lower(state, frozen, batch).compile()
-
-    mem = _memory(compile_with(remat))
+    program = StepProgram(bb, tcfg, target, dtype, text, tail, n)
+    layout, (_, _, batch) = program.inputs()
+    compiled, seconds = compile_with_progress(lambda: program.lower(remat), f"the {tcfg.finetune} train step for "
+                                              f"{target.preset.name} with {target.compiler.upper()}")
+    mem = memory_figures(compiled)
     report = layout.report()
+    peak = tcfg.peak_tflops * 1e12 if tcfg.peak_tflops else target.peak_flops
     out = {
         "model_type": bb.model_type,
         "parameters": int(sum(np.prod(info.shape) for _, info in sp.infos(bb.param_spec()))),
-        "mesh": sh.describe(mesh), "finetune": tcfg.finetune, "compute_dtype": str(dtype), "remat": remat,
-        "attention": resolve_attention(tcfg.attention, dtype, bb.dims.head_dim, target),  # on the preset's devices
-        "attention_compiled": resolve_attention(tcfg.attention, dtype, bb.dims.head_dim),  # here
-        "batch_size": tcfg.batch_size, "grad_accum": tcfg.grad_accum, "micro_batch": micro,
-        "micro_batch_per_device": micro / mesh.devices.size, "seq_len": int(batch.kv_valid.shape[1]),
+        **target_figures(target), "finetune": tcfg.finetune, "compute_dtype": str(dtype), "remat": remat,
+        "attention": resolve_attention(tcfg.attention, dtype, bb.dims.head_dim, platform=target.platform),
+        "batch_size": tcfg.batch_size, "grad_accum": tcfg.grad_accum, "micro_batch": batch.batch_size,
+        "micro_batch_per_device": batch.batch_size / target.mesh.devices.size,
+        "seq_len": int(batch.kv_valid.shape[1]), "compile_s": seconds,
         "frozen_params_bytes_per_device": report["frozen_bytes_per_device"],
         "trainable_params_bytes_per_device": report["trainable_bytes_per_device"],
         "optimizer_state_bytes_per_device": report["optimizer_bytes_per_device"],
         "state_bytes_total": report["state_bytes_total"],
         "state_bytes_per_device": report["state_bytes_per_device"],
+        **mem, **fit_figures(target, mem), **time_figures(program, batch, peak), "custom_calls": custom_calls(compiled),
     }
-    out.update(mem)
     if mem and compare_remat and remat != "full":
-        full = _memory(compile_with("full"))
-        out["compiler_temp_size_in_bytes_remat_full"] = full["compiler_temp_size_in_bytes"]
-        out["remat_cost_bytes_per_device"] = mem["compiler_temp_size_in_bytes"] - full["compiler_temp_size_in_bytes"]
-    elif mem:
+        full, _ = compile_with_progress(lambda: program.lower("full"), f"the {tcfg.finetune} train step with remat "
+                                        "full (--compare-remat)")
+        out["compiler_temp_size_in_bytes_remat_full"] = memory_figures(full)["compiler_temp_size_in_bytes"]
+        out["remat_cost_bytes_per_device"] = (mem["compiler_temp_size_in_bytes"]
+                                              - out["compiler_temp_size_in_bytes_remat_full"])
+    elif mem and compare_remat:
         out["remat_cost_bytes_per_device"] = 0
+    if cost_model:
+        out["cost_model"] = cost_model_figures(program, remat, batch)
     return out
 
 
+def _gib(nbytes) -> str:
+    return f"{nbytes / GIB:.2f}"
+
+
+def fit_verdict(results: list[dict], label: Callable[[dict], str]) -> str:
+    """The last line of a dry run's table: does each program fit the chip's HBM (`label` names a result)."""
+    parts = []
+    for r in results:
+        need = r["bytes_needed_per_chip"]
+        if need is None:
+            parts.append(f"{label(r)}unknown (the compiler gave no memory analysis)")
+        elif r["hbm_bytes_per_chip"] is None:
+            parts.append(f"{label(r)}unknown ({_gib(need)} GiB per device; --mesh {r['mesh_preset']} names no HBM "
+                         "size)")
+        else:
+            hbm, room = r["hbm_bytes_per_chip"], r["headroom_bytes_per_chip"]
+            verdict = "fits" if r["fits"] else "does not fit"
+            spare = f"{_gib(room)} GiB free" if room >= 0 else f"{_gib(-room)} GiB over"
+            parts.append(f"{label(r)}{verdict}: {_gib(need)} of {hbm / GIB:.0f} GiB per chip ({spare})")
+    estimated = "" if results[0]["compiler"] == "xla:tpu" else " (XLA:CPU's estimate: compile with XLA:TPU to know)"
+    return "; ".join(parts) + estimated
+
+
+def _seconds(s: float | None) -> str:
+    return "n/a" if s is None else f"{s:.3g} s"
+
+
 def format_dry_run(results: list[dict]) -> str:
-    gib = 2**30
-    lines = [f"{'finetune':<9}{'frozen GiB':>11}{'trainable GiB':>14}{'optimizer GiB':>14}{'compiler total GiB':>19}"
-             f"{'  (args/out/temp)':<24}{'remat cost GiB':>15}"]
+    """The dry run's table (GiB per device), its footnote, the time figures and, last, the verdict."""
+    remat_cost = any("remat_cost_bytes_per_device" in r for r in results)
+    peak = any("compiler_peak_memory_in_bytes" in r for r in results)
+    head = (f"{'finetune':<9}{'frozen GiB':>11}{'trainable GiB':>14}{'optimizer GiB':>14}{'compiler total GiB':>19}"
+            f"{'  (args/out/temp)':<24}" + (f"{'peak GiB':>9}" if peak else "")
+            + (f"{'remat cost GiB':>15}" if remat_cost else ""))
+    lines = [head]
     for r in results:
         total = r.get("compiler_total_bytes_per_device")
-        detail, cost = "", "n/a"
+        detail = ""
         if total is not None:
-            parts = [r[f"compiler_{k}_size_in_bytes"] / gib for k in ("argument", "output", "temp")]
-            detail = "  ({:.2f}/{:.2f}/{:.2f})".format(*parts)
-        if r.get("remat_cost_bytes_per_device") is not None:
-            cost = f"{r['remat_cost_bytes_per_device'] / gib:.2f}"
-        lines.append(f"{r['finetune']:<9}{r['frozen_params_bytes_per_device'] / gib:>11.2f}"
-                     f"{r['trainable_params_bytes_per_device'] / gib:>14.3f}"
-                     f"{r['optimizer_state_bytes_per_device'] / gib:>14.3f}"
-                     f"{(total or 0) / gib:>19.2f}{detail:<24}{cost:>15}")
+            detail = "  ({}/{}/{})".format(*(_gib(r[f"compiler_{k}_size_in_bytes"]) for k in ("argument", "output",
+                                                                                                "temp")))
+        row = (f"{r['finetune']:<9}{r['frozen_params_bytes_per_device'] / GIB:>11.2f}"
+               f"{r['trainable_params_bytes_per_device'] / GIB:>14.3f}"
+               f"{r['optimizer_state_bytes_per_device'] / GIB:>14.3f}{(total or 0) / GIB:>19.2f}{detail:<24}")
+        if peak:
+            row += f"{r['compiler_peak_memory_in_bytes'] / GIB:>9.2f}" if "compiler_peak_memory_in_bytes" in r \
+                else f"{'n/a':>9}"
+        if remat_cost:
+            cost = r.get("remat_cost_bytes_per_device")
+            row += f"{'n/a' if cost is None else _gib(cost):>15}"
+        lines.append(row)
     first = results[0]
-    lines.append(f"{first['model_type']} ({first['parameters'] / 1e9:.2f}B parameters), per device, on "
-                 f"{first['mesh']}; optimiser updates of {first['batch_size']} rows in "
-                 f"{first['grad_accum']} micro-steps of {first['micro_batch']} rows of "
-                 f"{first['seq_len']} tokens, {first['compute_dtype']} compute, attention {first['attention']} "
-                 f"(compiled here with {first['attention_compiled']}), "
-                 f"remat {first['remat']} (remat cost: its extra temporary memory over remat full)")
+    topology = f", topology {first['topology']}" if first["topology"] else ""
+    params = first["parameters"]
+    size = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.2f}M"
+    steps = "1 micro-step" if first["grad_accum"] == 1 else f"{first['grad_accum']} micro-steps"
+    lines.append(f"{first['model_type']} ({size} parameters), per device, on {first['mesh']}; compiled by "
+                 f"{first['compiler'].upper()} ({first['compiler_version']}{topology}); optimiser updates of "
+                 f"{first['batch_size']} rows in {steps} of {first['micro_batch']} rows of {first['seq_len']} "
+                 f"tokens, {first['compute_dtype']} compute, "
+                 f"attention {first['attention']}, remat {first['remat']}"
+                 + (" (remat cost: its extra temporary memory over remat full)" if remat_cost else ""))
+    for r in results:
+        peak_flops = r["peak_flops_per_chip"]
+        line = f"{r['finetune']}: model FLOPs per update per chip {r['model_flops_per_update_per_chip']:.3g}"
+        if peak_flops:
+            line += (f"; {_seconds(r['seconds_per_update_at_peak'])} per update at the chip's peak of "
+                     f"{peak_flops / 1e12:.0f} TFLOP/s (a lower bound)")
+        else:
+            line += "; no time at peak (the preset names no chip: --peak-tflops gives one)"
+        cost = r.get("cost_model")
+        if cost is None:
+            line += "; --cost-model asks XLA:TPU's cost model for an estimate" if r["compiler"] == "xla:tpu" else ""
+        elif "estimate_seconds_per_update" in cost:
+            line += f"; {_seconds(cost['estimate_seconds_per_update'])} per update ({cost['label']})"
+        else:
+            line += f"; no cost-model estimate: {cost['reason']}"
+        lines.append(line)
+    lines.append(fit_verdict(results, lambda r: f"{r['finetune']} " if len(results) > 1 else ""))
     return "\n".join(lines)

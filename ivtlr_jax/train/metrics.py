@@ -10,20 +10,25 @@ import os
 import jax
 import numpy as np
 
+from ivtlr_jax import sharding as sh
 from ivtlr_jax.train.config import TrainConfig
 
 logger = logging.getLogger("ivtlr_jax.train")
 
-PEAK_TFLOPS = {"tpu v4": 275.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v6": 918.0,
-               "h100": 989.0, "h200": 989.0, "a100": 312.0, "l4": 121.0}
+PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l4": 121.0}  # GPUs, dense bf16; TPUs: sh.TPU_CHIPS
 TENSORBOARD_SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s")  # written as train/<name>
 
 
 def peak_flops(tcfg: TrainConfig) -> float | None:
-    """Peak FLOP/s of one device (the MFU denominator): the config's peak_tflops, else by device kind."""
+    """Peak FLOP/s of one device (the MFU denominator): the config's peak_tflops, else by device kind (a TPU's
+    from `sharding.TPU_CHIPS`, whose kinds are exact: "TPU v5" is a v5p, "TPU v5 lite" a v5e)."""
     if tcfg.peak_tflops:
         return tcfg.peak_tflops * 1e12
-    kind = jax.devices()[0].device_kind.lower()
+    kind = jax.devices()[0].device_kind
+    for chip in sh.TPU_CHIPS.values():
+        if kind == chip.device_kind:
+            return chip.peak_flops
+    kind = kind.lower()
     for name, tflops in PEAK_TFLOPS.items():
         if name in kind:
             return tflops * 1e12
