@@ -21,8 +21,16 @@ import numpy as np
 from flax import struct
 
 from ivtlr_jax.config import coerce_fields
-from ivtlr_jax.models.base import Backbone, Embedded
-from ivtlr_jax.models.layers import LayerWrapper, acc_dtype, for_call, identity, loop_scan
+from ivtlr_jax.models.base import Backbone, Embedded, param_dtype
+from ivtlr_jax.models.layers import (
+    AttentionSpec,
+    LayerWrapper,
+    acc_dtype,
+    attention_spec,
+    for_call,
+    identity,
+    loop_scan,
+)
 
 IGNORE = -100
 LOSS_CHUNK = 128  # positions per block of the chunked training loss (memory O(B * LOSS_CHUNK * V))
@@ -343,8 +351,11 @@ def latent_hidden(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, 
     return suffix_hidden(bb, params, batch, hidden, cache, layer_wrapper, attention), selected
 
 
-def _latent_forward(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, attention: str = "auto"):
-    """Traced body: returns (loss, logits (B, L_final, V), selected (n, B, k))."""
+def _latent_forward(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch,
+                    attention: str | AttentionSpec = "auto", mesh=None):
+    """Traced body: returns (loss, logits (B, L_final, V), selected (n, B, k)); attention resolved for `mesh`'s
+    devices (None: one device)."""
+    attention = attention_spec(attention, param_dtype(params), bb.dims.head_dim, mesh)
     hidden, selected = latent_hidden(bb, params, lcfg, batch, attention=attention)
     logits = bb.lm_head(params, hidden)  # (B, L_final, V)
     return cross_entropy(logits, batch.labels), logits, selected
@@ -386,7 +397,7 @@ def latent_loss(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, la
     return chunked_cross_entropy(bb, params, hidden, batch.labels, unroll=layer_wrapper.unroll)
 
 
-latent_forward_jit = jax.jit(_latent_forward, static_argnames=("bb", "lcfg", "attention"))
+latent_forward_jit = jax.jit(_latent_forward, static_argnames=("bb", "lcfg", "attention", "mesh"))
 
 
 def latent_forward(bb: Backbone, params, lcfg: LatentConfig, input_ids, attention_mask, labels, pixel_values=None,

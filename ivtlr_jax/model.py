@@ -15,7 +15,6 @@ from ivtlr_jax.convert.load import abstract_params  # noqa: F401  (the params of
 from ivtlr_jax.latent import LatentConfig
 from ivtlr_jax.models import Backbone, backbone_for
 from ivtlr_jax.models import layers as ly
-from ivtlr_jax.models.base import param_dtype
 
 
 def resolve_dtype(dtype: str, platform: str | None = None) -> str:
@@ -183,9 +182,7 @@ class IVTLRModel:
         lcfg = self.latent_config(k, latent_text, position_mode, selection_order, latent_grad)
         batch = make_latent_batch(self.backbone, lcfg, input_ids, attention_mask, labels, pixel_values,
                                   image_grid_thw)
-        attention = ly.attention_spec("auto", param_dtype(self.params), self.backbone.dims.head_dim, self.mesh)
-        loss, logits, selected = latent_forward_jit(self.backbone, self.params, lcfg, self._put(batch),
-                                                    attention=attention)
+        loss, logits, selected = latent_forward_jit(self.backbone, self.params, lcfg, self._put(batch), mesh=self.mesh)
         return LatentOutput(float(loss), np.asarray(logits), np.asarray(selected))
 
     def generate(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, max_new_tokens: int = 64,

@@ -104,7 +104,7 @@ def compiled_latent_forward(sh, tiny_backbone):
             batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch,
                                  sh.batch_shardings(mesh, batch))
             params = abstract_params(bb, mesh, "bfloat16")
-            done[preset] = latent_forward_jit.lower(bb, params, lcfg, batch).compile()
+            done[preset] = latent_forward_jit.lower(bb, params, lcfg, batch, mesh=mesh).compile()
         return done[preset]
 
     return compile_for

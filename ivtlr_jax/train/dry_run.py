@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 from ivtlr_jax import sharding as sh
 from ivtlr_jax.latent import LatentBatch, make_latent_batch
-from ivtlr_jax.models import layers as ly
 from ivtlr_jax.models import spec as sp
 from ivtlr_jax.models.base import Backbone
 from ivtlr_jax.models.layers import resolve_attention
@@ -154,13 +153,13 @@ class StepProgram:
         return layout, abstract_step_inputs(self.bb, self.tcfg, self.target.mesh, layout, self.text, self.tail,
                                             self.n, processes=self.target.preset.num_hosts or 1)
 
-    def lower(self, remat: str):
-        """The step under the `remat` policy, lowered (traced) on the abstract inputs."""
+    def lower(self, remat: str, unroll: bool = False):
+        """The step under the `remat` policy, lowered (traced) on the abstract inputs; `unroll`: every loop unrolled."""
         tcfg = dataclasses.replace(self.tcfg, remat=remat)
         tx, schedule = make_optimizer(tcfg, 1000)
         layout, (state, frozen, batch) = self.inputs()
         step = build_train_step(self.bb, tcfg.latent(self.bb.default_k), tcfg, tx, schedule, self.dtype, layout,
-                                self.target.mesh)
+                                self.target.mesh, unroll=unroll)
         return step.lower(state, frozen, batch)
 
 
@@ -183,12 +182,7 @@ def cost_model_figures(program: StepProgram, remat: str, batch: LatentBatch) -> 
     if layers <= COST_SLICE_LAYERS:
         return {"reason": f"the model has {layers} decoder layers: no slice is smaller"}
     piece = dataclasses.replace(program, bb=program.bb.replace_config(num_hidden_layers=COST_SLICE_LAYERS))
-    was_unrolled = ly.loops_unrolled()
-    ly.unroll_loops(True)
-    try:
-        lowered = piece.lower(remat)  # traced unrolled; compiled after the switch is back
-    finally:
-        ly.unroll_loops(was_unrolled)
+    lowered = piece.lower(remat, unroll=True)
     compiled, seconds = compile_with_progress(lambda: lowered, f"the {COST_SLICE_LAYERS}-layer slice (cost model)")
     cost = compiled.cost_analysis() or {}
     chips = program.target.mesh.devices.size
