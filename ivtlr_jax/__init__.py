@@ -50,6 +50,44 @@ if simulated_cpu_devices() > 1:
     use_multi_device_cpu_flags()
 
 
+def tpu_attached() -> bool:
+    """Whether this host has TPU chips (the device files libtpu opens: /dev/accel* on v2-v5e, /dev/vfio on v5p and
+    later)."""
+    import glob
+
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def keep_libtpu_for_compiles() -> bool:
+    """With libtpu installed (the tpu extra, for compiling for TPU topologies) on a host without TPU chips, JAX
+    loads libtpu at its first device query, finds no chip, falls back to CPU, and keeps libtpu, and its lock file,
+    until the process exits: a CPU training run would then stop any other process on the machine from compiling for
+    TPU (and print libtpu's start-up warnings). So, when JAX_PLATFORMS is unset, no TPU is attached and no GPU
+    plugin of JAX is installed, JAX_PLATFORMS is set to "cpu" here, before JAX starts its backend. Compile-only TPU
+    devices (`jax.experimental.topologies`) do not depend on it. Returns whether it was set."""
+    import importlib.util
+
+    if _os.environ.get("JAX_PLATFORMS") or _os.environ.get("JAX_PLATFORM_NAME"):
+        return False
+    if importlib.util.find_spec("libtpu") is None or tpu_attached():
+        return False
+    if any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                                                 "jax_rocm7_plugin")):
+        return False
+    _os.environ["JAX_PLATFORMS"] = "cpu"
+    import sys
+
+    if "jax" in sys.modules:  # jax read JAX_PLATFORMS at its import: tell its config (before its backend starts)
+        from jax._src import xla_bridge
+
+        if not xla_bridge.backends_are_initialized():
+            sys.modules["jax"].config.update("jax_platforms", "cpu")
+    return True
+
+
+keep_libtpu_for_compiles()
+
+
 def __getattr__(name):
     if name == "IVTLRModel":
         from ivtlr_jax.model import IVTLRModel

@@ -90,7 +90,8 @@ class TpuTopology:
                 named = re.search(r"/\S*libtpu_lockfile", str(e))
                 raise ValueError(f"another process holds libtpu ({named.group(0) if named else 'its lock file'}): "
                                  "only one process at a time can compile for TPU; wait until it ends, or use "
-                                 "--compiler cpu") from None
+                                 "--compiler cpu (a JAX process on a machine without TPU, started with "
+                                 "JAX_PLATFORMS unset and without importing ivtlr_jax, holds it too)") from None
             raise
         return list(desc.devices)
 

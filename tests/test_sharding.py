@@ -300,5 +300,29 @@ def test_simulated_dry_run_devices_and_joined_cpu_processes_get_the_flags(monkey
     assert ivtlr_jax.CPU_XLA_FLAGS[0] not in os.environ["XLA_FLAGS"].split()
 
 
+def test_a_cpu_run_does_not_load_libtpu_and_keep_its_lock():
+    """libtpu installed on a host without TPU: JAX, imported before or after ivtlr_jax, starts on CPU without loading
+    libtpu (which would keep its lock file while the process runs, stopping dry runs elsewhere from compiling for
+    TPU), and compile-only TPU devices still come (they load it)."""
+    import ivtlr_jax
+    from ivtlr_jax import sharding
+
+    if not sharding.libtpu_installed() or ivtlr_jax.tpu_attached():
+        pytest.skip("needs libtpu installed on a host without TPU chips")
+    probe = (
+        "import jax, ivtlr_jax\n"
+        "print(jax.devices()[0].platform, 'libtpu' in open('/proc/self/maps').read())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "JAX_PLATFORM_NAME")}
+    env.update(PYTHONPATH=ROOT)
+    for code in (probe, probe.replace("import jax, ivtlr_jax", "import ivtlr_jax, jax")):
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.split() == ["cpu", "False"], (code, proc.stdout, proc.stderr[-2000:])
+    # a user's explicit JAX_PLATFORMS is kept
+    proc = subprocess.run([sys.executable, "-c", "import ivtlr_jax, os; print(os.environ['JAX_PLATFORMS'])"],
+                          env={**env, "JAX_PLATFORMS": "cpu,tpu"}, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["cpu,tpu"], proc.stderr[-2000:]
+
+
 if __name__ == "__main__":
     _child_main()
