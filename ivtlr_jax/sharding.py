@@ -24,8 +24,6 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from ivtlr_jax.models import spec as sp
-
 logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -538,8 +536,10 @@ def logical_to_sharding(mesh: Mesh, logical_tree, shapes_tree=None):
 
 
 def param_shardings(mesh: Mesh, spec):
-    """NamedShardings for every leaf of a spec tree (ParamInfo leaves: the backbone's params or adapters)."""
-    return sp.map_spec(lambda i: NamedSharding(mesh, logical_to_spec(i.axes, mesh, i.shape)), spec)
+    """NamedShardings for every leaf of a spec tree (ParamInfo leaves, each with its logical `axes` and `shape`: the
+    backbone's params or adapters). A ParamInfo is not a pytree node, so it is a leaf here without naming its
+    class: this module is the floor under `models/` and imports none of it."""
+    return jax.tree.map(lambda i: NamedSharding(mesh, logical_to_spec(i.axes, mesh, i.shape)), spec)
 
 
 # ---------------------------------------------------------------------------------------- batches

@@ -27,29 +27,9 @@ BACKBONES = {
 }
 DEFAULT_MODEL_TYPE = "qwen2_vl"  # configs written before model_type was recorded
 
-# Old `ivtlr_jax.config` names and where they live now (that module resolves them for old imports).
-MOVED_FROM_CONFIG = {
-    "ModelConfig": "ivtlr_jax.models.qwen2_vl.config:ModelConfig",
-    "Qwen2VLConfig": "ivtlr_jax.models.qwen2_vl.config:ModelConfig",
-    "VisionConfig": "ivtlr_jax.models.qwen2_vl.config:VisionConfig",
-    "QWEN2VL_PROMPT": "ivtlr_jax.models.qwen2_vl.prompt:PROMPT",
-    "ChameleonConfig": "ivtlr_jax.models.chameleon.config:ChameleonConfig",
-    "VQConfig": "ivtlr_jax.models.chameleon.config:VQConfig",
-    "CHAMELEON_PROMPT": "ivtlr_jax.models.chameleon.prompt:PROMPT",
-    "image_code_name": "ivtlr_jax.models.chameleon.config:image_code_name",
-    "image_vocabulary": "ivtlr_jax.models.chameleon.config:image_vocabulary",
-    "model_config_from_dict": "ivtlr_jax.models:model_config_from_dict",
-    "model_config_from_hf_dir": "ivtlr_jax.models:model_config_from_hf_dir",
-}
-
-
 def _load(target: str):
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)
-
-
-def moved_from_config(name: str):
-    return _load(MOVED_FROM_CONFIG[name])
 
 
 def _entry(model_type: str, where: str = "") -> Entry:
