@@ -26,7 +26,7 @@ from ivtlr_jax.convert import (
     save_checkpoint,
 )
 from ivtlr_jax.convert.safetensors_io import SafetensorsReader
-from ivtlr_jax.models import backbone_for
+from ivtlr_jax.models import backbone_for, model_config_from_hf_dir
 from ivtlr_jax.models import spec as sp
 from ivtlr_jax.models.qwen2_vl import ModelConfig, VisionConfig
 
@@ -274,13 +274,13 @@ def test_round_trip_hf_jax_hf_jax(tmp_path, tie):
 def test_save_checkpoint_without_hf_config_exports(tmp_path):
     src, out = str(tmp_path / "hf"), str(tmp_path / "out")
     sd = make_hf_model(src)
-    cfg = ModelConfig.from_hf_dir(src)
+    cfg = model_config_from_hf_dir(src)
     params = jax.tree.map(jnp.asarray, reference_params(sd, tie=False))  # as a trainer would hold them
     save_checkpoint(str(tmp_path / "ckpt"), cfg, params)
     os.remove(tmp_path / "ckpt" / "hf_config.json")  # a checkpoint from elsewhere: config synthesised
     export_checkpoint_to_hf(str(tmp_path / "ckpt"), out, verbose=False)
     assert_hf_loads_equal(out, sd)
-    assert ModelConfig.from_hf_dir(out) == cfg
+    assert model_config_from_hf_dir(out) == cfg
     with pytest.raises(ValueError, match="already holds a checkpoint"):
         save_checkpoint(str(tmp_path / "ckpt"), cfg, params)
 

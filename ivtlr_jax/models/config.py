@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, ClassVar
 
 from ivtlr_jax.config import coerce_fields, config_from_dict
@@ -77,11 +76,3 @@ class BackboneConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """A transformers config.json dict of this config (for checkpoints saved without one)."""
         raise NotImplementedError
-
-    @classmethod
-    def from_hf_dir(cls, path: str):
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.exists(cfg_path):
-            raise ValueError(f"--src {path!r}: no config.json there; point it at a Hugging Face model folder")
-        with open(cfg_path) as f:
-            return cls.from_hf_dict(json.load(f))
