@@ -36,6 +36,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU
 
 import numpy as np  # noqa: E402
 
+from experiments.small_model import BENCH_CHOICES, bench_backbone  # noqa: E402
+from ivtlr_jax.models import DEFAULT_MODEL_TYPE  # noqa: E402
+
 IMAGE_GRID = (1, 20, 20)  # 280x280 pixels: 400 patches, 100 image tokens
 
 
@@ -44,13 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--backbone", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl", "chameleon"],
-                   help="qwen2_vl or qwen2_5_vl (windowed vision tower; one 280x280 image, 100 tokens) or chameleon "
-                        "(one 64x64 image through a small VQ tokenizer, 1024 tokens; k defaults to 64)")
+    p.add_argument("--backbone", default=DEFAULT_MODEL_TYPE, choices=BENCH_CHOICES,
+                   help="whose small model (ivtlr_jax.models.small_models): qwen2_vl or qwen2_5_vl (windowed vision "
+                        "tower; one 280x280 image, 100 tokens) or chameleon (one 64x64 image through a small VQ "
+                        "tokenizer, 1024 tokens; k defaults to 64)")
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default: 1,8,32)")
     p.add_argument("--new-tokens", type=int, default=12, help="answer tokens generated per row (default: 12)")
     p.add_argument("--n-latent", type=int, default=3, help="latent steps (default: 3)")
-    p.add_argument("--k", type=int, default=None, help="image embeddings per latent step (default: 32; chameleon 64)")
+    p.add_argument("--k", type=int, default=None,
+                   help="image embeddings per latent step (default: the backbone's, 32; chameleon 64)")
     p.add_argument("--hidden", type=int, default=512, help="LLM hidden size (default: 512)")
     p.add_argument("--layers", type=int, default=8, help="LLM layers (default: 8)")
     p.add_argument("--vocab", type=int, default=16384, help="vocabulary size (default: 16384)")
@@ -70,10 +75,8 @@ def build_models(args, root: str):
     hf sdpa, IVTLRModel that knows <|latent|>, torch device)."""
     import torch
 
-    from experiments.small_model import BENCH_BACKBONES
-
-    hf_e, m = BENCH_BACKBONES[args.backbone][0](root, attn="eager", vocab=args.vocab, hidden=args.hidden,
-                                                 layers=args.layers, dtype=args.dtype)
+    hf_e, m = bench_backbone(args.backbone).models(root, attn="eager", vocab=args.vocab, hidden=args.hidden,
+                                                   layers=args.layers, dtype=args.dtype)
     tdtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
     dev = args.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
     load = type(hf_e).from_pretrained
@@ -179,14 +182,15 @@ def main(argv: list[str] | None = None) -> dict:
     import jax
     import torch
 
-    from experiments.small_model import BENCH_BACKBONES, timeit_interleaved
+    from experiments.small_model import timeit_interleaved
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     t_start = time.perf_counter()
     if args.k is None:
-        args.k = BENCH_BACKBONES[args.backbone][2]
+        args.k = bench_backbone(args.backbone).default_k
     if args.out is None:
-        args.out = "bench_generate.json" if args.backbone == "qwen2_vl" else f"bench_generate_{args.backbone}.json"
+        args.out = ("bench_generate.json" if args.backbone == DEFAULT_MODEL_TYPE else
+                    f"bench_generate_{args.backbone}.json")
     with tempfile.TemporaryDirectory() as root:
         hf_e, hf_s, m, dev = build_models(args, root)
     cfg = m.config

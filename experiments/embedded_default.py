@@ -17,9 +17,10 @@ import logging
 import os
 import time
 
+from ivtlr_jax.models import DEFAULT_MODEL_TYPE, embedded_defaults
+
 DEFAULT_OUT = os.environ.get("IVTLR_DEFAULT_OUT")  # default: runs/tiny_default (runs/tiny_chameleon_default)
-# the embedded default per backbone
-CONFIGS = {"qwen2_vl": "tiny.yaml", "chameleon": "tiny_chameleon.yaml", "qwen2_5_vl": "tiny_qwen25vl.yaml"}
+CONFIGS = embedded_defaults()  # backbone -> its embedded default's YAML (the registry's small models)
 
 
 def _table(rows: list[dict]) -> str:
@@ -32,7 +33,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def run_embedded_default(out: str | None = DEFAULT_OUT, train_rows: int | None = None, eval_rows: int | None = None,
-                         backbone: str = "qwen2_vl") -> dict:
+                         backbone: str = DEFAULT_MODEL_TYPE) -> dict:
     """Run it; train_rows / eval_rows default to the backbone's tiny YAML's `limit` / `eval_limit`."""
     import yaml
 
@@ -47,7 +48,7 @@ def run_embedded_default(out: str | None = DEFAULT_OUT, train_rows: int | None =
     t0 = time.time()
     if backbone not in CONFIGS:
         raise SystemExit(f"--backbone {backbone!r}: use one of {sorted(CONFIGS)}")
-    out = out or ("runs/tiny_default" if backbone == "qwen2_vl" else f"runs/tiny_{backbone}_default")
+    out = out or ("runs/tiny_default" if backbone == DEFAULT_MODEL_TYPE else f"runs/tiny_{backbone}_default")
     with open(os.path.join(CONFIG_DIR, CONFIGS[backbone])) as f:
         values = yaml.safe_load(f)
     model = values.pop("model", None)
@@ -63,8 +64,7 @@ def run_embedded_default(out: str | None = DEFAULT_OUT, train_rows: int | None =
         raise SystemExit(f"{out} already holds a run; remove it (or set IVTLR_DEFAULT_OUT) to start over")
     print(f"[2/4] building the tiny {backbone} model: {out}/hf (Hugging Face layout) -> {out}/init (converted)")
     prepare_auto_tiny(tcfg, model)
-    encoder = "VQ image tokenizer" if backbone == "chameleon" else "vision tower"
-    print(f"[3/4] training stages 0..3 (full fine-tuning of the tiny LLM; {encoder} frozen)")
+    print("[3/4] training stages 0..3 (full fine-tuning of the tiny LLM; its image encoder frozen)")
     summary = Trainer(tcfg).run()
     if summary["stopped"]:
         raise SystemExit(f"training stopped: {summary['stopped']}")

@@ -39,6 +39,7 @@ import threading
 from experiments.embedded_default import CONFIGS as EMBEDDED_CONFIGS
 from experiments.run_config import dry_run_model_config
 from experiments.tiny_setup import AUTO_TINY, build_auto_tiny_in_subprocess, config_path, prepare_auto_tiny
+from ivtlr_jax.models import DEFAULT_MODEL_TYPE, with_small_models
 
 HELP = {
     "init": "converted checkpoint to start from (tools/convert_weights.py --add-latent-tokens); "
@@ -109,7 +110,7 @@ def build_parser(field_types: dict) -> argparse.ArgumentParser:
     group.add_argument("--stage", type=int, help="train stage N alone (epochs_per_stage epochs), starting from "
                        "--init or from stage N-1's checkpoint in RUN_DIR")
     group.add_argument("--stages", help="train stages A-B (e.g. 0-3); default: the whole curriculum")
-    ap.add_argument("--backbone", choices=BACKBONES,
+    ap.add_argument("--backbone", choices=with_small_models(),
                     help="alone: run that backbone's embedded default (a tiny random model trained on the synthetic "
                          "set through every stage, then evaluated); with a config whose init is auto-tiny: build "
                          "that backbone's tiny model")
@@ -225,18 +226,19 @@ def run_dry(tcfg, yaml_values, backbone: str | None = None, compiler: str = "cpu
     return results
 
 
-BACKBONES = tuple(EMBEDDED_CONFIGS)  # the backbones with an embedded default
+EMBEDDED_DEFAULT_BACKBONES = tuple(EMBEDDED_CONFIGS)  # the registry's backbones with an embedded default
 
 
 def embedded_default_backbone(argv: list[str]) -> str | None:
     """The backbone of the embedded default when argv asks for it (nothing, or only --backbone NAME)."""
     if not argv:
-        return "qwen2_vl"
+        return DEFAULT_MODEL_TYPE
     if len(argv) == 1 and argv[0].startswith("--backbone="):
         argv = ["--backbone", argv[0].split("=", 1)[1]]
     if len(argv) == 2 and argv[0] == "--backbone":
-        if argv[1] not in BACKBONES:
-            raise SystemExit(f"error: --backbone {argv[1]!r} is not valid; use one of {', '.join(BACKBONES)}")
+        if argv[1] not in EMBEDDED_DEFAULT_BACKBONES:
+            raise SystemExit(f"error: --backbone {argv[1]!r} is not valid; use one of "
+                             f"{', '.join(EMBEDDED_DEFAULT_BACKBONES)}")
         return argv[1]
     return None
 
