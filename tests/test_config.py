@@ -92,3 +92,19 @@ def test_model_sections_are_coerced_alike():
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['vq\.colour'\] for VQConfig"):
         model_config_from_dict({"model_type": "chameleon", "vq": {"colour": 1}})
     assert LatentConfig(k="4", latent_text="no") == LatentConfig(k=4, latent_text=False)
+
+
+def test_load_reads_what_its_class_names(tmp_path):
+    """BackboneConfig.load follows the file's model_type; a backbone's own class reads only its own configs."""
+    from ivtlr_jax.models.chameleon.small import tiny_model as tiny_chameleon
+    from ivtlr_jax.models.config import BackboneConfig
+    from ivtlr_jax.models.qwen2_vl.small import tiny_model as tiny_qwen2vl
+
+    _, qwen = tiny_qwen2vl(None, 400)
+    _, cham = tiny_chameleon(None, 400, None, dict(num_embeddings=16))
+    qwen.save(str(tmp_path / "q.json"))
+    cham.save(str(tmp_path / "c.json"))
+    assert BackboneConfig.load(str(tmp_path / "c.json")) == cham
+    assert type(qwen).load(str(tmp_path / "q.json")) == qwen
+    with pytest.raises(ValueError, match="model_type='chameleon', not 'qwen2_vl'"):
+        type(qwen).load(str(tmp_path / "c.json"))
