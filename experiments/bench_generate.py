@@ -34,10 +34,9 @@ import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with PyTorch
 
-import numpy as np  # noqa: E402
 
 from experiments.small_model import BENCH_CHOICES, bench_backbone  # noqa: E402
-from ivtlr_jax.models import DEFAULT_MODEL_TYPE  # noqa: E402
+from ivtlr_jax.models import DEFAULT_MODEL_TYPE, small_models  # noqa: E402
 
 IMAGE_GRID = (1, 20, 20)  # 280x280 pixels: 400 patches, 100 image tokens
 
@@ -86,37 +85,17 @@ def build_models(args, root: str):
 
 
 def make_batch(cfg, batch: int, n: int, text_tokens: int, seed: int = 0):
-    """Same-length prompts (random text, one image each) ending with n latent tokens; pixel values, grid."""
-    rng = np.random.default_rng(seed)
-    if cfg.model_type == "chameleon":
-        res, codes = cfg.vq.resolution, cfg.vq.tokens_per_image
-        first_code = min(cfg.image_vocab)
-        rows = []
-        for _ in range(batch):
-            text = rng.integers(10, first_code - 1, size=text_tokens).tolist()
-            rows.append(text[: text_tokens // 3] + [cfg.image_start_token_id] + [cfg.image_token_id] * codes
-                        + [cfg.image_end_token_id] + text[text_tokens // 3:] + [cfg.latent_token_id] * n)
-        ids = np.asarray(rows, np.int32)
-        return ids, np.ones_like(ids), rng.uniform(-1, 1, size=(batch, 3, res, res)).astype(np.float32), None
-    t, h, w = IMAGE_GRID
-    n_img = t * h * w // cfg.vision.spatial_merge_size**2
-    before = text_tokens // 3
-    rows = []
-    for _ in range(batch):
-        text = rng.integers(1, cfg.vocab_size - 16, size=text_tokens).tolist()
-        rows.append(text[:before] + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img
-                    + [cfg.vision_end_token_id] + text[before:] + [cfg.latent_token_id] * n)
-    ids = np.asarray(rows, np.int32)
-    pv = rng.normal(size=(batch * t * h * w, cfg.vision.patch_dim)).astype(np.float32)
-    grid = np.tile(np.asarray([IMAGE_GRID], np.int64), (batch, 1))
-    return ids, np.ones_like(ids), pv, grid
+    """Same-length prompts (random text, one image each) ending with n latent tokens; pixel values, grid (the
+    backbone's `generation_prompts`)."""
+    return small_models(cfg.model_type).generation_prompts(cfg, batch, n, text_tokens, seed)
 
 
 def _cache_kwarg(lm) -> str:
     return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
 
-def reference_generate(hf_eager, hf_sdpa, ids, pv, grid, latent_id: int, k: int, new_tokens: int, dev: str):
+def reference_generate(hf_eager, hf_sdpa, ids, pv, grid, latent_id: int, k: int, new_tokens: int, dev: str,
+                       backbone: str):
     """Reference-style IVT-LR generation at batch 1 (the release's inference, written fairly in PyTorch).
 
     Each latent step re-runs the whole growing sequence from position 0 with eager attention and all
@@ -125,21 +104,14 @@ def reference_generate(hf_eager, hf_sdpa, ids, pv, grid, latent_id: int, k: int,
     """
     import torch
 
-    chameleon = hf_eager.config.model_type == "chameleon"
-    lm_e, lm_s = ((hf_eager.model, hf_sdpa.model) if chameleon else
-                  (hf_eager.model.language_model, hf_sdpa.model.language_model))
+    lm_e, lm_s, image_features, model_positions, head = small_models(backbone).hf_reference(hf_eager, hf_sdpa)
     cache_kw = _cache_kwarg(lm_s)
     with torch.no_grad():
         ids_t = torch.as_tensor(ids, device=dev).long()
         n = int((ids_t[0] == latent_id).sum())
         p = ids.shape[1] - n
         emb = hf_eager.model.get_input_embeddings()(ids_t[:, :p])
-        if chameleon:  # the VQ codes' token embeddings
-            feats = hf_eager.model.get_image_features(torch.as_tensor(pv, device=dev)).pooler_output[0]
-        else:
-            feats = hf_eager.model.get_image_features(torch.as_tensor(pv, device=dev).to(emb.dtype),
-                                                      torch.as_tensor(grid, device=dev))
-            feats = torch.cat(getattr(feats, "pooler_output", feats))
+        feats = image_features(pv, grid, emb.dtype, dev)
         img = ids_t[:, :p] == hf_eager.config.image_token_id
         emb = emb.masked_scatter(img.unsqueeze(-1).expand_as(emb), feats.to(emb.dtype))
         image_pos = torch.nonzero(img[0])[:, 0]
@@ -147,14 +119,7 @@ def reference_generate(hf_eager, hf_sdpa, ids, pv, grid, latent_id: int, k: int,
         seq = emb
 
         def positions(length, start=0):
-            pos = (torch.arange(length, device=dev) + start).view(1, 1, -1)
-            return pos[0] if chameleon else pos.expand(3, 1, -1)
-
-        def head(hidden):
-            logits = hf_sdpa.lm_head(hidden)
-            if chameleon:
-                logits[..., hf_sdpa.model.vocabulary_mapping.image_tokens] = torch.finfo(logits.dtype).min
-            return logits
+            return model_positions((torch.arange(length, device=dev) + start).view(1, 1, -1))
 
         for _ in range(n):
             out = lm_e(inputs_embeds=seq, position_ids=positions(seq.shape[1]), output_attentions=True)
@@ -204,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     # The reference runs first, on its own: interleaved right after XLA's CPU work, PyTorch's threads
     # compete with XLA's still-spinning pool on a small machine and the reference looks far slower than it is.
     ids, mask, pv, grid = make_batch(cfg, 1, args.n_latent, args.text_tokens)
-    ref = lambda: reference_generate(hf_e, hf_s, ids, pv, grid, cfg.latent_token_id, args.k, args.new_tokens, dev)
+    ref = lambda: reference_generate(hf_e, hf_s, ids, pv, grid, cfg.latent_token_id, args.k, args.new_tokens, dev,
+                                     args.backbone)
     stats, last = timeit_interleaved({"reference": ref}, args.repeats)
     first, ref_s, best, ref_tokens = (stats["reference"]["first_s"], stats["reference"]["median_s"],
                                       stats["reference"]["min_s"], last["reference"])

@@ -150,3 +150,34 @@ def bench_batch(batch: int, n_latent: int = 0, text_len: int = 128, tail: int = 
                     + rng.integers(10, ids_["first_code"] - 1, size=tail).tolist())
     ids = np.array(rows, np.int64)
     return ids, np.ones_like(ids), pixel_values, None
+
+
+def generation_prompts(cfg, batch: int, n: int, text_tokens: int, seed: int = 0):
+    """Same-length prompts for `cfg` (a converted config that knows its latent token): random text, one image
+    (its VQ codes between their markers), n latent tokens; (ids, mask, pixel values, None)."""
+    rng = np.random.default_rng(seed)
+    res, codes = cfg.vq.resolution, cfg.vq.tokens_per_image
+    first_code = min(cfg.image_vocab)
+    rows = []
+    for _ in range(batch):
+        text = rng.integers(10, first_code - 1, size=text_tokens).tolist()
+        rows.append(text[: text_tokens // 3] + [cfg.image_start_token_id] + [cfg.image_token_id] * codes
+                    + [cfg.image_end_token_id] + text[text_tokens // 3:] + [cfg.latent_token_id] * n)
+    ids = np.asarray(rows, np.int32)
+    return ids, np.ones_like(ids), rng.uniform(-1, 1, size=(batch, 3, res, res)).astype(np.float32), None
+
+
+def hf_reference(hf_eager, hf_sdpa):
+    """What the benchmarks' PyTorch reference generation needs of the transformers model (see the Qwen2-VL one):
+    the VQ codes' token embeddings as image features, 1-D positions, image codes never generated."""
+    import torch
+
+    def image_features(pv, grid, dtype, dev):
+        return hf_eager.model.get_image_features(torch.as_tensor(pv, device=dev)).pooler_output[0]
+
+    def head(hidden):
+        logits = hf_sdpa.lm_head(hidden)
+        logits[..., hf_sdpa.model.vocabulary_mapping.image_tokens] = torch.finfo(logits.dtype).min
+        return logits
+
+    return hf_eager.model, hf_sdpa.model, image_features, lambda pos: pos[0], head

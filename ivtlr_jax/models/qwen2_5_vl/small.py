@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ivtlr_jax.models.qwen2_5_vl.config import Qwen25VisionConfig, Qwen25VLConfig
 from ivtlr_jax.models.qwen2_vl import small as base
-from ivtlr_jax.models.qwen2_vl.small import bench_batch  # noqa: F401  (the same prompts)
+from ivtlr_jax.models.qwen2_vl.small import bench_batch, generation_prompts, hf_reference  # noqa: F401  (Qwen2-VL's)
 
 EMBEDDED_DEFAULT = "tiny_qwen25vl.yaml"
 

@@ -102,3 +102,36 @@ def bench_batch(batch: int, n_latent: int = 0, text_len: int = 128, tail: int = 
                     + text[half:] + [ids_["latent"]] * n_latent + rng.integers(10, vocab - 16, size=tail).tolist())
     ids = np.array(rows, np.int64)
     return ids, np.ones_like(ids), pixel_values, grid
+
+
+def generation_prompts(cfg, batch: int, n: int, text_tokens: int, seed: int = 0):
+    """Same-length prompts for `cfg` (a converted config that knows its latent token): random text, one 280x280
+    image, n latent tokens; (ids, mask, pixel values, grid)."""
+    rng = np.random.default_rng(seed)
+    t, h, w = IMAGE_GRID
+    n_img = t * h * w // cfg.vision.spatial_merge_size**2
+    before = text_tokens // 3
+    rows = []
+    for _ in range(batch):
+        text = rng.integers(1, cfg.vocab_size - 16, size=text_tokens).tolist()
+        rows.append(text[:before] + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img
+                    + [cfg.vision_end_token_id] + text[before:] + [cfg.latent_token_id] * n)
+    ids = np.asarray(rows, np.int32)
+    pv = rng.normal(size=(batch * t * h * w, cfg.vision.patch_dim)).astype(np.float32)
+    grid = np.tile(np.asarray([IMAGE_GRID], np.int64), (batch, 1))
+    return ids, np.ones_like(ids), pv, grid
+
+
+def hf_reference(hf_eager, hf_sdpa):
+    """What the benchmarks' PyTorch reference generation needs of the transformers model: (eager language model,
+    sdpa language model, image_features(pixel values, grid, dtype, device) -> (N, H), positions(pos (1, 1, L))
+    -> position_ids, head(hidden) -> logits)."""
+    import torch
+
+    def image_features(pv, grid, dtype, dev):
+        feats = hf_eager.model.get_image_features(torch.as_tensor(pv, device=dev).to(dtype),
+                                                  torch.as_tensor(grid, device=dev))
+        return torch.cat(getattr(feats, "pooler_output", feats))
+
+    return (hf_eager.model.language_model, hf_sdpa.model.language_model, image_features,
+            lambda pos: pos.expand(3, 1, -1), hf_sdpa.lm_head)
