@@ -48,11 +48,11 @@ MODELS = {
 
 
 def model_config(name: str):
-    from ivtlr_jax.models.qwen2_vl import ModelConfig, VisionConfig
+    from ivtlr_jax.models.qwen2_vl import Qwen2VLConfig, VisionConfig
 
     spec = dict(MODELS[name])
     vision = VisionConfig(**spec.pop("vision"))
-    return ModelConfig(**spec, vision=vision, latent_token_id=spec["vocab_size"] - 1, image_token_id=5)
+    return Qwen2VLConfig(**spec, vision=vision, latent_token_id=spec["vocab_size"] - 1, image_token_id=5)
 
 
 def main(argv=None) -> dict:

@@ -14,7 +14,7 @@ from ivtlr_jax.config import coerce
 from ivtlr_jax.latent import LatentConfig
 from ivtlr_jax.models import model_config_from_dict
 from ivtlr_jax.models.chameleon import ChameleonConfig
-from ivtlr_jax.models.qwen2_vl import ModelConfig, VisionConfig
+from ivtlr_jax.models.qwen2_vl import Qwen2VLConfig, VisionConfig
 from ivtlr_jax.train.config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +78,7 @@ def test_model_sections_are_coerced_alike():
     assert qwen.rms_norm_eps == 1e-6 and type(qwen.rms_norm_eps) is float and qwen.rope_theta == 1e6
     assert qwen.hidden_size == 3584 and qwen.mrope_section == (16, 24, 24) and qwen.tie_word_embeddings is False
     assert qwen.vision == VisionConfig(mlp_ratio=4.0, depth=2) and qwen.eos_token_id == (151645,)
-    assert ModelConfig.from_dict(qwen.to_dict()) == qwen
+    assert Qwen2VLConfig.from_dict(qwen.to_dict()) == qwen
     cham = model_config_from_dict(yaml.safe_load(
         "model_type: chameleon\nrms_norm_eps: 1e-5\neos_token_id: 2\nswin_norm: 'true'\n"
         "vq: {channel_multiplier: [1, 2], attn_resolutions: [], resolution: '64'}"))

@@ -21,7 +21,7 @@ class Entry(NamedTuple):
 
 
 BACKBONES = {
-    "qwen2_vl": Entry("ivtlr_jax.models.qwen2_vl.model:Qwen2VL", "ivtlr_jax.models.qwen2_vl.config:ModelConfig",
+    "qwen2_vl": Entry("ivtlr_jax.models.qwen2_vl.model:Qwen2VL", "ivtlr_jax.models.qwen2_vl.config:Qwen2VLConfig",
                       "ivtlr_jax.models.qwen2_vl.small"),
     "chameleon": Entry("ivtlr_jax.models.chameleon.model:Chameleon",
                        "ivtlr_jax.models.chameleon.config:ChameleonConfig", "ivtlr_jax.models.chameleon.small"),

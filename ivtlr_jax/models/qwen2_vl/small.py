@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ivtlr_jax.models.qwen2_vl.config import ModelConfig, VisionConfig
+from ivtlr_jax.models.qwen2_vl.config import Qwen2VLConfig, VisionConfig
 from ivtlr_jax.models.qwen2_vl.prompt import CHAT_TEMPLATE
 from ivtlr_jax.models.small import train_bpe
 
@@ -43,7 +43,7 @@ def tiny_model(corpus, vocab_size, model=None, vision=None):
     m = {**TINY_MODEL, **(model or {})}
     m["mrope_section"] = tuple(m["mrope_section"])
     v = {**TINY_VISION, **(vision or {})}
-    cfg = ModelConfig(vocab_size=len(tok), **m, image_token_id=ids["<|image_pad|>"],
+    cfg = Qwen2VLConfig(vocab_size=len(tok), **m, image_token_id=ids["<|image_pad|>"],
                       video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                       vision_end_token_id=ids["<|vision_end|>"], eos_token_id=(ids["<|im_end|>"],),
                       pad_token_id=ids["<|endoftext|>"], vision=VisionConfig(**v, out_hidden_size=m["hidden_size"]))
@@ -78,10 +78,11 @@ def llm_and_ids(vocab: int, hidden: int, layers: int) -> dict:
 
 
 def bench_model(vocab: int = 8192, hidden: int = 512, layers: int = 8):
-    """(transformers class, its Qwen2VLConfig, latent token id) of the small benchmark model."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    """(transformers class, its transformers Qwen2VLConfig, latent token id) of the small benchmark model."""
+    from transformers import Qwen2VLConfig as HFQwen2VLConfig
+    from transformers import Qwen2VLForConditionalGeneration
 
-    cfg = Qwen2VLConfig(vision_config=dict(depth=4, embed_dim=256, hidden_size=hidden, num_heads=4, mlp_ratio=4),
+    cfg = HFQwen2VLConfig(vision_config=dict(depth=4, embed_dim=256, hidden_size=hidden, num_heads=4, mlp_ratio=4),
                         **llm_and_ids(vocab, hidden, layers))
     return Qwen2VLForConditionalGeneration, cfg, special_ids(vocab)["latent"]
 
