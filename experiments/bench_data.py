@@ -58,10 +58,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from experiments.tiny_tokenizer import build_tiny_tokenizer
     from ivtlr_jax.data.curriculum import CurriculumOptions
     from ivtlr_jax.data.pipeline import BatchIterator, encode_split
     from ivtlr_jax.models.qwen2_vl import ImageOptions
+    from ivtlr_jax.models.qwen2_vl.small import tiny_tokenizer as build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     tok.add_tokens(["<|latent|>"], special_tokens=True)

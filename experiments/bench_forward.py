@@ -31,12 +31,13 @@ def main(argv=None):
     import jax
     import torch
 
-    from experiments.small_model import prompt_batch, small_models, timeit
+    from experiments.small_model import bench_backbone, timeit
 
+    qwen2_vl = bench_backbone("qwen2_vl")  # its inputs (image_grid_thw) are Qwen2-VL's
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        hf, m = small_models(tmp, attn="sdpa")
-    ids, mask, pv, grid = prompt_batch(args.batch)
+        hf, m = qwen2_vl.models(tmp, attn="sdpa")
+    ids, mask, pv, grid = qwen2_vl.batch(args.batch)
     mm = (ids == hf.config.image_token_id).astype(np.int64)
     t_inputs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=torch.tensor(pv),
                     image_grid_thw=torch.tensor(grid), mm_token_type_ids=torch.tensor(mm))

@@ -34,7 +34,9 @@ import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with PyTorch
 
-import numpy as np  # noqa: E402
+
+from experiments.small_model import BENCH_CHOICES, bench_backbone  # noqa: E402
+from ivtlr_jax.models import DEFAULT_MODEL_TYPE, small_models  # noqa: E402
 
 IMAGE_GRID = (1, 20, 20)  # 280x280 pixels: 400 patches, 100 image tokens
 
@@ -44,13 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--backbone", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl", "chameleon"],
-                   help="qwen2_vl or qwen2_5_vl (windowed vision tower; one 280x280 image, 100 tokens) or chameleon "
-                        "(one 64x64 image through a small VQ tokenizer, 1024 tokens; k defaults to 64)")
+    p.add_argument("--backbone", default=DEFAULT_MODEL_TYPE, choices=BENCH_CHOICES,
+                   help="whose small model (ivtlr_jax.models.small_models): qwen2_vl or qwen2_5_vl (windowed vision "
+                        "tower; one 280x280 image, 100 tokens) or chameleon (one 64x64 image through a small VQ "
+                        "tokenizer, 1024 tokens; k defaults to 64)")
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default: 1,8,32)")
     p.add_argument("--new-tokens", type=int, default=12, help="answer tokens generated per row (default: 12)")
     p.add_argument("--n-latent", type=int, default=3, help="latent steps (default: 3)")
-    p.add_argument("--k", type=int, default=None, help="image embeddings per latent step (default: 32; chameleon 64)")
+    p.add_argument("--k", type=int, default=None,
+                   help="image embeddings per latent step (default: the backbone's, 32; chameleon 64)")
     p.add_argument("--hidden", type=int, default=512, help="LLM hidden size (default: 512)")
     p.add_argument("--layers", type=int, default=8, help="LLM layers (default: 8)")
     p.add_argument("--vocab", type=int, default=16384, help="vocabulary size (default: 16384)")
@@ -70,10 +74,8 @@ def build_models(args, root: str):
     hf sdpa, IVTLRModel that knows <|latent|>, torch device)."""
     import torch
 
-    from experiments.small_model import BENCH_BACKBONES
-
-    hf_e, m = BENCH_BACKBONES[args.backbone][0](root, attn="eager", vocab=args.vocab, hidden=args.hidden,
-                                                 layers=args.layers, dtype=args.dtype)
+    hf_e, m = bench_backbone(args.backbone).models(root, attn="eager", vocab=args.vocab, hidden=args.hidden,
+                                                   layers=args.layers, dtype=args.dtype)
     tdtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
     dev = args.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
     load = type(hf_e).from_pretrained
@@ -83,37 +85,17 @@ def build_models(args, root: str):
 
 
 def make_batch(cfg, batch: int, n: int, text_tokens: int, seed: int = 0):
-    """Same-length prompts (random text, one image each) ending with n latent tokens; pixel values, grid."""
-    rng = np.random.default_rng(seed)
-    if cfg.model_type == "chameleon":
-        res, codes = cfg.vq.resolution, cfg.vq.tokens_per_image
-        first_code = min(cfg.image_vocab)
-        rows = []
-        for _ in range(batch):
-            text = rng.integers(10, first_code - 1, size=text_tokens).tolist()
-            rows.append(text[: text_tokens // 3] + [cfg.image_start_token_id] + [cfg.image_token_id] * codes
-                        + [cfg.image_end_token_id] + text[text_tokens // 3:] + [cfg.latent_token_id] * n)
-        ids = np.asarray(rows, np.int32)
-        return ids, np.ones_like(ids), rng.uniform(-1, 1, size=(batch, 3, res, res)).astype(np.float32), None
-    t, h, w = IMAGE_GRID
-    n_img = t * h * w // cfg.vision.spatial_merge_size**2
-    before = text_tokens // 3
-    rows = []
-    for _ in range(batch):
-        text = rng.integers(1, cfg.vocab_size - 16, size=text_tokens).tolist()
-        rows.append(text[:before] + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img
-                    + [cfg.vision_end_token_id] + text[before:] + [cfg.latent_token_id] * n)
-    ids = np.asarray(rows, np.int32)
-    pv = rng.normal(size=(batch * t * h * w, cfg.vision.patch_dim)).astype(np.float32)
-    grid = np.tile(np.asarray([IMAGE_GRID], np.int64), (batch, 1))
-    return ids, np.ones_like(ids), pv, grid
+    """Same-length prompts (random text, one image each) ending with n latent tokens; pixel values, grid (the
+    backbone's `generation_prompts`)."""
+    return small_models(cfg.model_type).generation_prompts(cfg, batch, n, text_tokens, seed)
 
 
 def _cache_kwarg(lm) -> str:
     return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
 
-def reference_generate(hf_eager, hf_sdpa, ids, pv, grid, latent_id: int, k: int, new_tokens: int, dev: str):
+def reference_generate(hf_eager, hf_sdpa, ids, pv, grid, latent_id: int, k: int, new_tokens: int, dev: str,
+                       backbone: str):
     """Reference-style IVT-LR generation at batch 1 (the release's inference, written fairly in PyTorch).
 
     Each latent step re-runs the whole growing sequence from position 0 with eager attention and all
@@ -122,21 +104,14 @@ def reference_generate(hf_eager, hf_sdpa, ids, pv, grid, latent_id: int, k: int,
     """
     import torch
 
-    chameleon = hf_eager.config.model_type == "chameleon"
-    lm_e, lm_s = ((hf_eager.model, hf_sdpa.model) if chameleon else
-                  (hf_eager.model.language_model, hf_sdpa.model.language_model))
+    lm_e, lm_s, image_features, model_positions, head = small_models(backbone).hf_reference(hf_eager, hf_sdpa)
     cache_kw = _cache_kwarg(lm_s)
     with torch.no_grad():
         ids_t = torch.as_tensor(ids, device=dev).long()
         n = int((ids_t[0] == latent_id).sum())
         p = ids.shape[1] - n
         emb = hf_eager.model.get_input_embeddings()(ids_t[:, :p])
-        if chameleon:  # the VQ codes' token embeddings
-            feats = hf_eager.model.get_image_features(torch.as_tensor(pv, device=dev)).pooler_output[0]
-        else:
-            feats = hf_eager.model.get_image_features(torch.as_tensor(pv, device=dev).to(emb.dtype),
-                                                      torch.as_tensor(grid, device=dev))
-            feats = torch.cat(getattr(feats, "pooler_output", feats))
+        feats = image_features(pv, grid, emb.dtype, dev)
         img = ids_t[:, :p] == hf_eager.config.image_token_id
         emb = emb.masked_scatter(img.unsqueeze(-1).expand_as(emb), feats.to(emb.dtype))
         image_pos = torch.nonzero(img[0])[:, 0]
@@ -144,14 +119,7 @@ def reference_generate(hf_eager, hf_sdpa, ids, pv, grid, latent_id: int, k: int,
         seq = emb
 
         def positions(length, start=0):
-            pos = (torch.arange(length, device=dev) + start).view(1, 1, -1)
-            return pos[0] if chameleon else pos.expand(3, 1, -1)
-
-        def head(hidden):
-            logits = hf_sdpa.lm_head(hidden)
-            if chameleon:
-                logits[..., hf_sdpa.model.vocabulary_mapping.image_tokens] = torch.finfo(logits.dtype).min
-            return logits
+            return model_positions((torch.arange(length, device=dev) + start).view(1, 1, -1))
 
         for _ in range(n):
             out = lm_e(inputs_embeds=seq, position_ids=positions(seq.shape[1]), output_attentions=True)
@@ -179,14 +147,15 @@ def main(argv: list[str] | None = None) -> dict:
     import jax
     import torch
 
-    from experiments.small_model import BENCH_BACKBONES, timeit_interleaved
+    from experiments.small_model import timeit_interleaved
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     t_start = time.perf_counter()
     if args.k is None:
-        args.k = BENCH_BACKBONES[args.backbone][2]
+        args.k = bench_backbone(args.backbone).default_k
     if args.out is None:
-        args.out = "bench_generate.json" if args.backbone == "qwen2_vl" else f"bench_generate_{args.backbone}.json"
+        args.out = ("bench_generate.json" if args.backbone == DEFAULT_MODEL_TYPE else
+                    f"bench_generate_{args.backbone}.json")
     with tempfile.TemporaryDirectory() as root:
         hf_e, hf_s, m, dev = build_models(args, root)
     cfg = m.config
@@ -200,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     # The reference runs first, on its own: interleaved right after XLA's CPU work, PyTorch's threads
     # compete with XLA's still-spinning pool on a small machine and the reference looks far slower than it is.
     ids, mask, pv, grid = make_batch(cfg, 1, args.n_latent, args.text_tokens)
-    ref = lambda: reference_generate(hf_e, hf_s, ids, pv, grid, cfg.latent_token_id, args.k, args.new_tokens, dev)
+    ref = lambda: reference_generate(hf_e, hf_s, ids, pv, grid, cfg.latent_token_id, args.k, args.new_tokens, dev,
+                                     args.backbone)
     stats, last = timeit_interleaved({"reference": ref}, args.repeats)
     first, ref_s, best, ref_tokens = (stats["reference"]["first_s"], stats["reference"]["median_s"],
                                       stats["reference"]["min_s"], last["reference"])

@@ -29,20 +29,23 @@ import tempfile
 
 import numpy as np
 
+from experiments import small_model as sm
+from ivtlr_jax.models import DEFAULT_MODEL_TYPE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl", "chameleon"],
-                    help="model family")
+    ap.add_argument("--backbone", default=DEFAULT_MODEL_TYPE, choices=sm.BENCH_CHOICES,
+                    help="whose small model (ivtlr_jax.models.small_models)")
     ap.add_argument("--out", default=None,
                     help="JSON file for the results (default: bench_latent.json; bench_latent_BACKBONE.json)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="batch sizes to time")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
     ap.add_argument("--n", type=int, default=3, help="latent steps")
     ap.add_argument("--k", type=int, default=None,
-                    help="image embeddings per step (default: the release's, 32; chameleon 64)")
+                    help="image embeddings per step (default: the backbone's release value, 32; chameleon 64)")
     ap.add_argument("--tail", type=int, default=16, help="suffix tokens after the latent tokens")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     args = ap.parse_args(argv)
@@ -50,14 +53,12 @@ def main(argv=None):
     import jax
     import torch
 
-    from experiments import small_model as sm
-
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from oracle import oracle_latent_forward
 
-    build, batch_of, default_k = sm.BENCH_BACKBONES[args.backbone]
+    build, batch_of, default_k = sm.bench_backbone(args.backbone)
     k = args.k if args.k is not None else default_k
-    out_path = args.out or ("bench_latent.json" if args.backbone == "qwen2_vl" else
+    out_path = args.out or ("bench_latent.json" if args.backbone == DEFAULT_MODEL_TYPE else
                             f"bench_latent_{args.backbone}.json")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

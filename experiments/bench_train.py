@@ -32,6 +32,8 @@ import time
 
 import numpy as np
 
+from ivtlr_jax.models import DEFAULT_MODEL_TYPE, embedded_defaults
+
 MODELS = {
     "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=2, mrope_section=(8, 12, 12),
@@ -46,11 +48,11 @@ MODELS = {
 
 
 def model_config(name: str):
-    from ivtlr_jax.models.qwen2_vl import ModelConfig, VisionConfig
+    from ivtlr_jax.models.qwen2_vl import Qwen2VLConfig, VisionConfig
 
     spec = dict(MODELS[name])
     vision = VisionConfig(**spec.pop("vision"))
-    return ModelConfig(**spec, vision=vision, latent_token_id=spec["vocab_size"] - 1, image_token_id=5)
+    return Qwen2VLConfig(**spec, vision=vision, latent_token_id=spec["vocab_size"] - 1, image_token_id=5)
 
 
 def main(argv=None) -> dict:
@@ -58,7 +60,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--compare", metavar="REV", help="time the embedded default's step here and at git revision "
                     "REV, alternating runs, and print the ratio (the options below --rounds apply)")
     ap.add_argument("--rounds", type=int, default=3, help="--compare: runs per tree")
-    ap.add_argument("--backbone", default="qwen2_vl", choices=sorted(TINY_CONFIGS),
+    ap.add_argument("--backbone", default=DEFAULT_MODEL_TYPE, choices=sorted(TINY_CONFIGS),
                     help="--compare: whose embedded default to time")
     ap.add_argument("--skip", type=int, default=5, help="--compare: first updates of a run left out (compilation)")
     ap.add_argument("--model", default="small", choices=list(MODELS))
@@ -154,7 +156,7 @@ def main(argv=None) -> dict:
     return res
 
 
-TINY_CONFIGS = {"qwen2_vl": "tiny", "chameleon": "tiny_chameleon", "qwen2_5_vl": "tiny_qwen25vl"}
+TINY_CONFIGS = {t: name.removesuffix(".yaml") for t, name in embedded_defaults().items()}  # backbone -> its YAML
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

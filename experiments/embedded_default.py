@@ -17,9 +17,10 @@ import logging
 import os
 import time
 
+from ivtlr_jax.models import DEFAULT_MODEL_TYPE, embedded_defaults
+
 DEFAULT_OUT = os.environ.get("IVTLR_DEFAULT_OUT")  # default: runs/tiny_default (runs/tiny_chameleon_default)
-# the embedded default per backbone
-CONFIGS = {"qwen2_vl": "tiny.yaml", "chameleon": "tiny_chameleon.yaml", "qwen2_5_vl": "tiny_qwen25vl.yaml"}
+CONFIGS = embedded_defaults()  # backbone -> its embedded default's YAML (the registry's small models)
 
 
 def _table(rows: list[dict]) -> str:
@@ -32,13 +33,13 @@ def _table(rows: list[dict]) -> str:
 
 
 def run_embedded_default(out: str | None = DEFAULT_OUT, train_rows: int | None = None, eval_rows: int | None = None,
-                         backbone: str = "qwen2_vl") -> dict:
+                         backbone: str = DEFAULT_MODEL_TYPE) -> dict:
     """Run it; train_rows / eval_rows default to the backbone's tiny YAML's `limit` / `eval_limit`."""
     import yaml
 
-    from experiments import evaluate as ev
     from experiments.tiny_setup import CONFIG_DIR, prepare_auto_tiny
     from ivtlr_jax.data.synthetic import write_synthetic
+    from ivtlr_jax.eval import EvalConfig, evaluate, summary_line
     from ivtlr_jax.train import Trainer
     from ivtlr_jax.train.config import TrainConfig
     from ivtlr_jax.train.export import export_trained_checkpoint
@@ -47,7 +48,7 @@ def run_embedded_default(out: str | None = DEFAULT_OUT, train_rows: int | None =
     t0 = time.time()
     if backbone not in CONFIGS:
         raise SystemExit(f"--backbone {backbone!r}: use one of {sorted(CONFIGS)}")
-    out = out or ("runs/tiny_default" if backbone == "qwen2_vl" else f"runs/tiny_{backbone}_default")
+    out = out or ("runs/tiny_default" if backbone == DEFAULT_MODEL_TYPE else f"runs/tiny_{backbone}_default")
     with open(os.path.join(CONFIG_DIR, CONFIGS[backbone])) as f:
         values = yaml.safe_load(f)
     model = values.pop("model", None)
@@ -63,8 +64,7 @@ def run_embedded_default(out: str | None = DEFAULT_OUT, train_rows: int | None =
         raise SystemExit(f"{out} already holds a run; remove it (or set IVTLR_DEFAULT_OUT) to start over")
     print(f"[2/4] building the tiny {backbone} model: {out}/hf (Hugging Face layout) -> {out}/init (converted)")
     prepare_auto_tiny(tcfg, model)
-    encoder = "VQ image tokenizer" if backbone == "chameleon" else "vision tower"
-    print(f"[3/4] training stages 0..3 (full fine-tuning of the tiny LLM; {encoder} frozen)")
+    print("[3/4] training stages 0..3 (full fine-tuning of the tiny LLM; its image encoder frozen)")
     summary = Trainer(tcfg).run()
     if summary["stopped"]:
         raise SystemExit(f"training stopped: {summary['stopped']}")
@@ -75,14 +75,13 @@ def run_embedded_default(out: str | None = DEFAULT_OUT, train_rows: int | None =
         n = info["n_latent"]
         ckpt = os.path.join(out, "merged", f"stage{stage}")
         export_trained_checkpoint(os.path.join(out, "stage_ends", str(stage)), ckpt, overwrite=True, verbose=False)
-        args = ["--ckpt", ckpt, "--data", tcfg.data, "--data-source", data_dir, "--split", tcfg.eval_split,
-                "--limit", str(eval_rows), "--batch-size", str(tcfg.eval_batch_size),
-                "--out", os.path.join(out, "eval", f"stage{stage}"), "--no-progress"]
-        args += ["--k", str(tcfg.k)] if tcfg.k is not None else []  # else the backbone's default, as in training
         new_tokens = tcfg.max_new_tokens if n >= tcfg.max_latent_stage else 4 * tcfg.max_new_tokens  # steps left
-        args += ["--method", "cot" if n == 0 else "ivtlr", "--n-latent", str(max(n, 1)),
-                 "--max-new-tokens", str(new_tokens)]
-        res = ev.main(args)
+        cfg = EvalConfig(ckpt=ckpt, data=tcfg.data, data_source=data_dir, split=tcfg.eval_split, limit=eval_rows,
+                         batch_size=tcfg.eval_batch_size, out=os.path.join(out, "eval", f"stage{stage}"),
+                         no_progress=True, k=tcfg.k,  # k None: the backbone's default, as in training
+                         method="cot" if n == 0 else "ivtlr", n_latent=max(n, 1), max_new_tokens=new_tokens)
+        res = evaluate(cfg)
+        print(summary_line(res, cfg.out_dir))
         rows.append({"stage": stage, "n_latent": n, "first_loss": info["first_loss"], "last_loss": info["last_loss"],
                      "accuracy": res["accuracy"], "mean_ar_steps": res["mean_ar_steps"],
                      "seconds_per_sample": res["seconds_per_sample"]})

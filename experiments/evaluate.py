@@ -141,7 +141,7 @@ def run_dry(args, compiler: str = "cpu") -> dict:
     cfg.check()
     n, k, latent_text = method_settings(cfg)
     if args.config:
-        from experiments.train import yaml_model_config
+        from experiments.run_config import yaml_model_config
 
         model = yaml_model_config(args.config)
     else:

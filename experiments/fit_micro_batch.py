@@ -61,8 +61,8 @@ def main(argv=None) -> dict:
 
     import yaml
 
+    from experiments.run_config import yaml_model_config
     from experiments.tiny_setup import config_path
-    from experiments.train import yaml_model_config
 
     with open(config_path(args.config)) as f:
         values = yaml.safe_load(f) or {}

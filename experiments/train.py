@@ -37,7 +37,9 @@ import sys
 import threading
 
 from experiments.embedded_default import CONFIGS as EMBEDDED_CONFIGS
+from experiments.run_config import dry_run_model_config
 from experiments.tiny_setup import AUTO_TINY, build_auto_tiny_in_subprocess, config_path, prepare_auto_tiny
+from ivtlr_jax.models import DEFAULT_MODEL_TYPE, with_small_models
 
 HELP = {
     "init": "converted checkpoint to start from (tools/convert_weights.py --add-latent-tokens); "
@@ -108,7 +110,7 @@ def build_parser(field_types: dict) -> argparse.ArgumentParser:
     group.add_argument("--stage", type=int, help="train stage N alone (epochs_per_stage epochs), starting from "
                        "--init or from stage N-1's checkpoint in RUN_DIR")
     group.add_argument("--stages", help="train stages A-B (e.g. 0-3); default: the whole curriculum")
-    ap.add_argument("--backbone", choices=BACKBONES,
+    ap.add_argument("--backbone", choices=with_small_models(),
                     help="alone: run that backbone's embedded default (a tiny random model trained on the synthetic "
                          "set through every stage, then evaluated); with a config whose init is auto-tiny: build "
                          "that backbone's tiny model")
@@ -199,44 +201,6 @@ def load_train_config(args, field_types) -> tuple:
         raise SystemExit(f"config error: {e}") from None
 
 
-def dry_run_model_config(tcfg, yaml_values, backbone: str | None = None):
-    """The model config a dry run sizes, from wherever the run would take its model: `--init CKPT` (its saved
-    config), the auto-tiny default (the tiny model's config, built without weights; a YAML `model:` section
-    overrides its sizes as it does for training), or else the YAML's `model:` section."""
-    from ivtlr_jax.models import model_config_from_dict
-
-    model = dict(yaml_values.get("model") or {})
-    if backbone:
-        model["backbone"] = backbone
-    if tcfg.init == AUTO_TINY:
-        from experiments.tiny_setup import tiny_model_config
-
-        return tiny_model_config(tcfg, model)
-    if tcfg.init and os.path.isdir(tcfg.init):
-        from ivtlr_jax.convert.checkpoint import load_config
-
-        return load_config(tcfg.init)
-    model.pop("backbone", None)
-    if not model:
-        where = f"--init {tcfg.init!r} is not a checkpoint folder and " if tcfg.init else ""
-        raise SystemExit(f"--dry-run needs the model's shape: {where}give --init CKPT_DIR (a converted checkpoint; "
-                         "only its config is read), a `model:` section in the YAML (see "
-                         "experiments/configs/qwen2vl_7b_m3cot.yaml), or the auto-tiny default")
-    return model_config_from_dict(model)
-
-
-def yaml_model_config(config: str, backbone: str | None = None):
-    """The model config a training YAML (`--config NAME`) trains, as its --dry-run sizes it (no weights read)."""
-    import yaml
-
-    from ivtlr_jax.train.config import TrainConfig
-
-    with open(config_path(config)) as f:
-        values = yaml.safe_load(f) or {}
-    tcfg = TrainConfig.from_dict({k: v for k, v in values.items() if k != "model"})
-    return dry_run_model_config(tcfg, values, backbone)
-
-
 def run_dry(tcfg, yaml_values, backbone: str | None = None, compiler: str = "cpu", compare_remat: bool = False,
             cost_model: bool = False) -> list[dict]:
     """--dry-run: the train step compiled for the mesh (`compiler`: "tpu" or "cpu"), LoRA and full; the table and
@@ -262,18 +226,19 @@ def run_dry(tcfg, yaml_values, backbone: str | None = None, compiler: str = "cpu
     return results
 
 
-BACKBONES = tuple(EMBEDDED_CONFIGS)  # the backbones with an embedded default
+EMBEDDED_DEFAULT_BACKBONES = tuple(EMBEDDED_CONFIGS)  # the registry's backbones with an embedded default
 
 
 def embedded_default_backbone(argv: list[str]) -> str | None:
     """The backbone of the embedded default when argv asks for it (nothing, or only --backbone NAME)."""
     if not argv:
-        return "qwen2_vl"
+        return DEFAULT_MODEL_TYPE
     if len(argv) == 1 and argv[0].startswith("--backbone="):
         argv = ["--backbone", argv[0].split("=", 1)[1]]
     if len(argv) == 2 and argv[0] == "--backbone":
-        if argv[1] not in BACKBONES:
-            raise SystemExit(f"error: --backbone {argv[1]!r} is not valid; use one of {', '.join(BACKBONES)}")
+        if argv[1] not in EMBEDDED_DEFAULT_BACKBONES:
+            raise SystemExit(f"error: --backbone {argv[1]!r} is not valid; use one of "
+                             f"{', '.join(EMBEDDED_DEFAULT_BACKBONES)}")
         return argv[1]
     return None
 

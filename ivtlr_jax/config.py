@@ -182,18 +182,6 @@ class PromptFormat:
             raise ValueError(f"PromptFormat.answer_format={self.answer_format!r}; use 'letter' or 'index'")
 
 
-def __getattr__(name: str):
-    """Names that moved to `ivtlr_jax.models` (the backbone configs, their prompts, the config registry) still
-    resolve here for old imports; `ivtlr_jax.models.MOVED_FROM_CONFIG` lists them."""
-    if name.startswith("__"):  # import machinery probes (`__path__`, ...): never the moved names
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from ivtlr_jax import models
-
-    if name in models.MOVED_FROM_CONFIG:
-        return models.moved_from_config(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def check_dtype(dtype: str) -> str:
     """Validate a dtype name given by a user."""
     if dtype not in SUPPORTED_DTYPES:

@@ -1,8 +1,9 @@
 """Device meshes named after hardware, one logical-axis rules table, and global batches from per-host slices.
 
 A mesh has the axes ("data", "fsdp", "tensor"). Every parameter dimension carries a logical name (in
-the backbone's spec table); `LOGICAL_RULES` maps logical names to mesh axes; `logical_to_sharding` turns
-the two into `NamedSharding`s, leaving a dimension replicated where its size does not divide.
+the backbone's spec table); `LOGICAL_RULES` maps logical names to mesh axes; `logical_to_spec` turns
+an array's names into a PartitionSpec (`param_shardings`: NamedShardings for a spec table), leaving a dimension
+replicated where its size does not divide.
 CPU devices may stand in for any preset (tests use XLA_FLAGS=--xla_force_host_platform_device_count=N).
 A TPU preset also names its slice's topology: with libtpu installed, `compile_target` builds its mesh from
 compile-only TPU devices (the whole pod, from one process on any machine) for XLA:TPU to compile for.
@@ -23,8 +24,6 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-
-from ivtlr_jax.models import spec as sp
 
 logger = logging.getLogger(__name__)
 
@@ -483,16 +482,6 @@ def maybe_initialize_distributed(preset: str | MeshPreset, coordinator_address: 
 
 
 # ---------------------------------------------------------------------------------------- parameters
-def _shape_of(x) -> tuple[int, ...]:
-    if isinstance(x, tuple) and all(isinstance(d, (int, np.integer)) for d in x):
-        return tuple(int(d) for d in x)
-    return tuple(np.shape(x))
-
-
-def _is_logical(x) -> bool:
-    return isinstance(x, tuple) and all(isinstance(e, (str, tuple, type(None))) for e in x)
-
-
 def logical_to_spec(logical: Sequence[str | None], mesh: Mesh, shape: Sequence[int] | None = None) -> PartitionSpec:
     """PartitionSpec for one array: each logical name through LOGICAL_RULES.
 
@@ -524,22 +513,11 @@ def logical_to_spec(logical: Sequence[str | None], mesh: Mesh, shape: Sequence[i
     return PartitionSpec(*spec)
 
 
-def logical_to_sharding(mesh: Mesh, logical_tree, shapes_tree=None):
-    """A NamedSharding for every leaf of a tree of logical-axis tuples (any tree: params, LoRA, batch).
-
-    `shapes_tree` (same structure; leaves shape tuples, arrays or ShapeDtypeStructs) enables the
-    divisibility fallback: a dimension that does not divide by its mesh axes stays replicated.
-    """
-    if shapes_tree is None:
-        return jax.tree.map(lambda lg: NamedSharding(mesh, logical_to_spec(lg, mesh)), logical_tree,
-                            is_leaf=_is_logical)
-    return jax.tree.map(lambda lg, s: NamedSharding(mesh, logical_to_spec(lg, mesh, _shape_of(s))),
-                        logical_tree, shapes_tree, is_leaf=_is_logical)
-
-
 def param_shardings(mesh: Mesh, spec):
-    """NamedShardings for every leaf of a spec tree (ParamInfo leaves: the backbone's params or adapters)."""
-    return sp.map_spec(lambda i: NamedSharding(mesh, logical_to_spec(i.axes, mesh, i.shape)), spec)
+    """NamedShardings for every leaf of a spec tree (ParamInfo leaves, each with its logical `axes` and `shape`: the
+    backbone's params or adapters). A ParamInfo is not a pytree node, so it is a leaf here without naming its
+    class: this module is the floor under `models/` and imports none of it."""
+    return jax.tree.map(lambda i: NamedSharding(mesh, logical_to_spec(i.axes, mesh, i.shape)), spec)
 
 
 # ---------------------------------------------------------------------------------------- batches

@@ -21,7 +21,7 @@ import pytest
 from ivtlr_jax.latent import LatentConfig
 from ivtlr_jax.models import layers as ly
 from ivtlr_jax.models import spec as sp
-from ivtlr_jax.models.qwen2_vl import ModelConfig, VisionConfig
+from ivtlr_jax.models.qwen2_vl import Qwen2VLConfig, VisionConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -263,7 +263,7 @@ def test_auto_remat_by_model_size():
 def tiny_backbone():
     from ivtlr_jax.models import backbone_for
 
-    cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    cfg = Qwen2VLConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 3, 3), image_token_id=120,
                       latent_token_id=121, eos_token_id=(127,),
                       vision=VisionConfig(depth=1, embed_dim=32, num_heads=2, mlp_ratio=2.0, out_hidden_size=64))

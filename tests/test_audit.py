@@ -17,10 +17,8 @@ from ivtlr_jax.eval.audit import (
     blank_image,
     intervene_images,
     mcnemar_exact,
-    mean_cosine,
     paired_bootstrap_ci,
     parse_ablations,
-    selection_overlap,
     shuffle_permutation,
 )
 from ivtlr_jax.latent import (
@@ -221,12 +219,6 @@ def test_ablation_stats_table():
     assert s["p_value"] == 1.0  # b=2, c=1: 2 * (1 + 3) / 8 capped at 1
     assert s["changed"] == pytest.approx(3 / 6)
     assert s["ci95"][0] <= s["delta"] <= s["ci95"][1]
-
-
-def test_overlap_and_cosine():
-    assert selection_overlap([[1, 2, 3, 4]], [[3, 4, 5, 6]]) == 0.5
-    assert selection_overlap([[1, 2], [3, 4]], [[1, 2], [5, 6]]) == 0.5
-    assert mean_cosine([[1.0, 0.0], [0.0, 2.0]], [[2.0, 0.0], [1.0, 0.0]]) == pytest.approx(0.5)
 
 
 def test_audit_log_and_reports(tmp_path):

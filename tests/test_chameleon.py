@@ -252,11 +252,12 @@ def test_embedded_default_vq_codebook_is_fitted_to_the_pictures():
     outputs, so that solid colours get different codes (a random codebook lumps most pixels together)."""
     import jax
 
-    from experiments.tiny_setup import _tiny_chameleon, tiny_vq_tokenizer
+    from ivtlr_jax.data.images import decode_image
     from ivtlr_jax.models import backbone_for
     from ivtlr_jax.models.chameleon import encode, encode_latents
+    from ivtlr_jax.models.chameleon.small import fit_tiny, tiny_model
 
-    _, cfg = _tiny_chameleon(["a red square and a blue circle"], 320, None, dict(num_embeddings=16))
+    _, cfg = tiny_model(["a red square and a blue circle"], 320, None, dict(num_embeddings=16))
     colours = [(214, 39, 40), (31, 90, 200), (44, 160, 44), (240, 140, 10)]
     images = []
     for rgb in colours:
@@ -266,11 +267,10 @@ def test_embedded_default_vq_codebook_is_fitted_to_the_pictures():
         im.save(buf, format="PNG")
         images.append({"bytes": buf.getvalue(), "path": None})
     random = backbone_for(cfg).random_params(0)
-    fitted = tiny_vq_tokenizer(random, cfg, images, seed=0)
+    fitted = fit_tiny(random, cfg, [decode_image(im) for im in images], seed=0)
     for lv in fitted.vq.encoder.down:
         assert all(not np.any(b.conv2.kernel) for b in lv.blocks)  # identity residual branches
     assert not np.array_equal(fitted.vq.codebook, random.vq.codebook)
-    from ivtlr_jax.data.images import decode_image
     from ivtlr_jax.models.chameleon.images import pixels as chameleon_pixels
 
     px = np.stack([chameleon_pixels(decode_image(im), cfg.vq.resolution) for im in images])

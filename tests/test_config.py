@@ -14,7 +14,7 @@ from ivtlr_jax.config import coerce
 from ivtlr_jax.latent import LatentConfig
 from ivtlr_jax.models import model_config_from_dict
 from ivtlr_jax.models.chameleon import ChameleonConfig
-from ivtlr_jax.models.qwen2_vl import ModelConfig, VisionConfig
+from ivtlr_jax.models.qwen2_vl import Qwen2VLConfig, VisionConfig
 from ivtlr_jax.train.config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +78,7 @@ def test_model_sections_are_coerced_alike():
     assert qwen.rms_norm_eps == 1e-6 and type(qwen.rms_norm_eps) is float and qwen.rope_theta == 1e6
     assert qwen.hidden_size == 3584 and qwen.mrope_section == (16, 24, 24) and qwen.tie_word_embeddings is False
     assert qwen.vision == VisionConfig(mlp_ratio=4.0, depth=2) and qwen.eos_token_id == (151645,)
-    assert ModelConfig.from_dict(qwen.to_dict()) == qwen
+    assert Qwen2VLConfig.from_dict(qwen.to_dict()) == qwen
     cham = model_config_from_dict(yaml.safe_load(
         "model_type: chameleon\nrms_norm_eps: 1e-5\neos_token_id: 2\nswin_norm: 'true'\n"
         "vq: {channel_multiplier: [1, 2], attn_resolutions: [], resolution: '64'}"))
@@ -92,3 +92,19 @@ def test_model_sections_are_coerced_alike():
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['vq\.colour'\] for VQConfig"):
         model_config_from_dict({"model_type": "chameleon", "vq": {"colour": 1}})
     assert LatentConfig(k="4", latent_text="no") == LatentConfig(k=4, latent_text=False)
+
+
+def test_load_reads_what_its_class_names(tmp_path):
+    """BackboneConfig.load follows the file's model_type; a backbone's own class reads only its own configs."""
+    from ivtlr_jax.models.chameleon.small import tiny_model as tiny_chameleon
+    from ivtlr_jax.models.config import BackboneConfig
+    from ivtlr_jax.models.qwen2_vl.small import tiny_model as tiny_qwen2vl
+
+    _, qwen = tiny_qwen2vl(None, 400)
+    _, cham = tiny_chameleon(None, 400, None, dict(num_embeddings=16))
+    qwen.save(str(tmp_path / "q.json"))
+    cham.save(str(tmp_path / "c.json"))
+    assert BackboneConfig.load(str(tmp_path / "c.json")) == cham
+    assert type(qwen).load(str(tmp_path / "q.json")) == qwen
+    with pytest.raises(ValueError, match="model_type='chameleon', not 'qwen2_vl'"):
+        type(qwen).load(str(tmp_path / "c.json"))

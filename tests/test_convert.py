@@ -26,9 +26,9 @@ from ivtlr_jax.convert import (
     save_checkpoint,
 )
 from ivtlr_jax.convert.safetensors_io import SafetensorsReader
-from ivtlr_jax.models import backbone_for
+from ivtlr_jax.models import backbone_for, model_config_from_hf_dir
 from ivtlr_jax.models import spec as sp
-from ivtlr_jax.models.qwen2_vl import ModelConfig, VisionConfig
+from ivtlr_jax.models.qwen2_vl import Qwen2VLConfig, VisionConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = {
@@ -215,7 +215,7 @@ def test_convert_layouts_tied_sharded(tmp_path, layout, tie, shards):
     assert summary["tensors"] == len(SafetensorsReader(src).keys())
     assert summary["parameters"] == sum(v.size for v in flat(params).values())
     assert summary["bytes"] == 4 * summary["parameters"]
-    assert ModelConfig.load(os.path.join(dst, "ivtlr_config.json")) == cfg
+    assert Qwen2VLConfig.load(os.path.join(dst, "ivtlr_config.json")) == cfg
     with open(os.path.join(dst, "hf_config.json")) as f, open(os.path.join(src, "config.json")) as g:
         assert json.load(f)["text_config"] == json.load(g)["text_config"]
     assert os.path.exists(os.path.join(dst, "generation_config.json"))
@@ -274,13 +274,13 @@ def test_round_trip_hf_jax_hf_jax(tmp_path, tie):
 def test_save_checkpoint_without_hf_config_exports(tmp_path):
     src, out = str(tmp_path / "hf"), str(tmp_path / "out")
     sd = make_hf_model(src)
-    cfg = ModelConfig.from_hf_dir(src)
+    cfg = model_config_from_hf_dir(src)
     params = jax.tree.map(jnp.asarray, reference_params(sd, tie=False))  # as a trainer would hold them
     save_checkpoint(str(tmp_path / "ckpt"), cfg, params)
     os.remove(tmp_path / "ckpt" / "hf_config.json")  # a checkpoint from elsewhere: config synthesised
     export_checkpoint_to_hf(str(tmp_path / "ckpt"), out, verbose=False)
     assert_hf_loads_equal(out, sd)
-    assert ModelConfig.from_hf_dir(out) == cfg
+    assert model_config_from_hf_dir(out) == cfg
     with pytest.raises(ValueError, match="already holds a checkpoint"):
         save_checkpoint(str(tmp_path / "ckpt"), cfg, params)
 
@@ -406,7 +406,7 @@ def test_bad_source_folder_and_dtype(tmp_path):
 
 
 def test_check_params_lists_problems():
-    cfg = ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+    cfg = Qwen2VLConfig(vocab_size=10, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, mrope_section=(1, 1, 0),
                       tie_word_embeddings=True,
                       vision=VisionConfig(depth=1, embed_dim=4, num_heads=1, out_hidden_size=8))
@@ -481,7 +481,7 @@ def _small_cfg(**kw):
     shape.update(kw)
     half = shape["hidden_size"] // shape["num_attention_heads"] // 2
     section = (half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8)
-    return ModelConfig(**shape, mrope_section=section, image_token_id=500, video_token_id=501,
+    return Qwen2VLConfig(**shape, mrope_section=section, image_token_id=500, video_token_id=501,
                        vision_start_token_id=502, vision_end_token_id=503, eos_token_id=(511,), latent_token_id=505,
                        vision=VisionConfig(depth=1, embed_dim=32, num_heads=2, mlp_ratio=2,
                                            out_hidden_size=shape["hidden_size"]))

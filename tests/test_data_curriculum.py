@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from experiments.tiny_tokenizer import build_tiny_tokenizer
 from ivtlr_jax.data.collate import bucket_length, collate, make_buckets
 from ivtlr_jax.data.curriculum import CurriculumOptions, TextEncoding, build_stage_example, encode_text, latent_plan
+from ivtlr_jax.models.qwen2_vl.small import tiny_tokenizer as build_tiny_tokenizer
 
 LAT, START, END, PAD = 900, 901, 902, 0
 ENC = TextEncoding(prompt_ids=(1, 2, 3, 4), step_ids=((10, 11), (20,), (30, 31, 32)), answer_ids=(40, 41, 99))

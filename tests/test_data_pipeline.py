@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from experiments.tiny_tokenizer import build_tiny_tokenizer
 from ivtlr_jax.data.curriculum import CurriculumOptions, encode_row
 from ivtlr_jax.data.loaders import load_split
 from ivtlr_jax.data.pipeline import BatchIterator, encode_split
 from ivtlr_jax.data.synthetic import synthetic_dataset
 from ivtlr_jax.models.qwen2_vl import ImageOptions
+from ivtlr_jax.models.qwen2_vl.small import tiny_tokenizer as build_tiny_tokenizer
 
 N_ROWS = 23
 SMALL = ImageOptions(reference_size=(56, 56))  # grid (1, 4, 4): 4 image tokens, fast

@@ -3,7 +3,6 @@
 import jinja2
 import pytest
 
-from experiments.tiny_tokenizer import TINY_SPECIAL_TOKENS, build_tiny_tokenizer
 from ivtlr_jax.data.text import (
     build_prompt_ids,
     build_prompt_text,
@@ -15,6 +14,8 @@ from ivtlr_jax.data.text import (
     split_steps,
 )
 from ivtlr_jax.models.qwen2_vl.prompt import CHAT_TEMPLATE as QWEN2VL_CHAT_TEMPLATE
+from ivtlr_jax.models.qwen2_vl.small import SPECIAL_TOKENS as TINY_SPECIAL_TOKENS
+from ivtlr_jax.models.qwen2_vl.small import tiny_tokenizer as build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

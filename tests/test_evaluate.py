@@ -51,8 +51,8 @@ def workspace(tmp_path_factory):
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from experiments.tiny_tokenizer import build_tiny_tokenizer
     from ivtlr_jax.convert import convert_hf_to_checkpoint
+    from ivtlr_jax.models.qwen2_vl.small import tiny_tokenizer as build_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("eval")
     tok = build_tiny_tokenizer()

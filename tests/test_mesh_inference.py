@@ -20,7 +20,7 @@ import numpy as np
 import jax
 from tiny import image_batch, left_pad
 from ivtlr_jax import IVTLRModel
-from ivtlr_jax.models.qwen2_vl import ModelConfig, VisionConfig
+from ivtlr_jax.models.qwen2_vl import Qwen2VLConfig, VisionConfig
 from ivtlr_jax.convert import save_checkpoint
 from ivtlr_jax.convert.checkpoint import save_lora
 from ivtlr_jax.models import backbone_for
@@ -30,7 +30,7 @@ from ivtlr_jax.models.adapters import LoRAMeta, adapter_spec
 assert len(jax.devices()) == 4, jax.devices()
 IMG, LAT, EOS = 500, 505, 511
 # every sharded dimension divides by 4
-cfg = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+cfg = Qwen2VLConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, mrope_section=(4, 6, 6), image_token_id=IMG, video_token_id=501,
                   vision_start_token_id=502, vision_end_token_id=503, eos_token_id=(EOS,), latent_token_id=LAT,
                   vision=VisionConfig(depth=2, embed_dim=64, num_heads=2, mlp_ratio=2, out_hidden_size=128))

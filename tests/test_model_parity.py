@@ -132,10 +132,10 @@ def test_bad_inputs_raise_clear_errors(tiny_pair):
 
 def test_config_validation():
     from ivtlr_jax.config import check_dtype
-    from ivtlr_jax.models.qwen2_vl import ModelConfig, VisionConfig
+    from ivtlr_jax.models.qwen2_vl import Qwen2VLConfig, VisionConfig
 
     with pytest.raises(ValueError, match="mrope_section"):
-        ModelConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 2, 2),
+        Qwen2VLConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 2, 2),
                     vision=VisionConfig(out_hidden_size=64))
     with pytest.raises(ValueError, match="dtype='float16'"):
         check_dtype("float16")
@@ -144,16 +144,16 @@ def test_config_validation():
 def test_config_reads_flat_and_nested_layouts():
     from tiny import tiny_hf_config
 
-    from ivtlr_jax.models.qwen2_vl import ModelConfig
+    from ivtlr_jax.models.qwen2_vl import Qwen2VLConfig
 
-    nested = ModelConfig.from_hf_dict(tiny_hf_config().to_dict())
+    nested = Qwen2VLConfig.from_hf_dict(tiny_hf_config().to_dict())
     d = tiny_hf_config(tie=True).to_dict()
     text = d.pop("text_config")
     rope = text.pop("rope_parameters")
     flat = {**d, **text, "rope_theta": rope["rope_theta"],
             "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]}}
     flat["vision_config"] = {**d["vision_config"], "in_chans": 3}
-    old = ModelConfig.from_hf_dict(flat)
+    old = Qwen2VLConfig.from_hf_dict(flat)
     assert old.tie_word_embeddings and not nested.tie_word_embeddings
     assert old.mrope_section == nested.mrope_section == (2, 3, 3)
     assert (old.hidden_size, old.num_hidden_layers, old.vision.depth) == (64, 2, 2)

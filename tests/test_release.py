@@ -33,7 +33,7 @@ def _tiny_qwen2vl():
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     sys.path.insert(0, ROOT)
-    from experiments.tiny_tokenizer import build_tiny_tokenizer
+    from ivtlr_jax.models.qwen2_vl.small import tiny_tokenizer as build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(vocab_size=300)
     ids = {t: tok.convert_tokens_to_ids(t) for t in

@@ -21,9 +21,9 @@ NUM_DEVICES = 8
 def _tiny_cfg(tie=False):
     from tiny import tiny_hf_config
 
-    from ivtlr_jax.models.qwen2_vl import ModelConfig
+    from ivtlr_jax.models.qwen2_vl import Qwen2VLConfig
 
-    return ModelConfig.from_hf_dict(tiny_hf_config(tie=tie).to_dict())
+    return Qwen2VLConfig.from_hf_dict(tiny_hf_config(tie=tie).to_dict())
 
 
 def _custom_mesh(data, fsdp, tensor):

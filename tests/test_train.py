@@ -113,7 +113,7 @@ def test_stage_from_previous_stage_checkpoint_and_missing_start(workdir):
     nxt = train_config(workdir, "stages", stages=(2,), max_steps=100)
     nxt.init = None  # must come from stage 1's checkpoint (and the base recorded in it)
     trainer = Trainer(nxt)
-    assert trainer.start_kind == "stage_end" and trainer.start_at == 1
+    assert trainer.setup.start.kind == "stage_end" and trainer.start_at == 1
     trainer.run()
     recs = [r for r in losses(nxt.out) if r["stage"] == 2]
     assert recs and all(r["n_latent"] == 2 for r in recs)

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(HERE)
 CHILD = r"""
 import dataclasses, json, os, sys, tempfile
 import jax
-from ivtlr_jax.models.qwen2_vl import ModelConfig, VisionConfig
+from ivtlr_jax.models.qwen2_vl import Qwen2VLConfig, VisionConfig
 from ivtlr_jax.convert import save_checkpoint
 from ivtlr_jax.train.config import TrainConfig
 from ivtlr_jax.models import backbone_for
@@ -29,7 +29,7 @@ from ivtlr_jax.train.step import make_optimizer
 
 assert len(jax.devices()) == 8, jax.devices()
 # every sharded dimension divides by 8
-cfg = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+cfg = Qwen2VLConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, mrope_section=(4, 6, 6), image_token_id=500, video_token_id=501,
                   vision_start_token_id=502, vision_end_token_id=503, eos_token_id=(511,), latent_token_id=505,
                   vision=VisionConfig(depth=2, embed_dim=64, num_heads=2, mlp_ratio=2, out_hidden_size=128))

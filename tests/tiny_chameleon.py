@@ -17,7 +17,7 @@ VQ = dict(embed_dim=8, num_embeddings=NUM_CODES, latent_channels=8, resolution=R
 
 def tiny_tokenizer():
     sys.path.insert(0, ROOT)
-    from experiments.tiny_tokenizer import build_tiny_chameleon_tokenizer
+    from ivtlr_jax.models.chameleon.small import tiny_tokenizer as build_tiny_chameleon_tokenizer
 
     return build_tiny_chameleon_tokenizer(NUM_CODES)
 

@@ -20,7 +20,7 @@ SPECIAL = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>
 
 def tiny_tokenizer():
     sys.path.insert(0, ROOT)
-    from experiments.tiny_tokenizer import build_tiny_tokenizer
+    from ivtlr_jax.models.qwen2_vl.small import tiny_tokenizer as build_tiny_tokenizer
 
     return build_tiny_tokenizer()
 

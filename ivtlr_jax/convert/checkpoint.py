@@ -19,9 +19,10 @@ import numpy as np
 
 from ivtlr_jax.config import check_dtype
 from ivtlr_jax.convert.layout import CONFIG_NAME, HF_CONFIG_NAME, LORA_CONFIG_NAME, LORA_DIR, PARAMS_DIR
-from ivtlr_jax.models import backbone_for, model_config_from_dict
+from ivtlr_jax.models import backbone_for
 from ivtlr_jax.models import spec as sp
 from ivtlr_jax.models.adapters import LoRAMeta, adapter_spec
+from ivtlr_jax.models.config import BackboneConfig
 
 __all__ = ["CONFIG_NAME", "HF_CONFIG_NAME", "LORA_CONFIG_NAME", "LORA_DIR", "PARAMS_DIR", "check_params",
            "check_stored", "copy_tokenizer_files", "hf_config_for", "load_config", "lora_targets", "np_dtype",
@@ -151,8 +152,7 @@ def load_config(ckpt_dir: str):
             f"checkpoint {ckpt_dir!r} has no {PARAMS_DIR}/ and {CONFIG_NAME}; give a folder written by "
             "tools/convert_weights.py or save_checkpoint"
         )
-    with open(path) as f:
-        return model_config_from_dict(json.load(f))
+    return BackboneConfig.load(path)
 
 
 # ---------------------------------------------------------------- unmerged LoRA adapters

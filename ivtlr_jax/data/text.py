@@ -8,11 +8,7 @@ from collections.abc import Sequence
 import jinja2
 
 IMAGE_PAD_TOKEN = "<|image_pad|>"
-VISION_START_TOKEN = "<|vision_start|>"
-VISION_END_TOKEN = "<|vision_end|>"
 LATENT_TOKEN = "<|latent|>"
-START_LATENT_TOKEN = "<|start-latent|>"
-END_LATENT_TOKEN = "<|end-latent|>"
 ANSWER_PREFIX = "Therefore, the answer is "
 MAX_CHOICES = 26
 NUM_STEP_CHUNKS = 3

@@ -94,22 +94,6 @@ def ablation_stats(intact_correct, ablated_correct, intact_answers, ablated_answ
     }
 
 
-def selection_overlap(a, b) -> float:
-    """Mean share of the K indices of `a` (B, k) that also appear in `b` (B, k), over rows."""
-    a, b = np.asarray(a), np.asarray(b)
-    if a.shape[-1] == 0:
-        return float("nan")
-    return float(np.mean([len(set(x.tolist()) & set(y.tolist())) / a.shape[-1] for x, y in zip(a, b)]))
-
-
-def mean_cosine(x, y) -> float:
-    """Mean cosine similarity between the rows of x and y (..., H)."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    num = (x * y).sum(-1)
-    den = np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1)
-    return float(np.mean(num / np.maximum(den, 1e-12)))
-
-
 def step_overlaps(intact_sel, ablated_sel) -> tuple[list[float], list[float]]:
     """Per latent step, for one row's selections (n, k): the share of the ablated step's picks the intact run made
     at the same step, and the share it made at another step."""

@@ -1,7 +1,8 @@
 """Backbones: one package per model, each owning its config, spec table, image processor and prompt.
 
-`BACKBONES` is the only place that names the models: model_type -> its backbone class and its config class
-("module:Name", imported on first use, so that reading a config imports no JAX). Everything above `models/`
+`BACKBONES` is the only place that names the models: model_type -> its backbone class, its config class ("module:Name",
+imported on first use, so that reading a config imports no JAX) and the module of its small random models (the
+embedded default's tiny model, the benchmarks' model: `small_models`). Everything above `models/`
 receives a backbone object (`backbone_for(config)`) and never imports a particular model.
 """
 
@@ -16,40 +17,22 @@ from typing import Any, NamedTuple
 class Entry(NamedTuple):
     backbone: str  # "module:Class" of the Backbone
     config: str  # "module:Class" of its BackboneConfig
+    small: str | None = None  # module of its small random models (`ivtlr_jax.models.small`); None: it has none
 
 
 BACKBONES = {
-    "qwen2_vl": Entry("ivtlr_jax.models.qwen2_vl.model:Qwen2VL", "ivtlr_jax.models.qwen2_vl.config:ModelConfig"),
+    "qwen2_vl": Entry("ivtlr_jax.models.qwen2_vl.model:Qwen2VL", "ivtlr_jax.models.qwen2_vl.config:Qwen2VLConfig",
+                      "ivtlr_jax.models.qwen2_vl.small"),
     "chameleon": Entry("ivtlr_jax.models.chameleon.model:Chameleon",
-                       "ivtlr_jax.models.chameleon.config:ChameleonConfig"),
+                       "ivtlr_jax.models.chameleon.config:ChameleonConfig", "ivtlr_jax.models.chameleon.small"),
     "qwen2_5_vl": Entry("ivtlr_jax.models.qwen2_5_vl.model:Qwen25VL",
-                        "ivtlr_jax.models.qwen2_5_vl.config:Qwen25VLConfig"),
+                        "ivtlr_jax.models.qwen2_5_vl.config:Qwen25VLConfig", "ivtlr_jax.models.qwen2_5_vl.small"),
 }
 DEFAULT_MODEL_TYPE = "qwen2_vl"  # configs written before model_type was recorded
-
-# Old `ivtlr_jax.config` names and where they live now (that module resolves them for old imports).
-MOVED_FROM_CONFIG = {
-    "ModelConfig": "ivtlr_jax.models.qwen2_vl.config:ModelConfig",
-    "Qwen2VLConfig": "ivtlr_jax.models.qwen2_vl.config:ModelConfig",
-    "VisionConfig": "ivtlr_jax.models.qwen2_vl.config:VisionConfig",
-    "QWEN2VL_PROMPT": "ivtlr_jax.models.qwen2_vl.prompt:PROMPT",
-    "ChameleonConfig": "ivtlr_jax.models.chameleon.config:ChameleonConfig",
-    "VQConfig": "ivtlr_jax.models.chameleon.config:VQConfig",
-    "CHAMELEON_PROMPT": "ivtlr_jax.models.chameleon.prompt:PROMPT",
-    "image_code_name": "ivtlr_jax.models.chameleon.config:image_code_name",
-    "image_vocabulary": "ivtlr_jax.models.chameleon.config:image_vocabulary",
-    "model_config_from_dict": "ivtlr_jax.models:model_config_from_dict",
-    "model_config_from_hf_dir": "ivtlr_jax.models:model_config_from_hf_dir",
-}
-
 
 def _load(target: str):
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)
-
-
-def moved_from_config(name: str):
-    return _load(MOVED_FROM_CONFIG[name])
 
 
 def _entry(model_type: str, where: str = "") -> Entry:
@@ -66,6 +49,25 @@ def backbone_class(model_type: str):
 def config_class(model_type: str):
     """The config class (a BackboneConfig) of a model_type; imports no JAX."""
     return _load(_entry(model_type).config)
+
+
+def small_models(model_type: str, where: str = "--backbone"):
+    """The module of a backbone's small random models (its tiny model, embedded default and benchmark model; see
+    `ivtlr_jax.models.small`)."""
+    entry = _entry(model_type, f"{where}: ")
+    if entry.small is None:
+        raise ValueError(f"{where} {model_type!r} has no small models; use one of {with_small_models()}")
+    return importlib.import_module(entry.small)
+
+
+def with_small_models() -> list[str]:
+    """The model_types that have small random models, in registry order (the benchmarks' --backbone choices)."""
+    return [t for t, e in BACKBONES.items() if e.small is not None]
+
+
+def embedded_defaults() -> dict[str, str]:
+    """model_type -> its embedded default's YAML under experiments/configs (the backbones that have one)."""
+    return {t: name for t in with_small_models() if (name := small_models(t).EMBEDDED_DEFAULT)}
 
 
 def backbone_for(config):
@@ -104,4 +106,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["BACKBONES", "DEFAULT_MODEL_TYPE", "Backbone", "Embedded", "Entry", "backbone_class", "backbone_for",
-           "config_class", "model_config_from_dict", "model_config_from_hf_dict", "model_config_from_hf_dir"]
+           "config_class", "embedded_defaults", "model_config_from_dict", "model_config_from_hf_dict",
+           "model_config_from_hf_dir", "small_models", "with_small_models"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
@@ -242,6 +241,3 @@ class Backbone:
 def param_dtype(params) -> jnp.dtype:
     return params.llm.embed.dtype
 
-
-def tree_bytes(tree) -> int:
-    return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))

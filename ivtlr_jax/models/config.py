@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, ClassVar
 
 from ivtlr_jax.config import coerce_fields, config_from_dict
@@ -62,11 +61,19 @@ class BackboneConfig:
 
     @classmethod
     def load(cls, path: str):
-        """Any backbone's config from a `save`d file (the class follows its model_type)."""
-        from ivtlr_jax.models import model_config_from_dict
+        """A config from a `save`d file: `BackboneConfig.load` gives the class its model_type names (any backbone);
+        a backbone's class gives that class, and refuses another backbone's file."""
+        from ivtlr_jax.models import DEFAULT_MODEL_TYPE, model_config_from_dict
 
         with open(path) as f:
-            return model_config_from_dict(json.load(f))
+            d = json.load(f)
+        if cls is BackboneConfig:
+            return model_config_from_dict(d)
+        kind = d.get("model_type", DEFAULT_MODEL_TYPE)  # none recorded: a config of before model_type was
+        if kind != cls.model_type:
+            raise ValueError(f"{path}: model_type={kind!r}, not {cls.model_type!r}; {cls.__name__}.load reads only "
+                             f"{cls.model_type!r} configs (BackboneConfig.load reads any backbone's)")
+        return cls.from_dict(d)
 
     # ------------------------------------------------------------------ Hugging Face config.json
     @classmethod
@@ -77,11 +84,3 @@ class BackboneConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """A transformers config.json dict of this config (for checkpoints saved without one)."""
         raise NotImplementedError
-
-    @classmethod
-    def from_hf_dir(cls, path: str):
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.exists(cfg_path):
-            raise ValueError(f"--src {path!r}: no config.json there; point it at a Hugging Face model folder")
-        with open(cfg_path) as f:
-            return cls.from_hf_dict(json.load(f))

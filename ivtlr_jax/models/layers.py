@@ -451,18 +451,10 @@ def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cac
     averaged over layers and heads (computed without gradient).
     """
     b, t, _ = embeds.shape
-    max_len = cache.max_len
     nkv, hd = d.num_kv_heads, d.head_dim
     dtype = embeds.dtype
     spec = attention_spec(attention, dtype, hd)
-    if isinstance(cache_index, (int, np.integer)):
-        cache_index = past = int(cache_index)
-        if not 0 <= cache_index <= max_len - t:
-            raise ValueError(f"cache_index={cache_index} with {t} new tokens does not fit a cache of {max_len} slots")
-    else:
-        past = max_len if kv_len is None else int(kv_len)
-        if not 0 < past <= max_len:
-            raise ValueError(f"kv_len={kv_len} must be in [1, {max_len}] (the cache slots a chunk may read)")
+    cache_index, past = _chunk_reads(cache_index, kv_len, t, cache.max_len)
     # a one-query kernel call is not worth it (T padded to a 128-row block): one-token decoding stays dense
     splash = spec.impl == "pallas" and (past == 0 or t > 1)
     fused = splash or (spec.impl in ("xla", "cudnn") and past == 0)
@@ -515,15 +507,34 @@ def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cac
 
     past_kv = (None, None) if past == 0 else (cache.k, cache.v)
     x, (ks, vs, rows) = loop_scan(layer_wrapper(layer), embeds, (llm.layers, *past_kv), unroll=layer_wrapper.unroll)
-    x = rms_norm(x, llm.norm, eps)
+    return (rms_norm(x, llm.norm, eps), *_write_chunk(cache, ks, vs, rows if attn_row else None, cache_index, past))
+
+
+def _chunk_reads(cache_index, kv_len: int | None, t: int, max_len: int):
+    """(cache_index, past) of a chunk of t tokens written at cache_index: past is the static number of cache slots
+    it reads ([0, cache_index) when cache_index is a Python int, which it then is; else [0, kv_len))."""
+    if isinstance(cache_index, (int, np.integer)):
+        cache_index = int(cache_index)
+        if not 0 <= cache_index <= max_len - t:
+            raise ValueError(f"cache_index={cache_index} with {t} new tokens does not fit a cache of {max_len} slots")
+        return cache_index, cache_index
+    past = max_len if kv_len is None else int(kv_len)
+    if not 0 < past <= max_len:
+        raise ValueError(f"kv_len={kv_len} must be in [1, {max_len}] (the cache slots a chunk may read)")
+    return cache_index, past
+
+
+def _write_chunk(cache: KVCache, ks, vs, rows, cache_index, past: int):
+    """(the cache with the chunk's keys/values (layers, B, T, KV, hd) at cache_index, the attention row (B, max_len)
+    from the per-layer rows (layers, B, past + T) averaged over layers; None without rows)."""
     at = (0, 0, cache_index, 0, 0)
     new_cache = KVCache(jax.lax.dynamic_update_slice(cache.k, ks.astype(cache.k.dtype), at),
                         jax.lax.dynamic_update_slice(cache.v, vs.astype(cache.v.dtype), at))
-    if not attn_row:
-        return x, new_cache, None
+    if rows is None:
+        return new_cache, None
     r = rows.mean(0)  # (B, past + T) layers averaged
-    full = jnp.zeros((b, max_len), r.dtype).at[:, :past].set(r[:, :past])
-    return x, new_cache, jax.lax.dynamic_update_slice(full, r[:, past:], (0, cache_index))
+    full = jnp.zeros((r.shape[0], cache.max_len), r.dtype).at[:, :past].set(r[:, :past])
+    return new_cache, jax.lax.dynamic_update_slice(full, r[:, past:], (0, cache_index))
 
 
 def lm_logits(llm: Decoder, d: DecoderDims, hidden):

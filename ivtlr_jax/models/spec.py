@@ -143,11 +143,6 @@ def path_name(path) -> str:
     return "/".join(parts)
 
 
-def flat_names(tree) -> list[str]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [path_name(p) for p, _ in flat]
-
-
 def flatten(tree) -> dict[str, Any]:
     """{"llm/layers/q/kernel": leaf, ...} of a params tree (spec or arrays)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_info)
@@ -200,11 +195,6 @@ def to_nested_dict(tree) -> dict:
     return nest(flatten(tree))
 
 
-def from_nested_dict(spec, nested: dict):
-    """Inverse of `to_nested_dict` for the given spec."""
-    return unflatten(spec, unnest(nested, [n for n, _ in infos(spec)]))
-
-
 def map_spec(fn: Callable[[ParamInfo], Any], spec):
     """tree_map over ParamInfo leaves."""
     return jax.tree.map(fn, spec, is_leaf=is_info)
@@ -214,17 +204,9 @@ def shapes(spec):
     return map_spec(lambda i: i.shape, spec)
 
 
-def logical_axes(spec):
-    return map_spec(lambda i: i.axes, spec)
-
-
 def abstract(spec, dtype, override: Callable[[ParamInfo], Any] | None = None):
     """ShapeDtypeStructs of the params in `dtype` (leaves with a fixed dtype keep theirs)."""
     return map_spec(lambda i: jax.ShapeDtypeStruct(i.shape, override(i) if override else i.leaf_dtype(dtype)), spec)
-
-
-def trainable_mask(spec):
-    return map_spec(lambda i: i.trainable, spec)
 
 
 def initial_value(info: ParamInfo, dtype, zeros, ones, uniform, normal):

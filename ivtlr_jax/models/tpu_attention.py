@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from ivtlr_jax.sharding import logical_to_spec
+
 PALLAS_BLOCK = 128  # the kernel's sequence block and lane width: lengths and head_dim are padded to a multiple of it
 
 
@@ -51,9 +53,7 @@ def _local_splash(qg, k, v, q_seg, kv_seg, past: int, interpret: bool):
 def head_batch_spec(mesh, batch: int, kv_heads: int) -> tuple:
     """(batch entry, kv-heads entry) of the kernel's shard_map specs on `mesh`: the layout rules of `sharding`
     (batch over the longest prefix of the data axes dividing it, kv heads over tensor when they divide)."""
-    from ivtlr_jax import sharding as sh
-
-    spec = tuple(sh.logical_to_spec(("batch", "kv_heads"), mesh, (batch, kv_heads)))
+    spec = tuple(logical_to_spec(("batch", "kv_heads"), mesh, (batch, kv_heads)))
     spec = spec + (None,) * (2 - len(spec))
     return spec[0], spec[1]
 

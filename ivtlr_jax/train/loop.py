@@ -102,10 +102,6 @@ class Trainer:
         self._stop_signal = None
 
     @property
-    def start_kind(self) -> str:
-        return self.setup.start.kind
-
-    @property
     def start_at(self) -> int | None:
         return self.setup.start.at
 

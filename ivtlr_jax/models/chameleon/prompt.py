@@ -7,4 +7,3 @@ from ivtlr_jax.config import PromptFormat
 
 PROMPT = PromptFormat(style="plain", image_token="<image>", image_start="<racm3:break>", image_end="<eoss>",
                       answer_format="index")
-CHAMELEON_PROMPT = PROMPT

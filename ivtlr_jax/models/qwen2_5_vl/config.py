@@ -9,7 +9,7 @@ import dataclasses
 from typing import Any
 
 from ivtlr_jax.config import coerce_fields
-from ivtlr_jax.models.qwen2_vl.config import ModelConfig
+from ivtlr_jax.models.qwen2_vl.config import Qwen2VLConfig
 
 VISION_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "quick_gelu")
 
@@ -74,7 +74,7 @@ class Qwen25VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen25VLConfig(ModelConfig):
+class Qwen25VLConfig(Qwen2VLConfig):
     """The whole Qwen2.5-VL: Qwen2-VL's LLM (Qwen2 decoder with M-RoPE) plus the windowed vision tower.
 
     The defaults are Qwen2.5-VL-7B-Instruct's (its LLM has Qwen2-VL-7B's shape).
@@ -88,7 +88,7 @@ class Qwen25VLConfig(ModelConfig):
         """Read an HF Qwen2.5-VL config: the flat 4.x hub layout or the nested transformers-5 layout
         (rope_theta or rope_parameters; mrope_section in rope_scaling or rope_parameters)."""
         # The LLM fields are read exactly as Qwen2-VL's (the vision section differs and is read below).
-        text = ModelConfig.from_hf_dict({**hf, "vision_config": {}})
+        text = Qwen2VLConfig.from_hf_dict({**hf, "vision_config": {}})
         vis = dict(hf.get("vision_config") or {})
         vrope = vis.get("rope_parameters") or {}
         vision = Qwen25VisionConfig(
@@ -107,7 +107,7 @@ class Qwen25VLConfig(ModelConfig):
             tokens_per_second=vis.get("tokens_per_second", 2),
             rope_theta=vrope.get("rope_theta", 10000.0),
         )
-        fields = {f.name: getattr(text, f.name) for f in dataclasses.fields(ModelConfig) if f.name != "vision"}
+        fields = {f.name: getattr(text, f.name) for f in dataclasses.fields(Qwen2VLConfig) if f.name != "vision"}
         return cls(**fields, vision=vision)
 
     def to_hf_dict(self) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from ivtlr_jax.models.qwen2_vl.config import ModelConfig, Qwen2VLConfig, VisionConfig
+from ivtlr_jax.models.qwen2_vl.config import Qwen2VLConfig, VisionConfig
 from ivtlr_jax.models.qwen2_vl.images import ImageOptions
 from ivtlr_jax.models.qwen2_vl.prompt import CHAT_TEMPLATE, PROMPT
 
@@ -22,4 +22,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["CHAT_TEMPLATE", "PROMPT", "ImageOptions", "ModelConfig", "Qwen2VLConfig", "VisionConfig", *_LAZY]
+__all__ = ["CHAT_TEMPLATE", "PROMPT", "ImageOptions", "Qwen2VLConfig", "VisionConfig", *_LAZY]

@@ -45,7 +45,7 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig(BackboneConfig):
+class Qwen2VLConfig(BackboneConfig):
     """The whole Qwen2-VL: decoder-only LLM with M-RoPE plus the vision tower."""
 
     model_type = "qwen2_vl"
@@ -88,7 +88,7 @@ class ModelConfig(BackboneConfig):
             )
 
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
+    def from_hf_dict(cls, hf: dict[str, Any]) -> Qwen2VLConfig:
         """Read an HF Qwen2-VL config: the flat old hub layout or the nested transformers-5 layout."""
         text = dict(hf.get("text_config") or {})
         flat = {k: v for k, v in hf.items() if k not in ("text_config", "vision_config")}
@@ -177,4 +177,3 @@ class ModelConfig(BackboneConfig):
         }
 
 
-Qwen2VLConfig = ModelConfig

@@ -52,10 +52,6 @@ class ImageOptions:
                 f"need 0 < min_pixels <= max_pixels, got min_pixels={self.min_pixels}, max_pixels={self.max_pixels}"
             )
 
-    @property
-    def row_size(self) -> int:
-        return 3 * self.temporal_patch_size * self.patch_size * self.patch_size
-
     # ------------------------------------------------------------------ the data layer's interface
     @property
     def same_grid(self) -> bool:

@@ -18,7 +18,7 @@ from flax import struct
 from ivtlr_jax.config import PromptFormat
 from ivtlr_jax.models import layers as ly
 from ivtlr_jax.models.base import Backbone, feature_index, rows_of_images, sequential_positions
-from ivtlr_jax.models.qwen2_vl.config import ModelConfig, VisionConfig
+from ivtlr_jax.models.qwen2_vl.config import Qwen2VLConfig, VisionConfig
 from ivtlr_jax.models.qwen2_vl.images import ImageOptions
 from ivtlr_jax.models.qwen2_vl.prompt import PROMPT
 from ivtlr_jax.models.spec import HFKey, ParamInfo
@@ -102,7 +102,7 @@ def patch_rows_cols(vcfg: VisionConfig, grid_row) -> np.ndarray:
     return np.tile(np.stack([hh, ww], -1), (t, 1)).astype(np.int32)
 
 
-def mrope_positions(cfg: ModelConfig, input_ids, attention_mask, image_grid_thw=None) -> np.ndarray:
+def mrope_positions(cfg: Qwen2VLConfig, input_ids, attention_mask, image_grid_thw=None) -> np.ndarray:
     """Qwen2-VL native 3-D positions (B, 3, S), as `get_rope_index` computes them (pads get 0)."""
     ids = np.asarray(input_ids)
     mask = np.asarray(attention_mask).astype(bool)
@@ -149,7 +149,7 @@ def mrope_positions(cfg: ModelConfig, input_ids, attention_mask, image_grid_thw=
 class Qwen2VL(Backbone):
     """Qwen2-VL (vision tower + Qwen2 decoder with M-RoPE)."""
 
-    config: ModelConfig
+    config: Qwen2VLConfig
     model_type = "qwen2_vl"
     position_modes = ("sequential", "mrope")
     native_position_mode = "mrope"

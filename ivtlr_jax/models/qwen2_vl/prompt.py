@@ -37,5 +37,3 @@ CHAT_TEMPLATE = (
 
 
 PROMPT = PromptFormat(style="chat", image_token="<|image_pad|>", answer_format="letter", chat_template=CHAT_TEMPLATE)
-QWEN2VL_CHAT_TEMPLATE = CHAT_TEMPLATE
-QWEN2VL_PROMPT = PROMPT
