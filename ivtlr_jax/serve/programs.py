@@ -1,0 +1,96 @@
+"""The serving engine's two device programs: a request's prefill inserted into a decode slot, and one decode step
+that advances every slot.
+
+The slots' KV cache is one `KVCache` of (layers, S, max_len, kv_heads, head_dim): slot s owns row s. A prefill is
+`generate`'s (`latent_prefill` over the request's prompt, left-padded to a length bucket: prefix, latent chunks,
+the first answer token), run alone on a batch of one; its cache rows are written into the slot's row. A decode
+step is `generate`'s decode body vmapped over the slots, so each slot writes its own cache slot at its own index
+and reads only its own row: a slot's tokens do not depend on what the other slots hold (the same tokens as
+`generate` running the request alone). Sampling keys follow `generate`: PRNGKey(seed) folded with 0 for the first
+token and with i for decode step i.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ivtlr_jax import sharding as sh
+from ivtlr_jax.generate import mesh_attention, pick_tokens
+from ivtlr_jax.latent import LatentBatch, LatentConfig, latent_prefill
+from ivtlr_jax.models import layers as ly
+from ivtlr_jax.models.base import Backbone
+
+
+def choose_token(logits, key, temperature, top_p):
+    """One row's next token (logits (1, V)): argmax when temperature is 0, else `generate`'s seeded nucleus sample
+    (the same draw as `generate` on a batch of one with that key)."""
+    greedy = jnp.argmax(logits, -1).astype(jnp.int32)
+    sampled = pick_tokens(logits, key, jnp.maximum(temperature, 1e-6), top_p, greedy=False)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
+def init_slots(bb: Backbone, slots: int, max_len: int, dtype, mesh=None):
+    """(cache, kv_valid): an empty KV cache of `slots` rows of max_len slots (sharded as `generate`'s on a mesh:
+    rows over the data axes), and each row's valid mask."""
+    cache = bb.init_cache(slots, max_len, dtype)
+    valid = jnp.zeros((slots, max_len), bool)
+    if mesh is not None:
+        cache = jax.tree.map(lambda x: jax.device_put(x, sh.cache_sharding(mesh, x.shape)), cache)
+    return cache, valid
+
+
+@functools.partial(jax.jit, static_argnames=("bb", "lcfg", "mesh"), donate_argnames=("cache", "kv_valid"))
+def prefill_insert(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, key, temperature, top_p, cache,
+                   kv_valid, slot, *, mesh=None):
+    """Prefix + latent steps of one request (batch of one), its first answer token, and its cache written into
+    row `slot` of the slots' cache (donated, updated in place).
+
+    Returns (cache, kv_valid, first token (), selected (n, k), next position ())."""
+    attention = mesh_attention(bb, params, "auto", mesh)
+    total = batch.kv_valid.shape[1]  # the prompt with its latent chunks (left-padded to its bucket)
+    hidden, own, selected = latent_prefill(bb, params, lcfg, batch, cache_len=total, attention=attention)
+    first = choose_token(bb.lm_head(params, hidden[:, -1:])[:, 0], jax.random.fold_in(key, 0), temperature, top_p)
+    at = (0, slot, 0, 0, 0)
+    cache = ly.KVCache(jax.lax.dynamic_update_slice(cache.k, own.k.astype(cache.k.dtype), at),
+                       jax.lax.dynamic_update_slice(cache.v, own.v.astype(cache.v.dtype), at))
+    cache = sh.constrain_cache(cache, mesh)
+    row = jnp.pad(batch.kv_valid[0], (0, kv_valid.shape[1] - total), constant_values=True)  # decode slots: valid
+    kv_valid = jax.lax.dynamic_update_slice(kv_valid, row[None], (slot, 0))
+    next_pos = batch.positions[0].max() + 1
+    return cache, kv_valid, first[0], selected[:, 0], next_pos
+
+
+@functools.partial(jax.jit, static_argnames=("bb", "mesh", "sample"), donate_argnames=("cache",))
+def decode_step(bb: Backbone, params, cache, kv_valid, last, index, pos, keys, steps, temperature, top_p, *,
+                mesh=None, sample: bool = False):
+    """One token for every slot: slot s feeds last[s] at cache slot index[s] with position pos[s] and picks its
+    next token with key fold_in(keys[s], steps[s]). Free slots compute too (their row is overwritten when a
+    request takes the slot). sample=False: every slot is greedy (no sampling is compiled in).
+
+    Returns (cache, tokens (S,))."""
+    attention = mesh_attention(bb, params, "auto", mesh)
+    rows, max_len = bb.position_rows, cache.max_len
+
+    def one(ck, cv, valid, tok, idx, p, key, step, temp, tp):
+        emb = bb.token_embed(params, tok[None, None])  # (1, 1, H)
+        positions = jnp.broadcast_to(p, (1, rows, 1)).astype(jnp.int32)
+        out, own, _ = bb.decode(params, emb, positions, ly.KVCache(ck[:, None], cv[:, None]), idx, valid[None],
+                                attention=attention, kv_len=max_len)
+        logits = bb.lm_head(params, out)[:, 0]  # (1, V)
+        if sample:
+            nxt = choose_token(logits, jax.random.fold_in(key, step), temp, tp)
+        else:
+            nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+        return own.k[:, 0], own.v[:, 0], nxt[0]
+
+    k, v, tokens = jax.vmap(one, in_axes=(1, 1, 0, 0, 0, 0, 0, 0, 0, 0), out_axes=(1, 1, 0))(
+        cache.k, cache.v, kv_valid, last, index, pos, keys, steps, temperature, top_p)
+    return sh.constrain_cache(ly.KVCache(k, v), mesh), tokens
+
+
+def compiled_programs() -> int:
+    """Programs compiled so far by the engine's jitted functions (each distinct shape/static-argument set is one)."""
+    return int(prefill_insert._cache_size() + decode_step._cache_size())
