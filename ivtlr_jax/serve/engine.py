@@ -46,6 +46,7 @@ class Job:
     seed: int = 0
     stop: tuple[str, ...] = ()
     on_event: Callable | None = None
+    image_grid_thw: np.ndarray | None = None  # (images, 3) of the request's images (None: the backbone has no grid)
     id: str = ""
     cancelled: bool = False
     tokens: list = dataclasses.field(default_factory=list)
@@ -104,6 +105,7 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.running = False
         self.fault: Callable | None = None  # tests: called with each job before its prefill (may raise)
+        self.step_hook: Callable | None = None  # tests: called after each decode step (e.g. to slow it down)
 
     # ------------------------------------------------------------------ host side: requests to jobs
     def layout(self, prompt_ids, n: int, lcfg: LatentConfig, pixel_values=None, image_grid_thw=None) -> LatentBatch:
@@ -283,6 +285,8 @@ class Engine:
         for s, job in enumerate(self.slot_job):
             if job is not None:
                 self._token(s, job, int(tokens[s]))
+        if self.step_hook is not None:
+            self.step_hook()
 
     def _token(self, s: int, job: Job, token: int) -> None:
         """Record one generated token of the job in slot s: send the new text, finish on EOS, stop or length."""

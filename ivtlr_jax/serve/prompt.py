@@ -134,3 +134,18 @@ def build_prompt(messages, tokenizer, bb, image_options, allow_dir: str | None =
     pixel_values = np.concatenate([np.asarray(p, np.float32) for p in pixels])  # as `collate` stacks them
     grid_thw = None if grids[0] is None else np.stack([np.asarray(g, np.int64).reshape(3) for g in grids])
     return ids, pixel_values, grid_thw, images
+
+
+def shortest_prompt(tokenizer, bb, image_options) -> int:
+    """Prompt ids of the shortest request with one image: one user message [image, empty text] (the smallest
+    length bucket a warm-up needs)."""
+    import io
+    from types import SimpleNamespace as NS
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (280, 280), "white").save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    message = NS(role="user", content=[NS(type="image_url", image_url=NS(url=url)), NS(type="text", text="")])
+    return len(build_prompt([message], tokenizer, bb, image_options)[0])
