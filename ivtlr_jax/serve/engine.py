@@ -116,6 +116,11 @@ class Engine:
         except ValueError as e:
             raise RequestError(str(e), "n_latent") from None
         p = len(prompt_ids)
+        n_img = sum(int(t) == self.model.config.image_token_id for t in prompt_ids)
+        if n and n * lcfg.k > n_img:
+            raise RequestError(f"k: {n} latent steps x k={lcfg.k} = {n * lcfg.k} image embeddings requested but the "
+                               f"prompt has only {n_img} image tokens{' (no image)' if not n_img else ''}; lower k or "
+                               "n_latent", "k")
         try:
             width = bucket_length(p, self.buckets, "prompt length")
         except ValueError:
