@@ -382,8 +382,14 @@ def test_page_in_headless_chromium(server):
     chromium = _chromium()
     out = os.environ.get("IVTLR_ARTIFACTS") or str(server["root"])
     os.makedirs(out, exist_ok=True)
+    from PIL import Image, ImageDraw
+
     image = server["root"] / "page.png"
-    random_image(5, (120, 160)).save(image)
+    picture = Image.new("RGB", (160, 120), "white")  # a few coloured shapes: the overlay stays readable
+    draw = ImageDraw.Draw(picture)
+    for i, colour in enumerate(("red", "blue", "green", "orange")):
+        draw.rectangle([10 + 36 * i, 20 + 18 * i, 40 + 36 * i, 50 + 18 * i], fill=colour)
+    picture.save(image)
     with sync_playwright() as p:
         try:
             browser = p.chromium.launch(executable_path=chromium, headless=True,
@@ -394,14 +400,18 @@ def test_page_in_headless_chromium(server):
         page.goto(server["url"] + "/")
         page.set_input_files("#image", str(image))
         page.fill("#question", "Which colour dominates the picture?")
+        page.fill("#max_tokens", str(NEW))
         page.click("#ask")
-        page.wait_for_function("document.querySelector('#status').dataset.state === 'done' && window.ivtlrDrawn > 0",
+        page.wait_for_function("['done', 'error'].includes(document.querySelector('#status').dataset.state) && "
+                               "(window.ivtlrDrawn > 0 || document.querySelector('#status').dataset.state == 'error')",
                                timeout=120_000)
+        status = page.inner_text("#status")
         answer = page.inner_text("#answer")
         drawn = page.evaluate("window.ivtlrDrawn")
         shot = os.path.join(out, "serve_page.png")
         page.screenshot(path=shot, full_page=True)
         browser.close()
+    assert status.startswith("done"), status
     assert answer.strip() and drawn == N * K
     assert os.path.getsize(shot) > 10_000
 
