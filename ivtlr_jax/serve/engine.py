@@ -69,10 +69,11 @@ class Job:
 class Engine:
     """The slots, the queue and the engine thread over one model (`IVTLRModel`) and its tokenizer."""
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 16, max_len: int = 2048, eos_ids=None, pad_id=None,
-                 metrics: Metrics | None = None):
-        if max_batch < 1:
-            raise ValueError(f"max_batch={max_batch} must be >= 1")
+    def __init__(self, model, tokenizer, *, max_batch: int = 16, max_len: int = 2048, prefill_batch: int = 4,
+                 eos_ids=None, pad_id=None, metrics: Metrics | None = None):
+        if max_batch < 1 or prefill_batch < 1:
+            raise ValueError(f"max_batch={max_batch} and prefill_batch={prefill_batch} must be >= 1")
+        self.prefill_batch = min(int(prefill_batch), int(max_batch))  # G: requests prefilled together
         self.model, self.tok, self.bb = model, tokenizer, model.backbone
         self.mesh = model.mesh
         self.max_batch, self.max_len = int(max_batch), int(max_len)
@@ -229,40 +230,71 @@ class Engine:
                 self.queue = collections.deque(kept)
                 self.metrics.queue_depth = len(self.queue)
 
+    @staticmethod
+    def _layout_key(job: Job):
+        """Jobs with equal keys share a prefill program (the same shapes and latent options)."""
+        shapes = tuple(np.shape(x) for x in jax.tree_util.tree_leaves(job.batch))
+        return shapes, job.batch.n, job.batch.prefix_len, job.lcfg
+
     def _admit(self) -> None:
+        """Prefill queued jobs into free slots, G at a time: the first queued job and the next ones of its layout."""
         while True:
             free = [s for s, j in enumerate(self.slot_job) if j is None]
             with self.cv:
+                while self.queue and self.queue[0].cancelled:
+                    self.queue.popleft()
+                    self.metrics.count_request("cancelled")
                 if not free or not self.queue:
+                    self.metrics.queue_depth = len(self.queue)
                     return
-                job = self.queue.popleft()
+                head = self.queue.popleft()
+                group, key, rest = [head], self._layout_key(head), collections.deque()
+                while self.queue:
+                    job = self.queue.popleft()
+                    if len(group) < min(len(free), self.prefill_batch) and not job.cancelled and \
+                            self._layout_key(job) == key:
+                        group.append(job)
+                    else:
+                        rest.append(job)
+                self.queue = rest
                 self.metrics.queue_depth = len(self.queue)
-            if job.cancelled:
-                self.metrics.count_request("cancelled")
-                continue
             try:
-                self._prefill(job, free[0])
-            except Exception as e:  # noqa: BLE001  (the request fails alone; the engine keeps serving)
-                log.exception("request %s failed in prefill", job.id)
-                self.metrics.count_request("error")
-                job.emit("error", f"{type(e).__name__}: {e}")
+                self._prefill(group, free[: len(group)])
+            except Exception:  # noqa: BLE001  (retried one by one: a request that fails, fails alone)
+                log.warning("a prefill of %d requests failed; retrying them one by one", len(group))
+                for job, s in zip(group, free):
+                    try:
+                        self._prefill([job], [s])
+                    except Exception as e:  # noqa: BLE001  (the engine keeps serving)
+                        log.exception("request %s failed in prefill", job.id)
+                        self.metrics.count_request("error")
+                        job.emit("error", f"{type(e).__name__}: {e}")
 
-    def _prefill(self, job: Job, s: int) -> None:
+    def _prefill(self, group: list[Job], slots: list[int]) -> None:
         if self.fault is not None:
-            self.fault(job)
-        batch = to_device(job.batch) if self.mesh is None else sh.put_batch(self.mesh, job.batch)
-        key = np.asarray(jax.random.PRNGKey(job.seed), np.uint32)
+            for job in group:
+                self.fault(job)
+        g = self.prefill_batch
+        rows = group + [group[0]] * (g - len(group))  # filler rows repeat the first job, into its slot
+        where = np.asarray(slots + [slots[0]] * (g - len(group)), np.int32)
+        host = jax.tree.map(lambda *xs: np.concatenate(xs), *[j.batch for j in rows])
+        batch = to_device(host) if self.mesh is None else sh.put_batch(self.mesh, host)
+        keys = np.stack([np.asarray(jax.random.PRNGKey(j.seed), np.uint32) for j in rows])
         self.cache, self.kv_valid, first, selected, next_pos = programs.prefill_insert(
-            self.bb, self.model.params, job.lcfg, batch, key, np.float32(job.temperature), np.float32(job.top_p),
-            self.cache, self.kv_valid, np.int32(s), mesh=self.mesh)
-        first = int(first)
-        job.selected = np.asarray(selected)
-        self.slot_job[s] = job
+            self.bb, self.model.params, group[0].lcfg, batch, keys,
+            np.asarray([j.temperature for j in rows], np.float32), np.asarray([j.top_p for j in rows], np.float32),
+            self.cache, self.kv_valid, where, mesh=self.mesh)
+        first, selected, next_pos = np.asarray(first), np.asarray(selected), np.asarray(next_pos)
+        for r, (job, s) in enumerate(zip(group, slots)):
+            job.selected = selected[:, r]
+            self.slot_job[s] = job
+            self.last[s], self.index[s], self.pos[s], self.steps[s] = first[r], job.batch.kv_valid.shape[1], \
+                next_pos[r], 1
+            self.keys[s], self.temperature[s], self.top_p[s] = keys[r], job.temperature, job.top_p
         self.metrics.slots_occupied = self.occupied
-        self.last[s], self.index[s], self.pos[s], self.steps[s] = first, job.batch.kv_valid.shape[1], int(next_pos), 1
-        self.keys[s], self.temperature[s], self.top_p[s] = key, job.temperature, job.top_p
-        job.emit("selected", job.selected)
-        self._token(s, job, first)
+        for r, (job, s) in enumerate(zip(group, slots)):
+            job.emit("selected", job.selected)
+            self._token(s, job, int(first[r]))
 
     def _step(self) -> None:
         sample = bool(any(j is not None and j.temperature > 0 for j in self.slot_job))
@@ -347,13 +379,14 @@ class Engine:
                 if width < max(min_prompt, len(image_run)) or width + n * lcfg.chunk_len >= self.max_len:
                     continue
                 ids = [self.pad_id] * (width - len(image_run)) + image_run
-                batch = self.layout(ids, n, lcfg, pixel_values, grid)
-                batch = to_device(batch) if self.mesh is None else sh.put_batch(self.mesh, batch)
-                key = np.zeros(2, np.uint32)
+                one = self.layout(ids, n, lcfg, pixel_values, grid)
+                g = self.prefill_batch
+                host = jax.tree.map(lambda *xs: np.concatenate(xs), *[one] * g)
+                batch = to_device(host) if self.mesh is None else sh.put_batch(self.mesh, host)
                 self.cache, self.kv_valid, first, *_ = programs.prefill_insert(
-                    self.bb, self.model.params, lcfg, batch, key, np.float32(0), np.float32(1), self.cache,
-                    self.kv_valid, np.int32(0), mesh=self.mesh)
-                int(first)
+                    self.bb, self.model.params, lcfg, batch, np.zeros((g, 2), np.uint32), np.zeros(g, np.float32),
+                    np.ones(g, np.float32), self.cache, self.kv_valid, np.zeros(g, np.int32), mesh=self.mesh)
+                np.asarray(first)
         for flag in (False, True) if sample else (False,):
             self.cache, tokens = programs.decode_step(
                 self.bb, self.model.params, self.cache, self.kv_valid, self.last, self.index, self.pos, self.keys,

@@ -3,9 +3,10 @@ that advances every slot.
 
 The slots' KV cache is one `KVCache` of (layers, S, max_len, kv_heads, head_dim): slot s owns row s. A prefill is
 `generate`'s (`latent_prefill` over the request's prompt, left-padded to a length bucket: prefix, latent chunks,
-the first answer token), run alone on a batch of one; its cache rows are written into the slot's row. A decode
-step is `generate`'s decode body vmapped over the slots, so each slot writes its own cache slot at its own index
-and reads only its own row: a slot's tokens do not depend on what the other slots hold (the same tokens as
+the first answer token), run on a fixed group of G rows (requests of one layout, filled up with copies), so a
+request's prefill has the same shape whoever its group mates are; each row's cache goes into its slot's row. A
+decode step is `generate`'s decode body vmapped over the slots, so each slot writes its own cache slot at its own
+index and reads only its own row: a slot's tokens do not depend on what the other slots hold (the same tokens as
 `generate` running the request alone). Sampling keys follow `generate`: PRNGKey(seed) folded with 0 for the first
 token and with i for decode step i.
 """
@@ -43,24 +44,29 @@ def init_slots(bb: Backbone, slots: int, max_len: int, dtype, mesh=None):
 
 
 @functools.partial(jax.jit, static_argnames=("bb", "lcfg", "mesh"), donate_argnames=("cache", "kv_valid"))
-def prefill_insert(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, key, temperature, top_p, cache,
-                   kv_valid, slot, *, mesh=None):
-    """Prefix + latent steps of one request (batch of one), its first answer token, and its cache written into
-    row `slot` of the slots' cache (donated, updated in place).
+def prefill_insert(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, keys, temperature, top_p, cache,
+                   kv_valid, slots, *, mesh=None):
+    """Prefix + latent steps of G requests laid out alike (a batch of G rows; rows never see each other), each
+    row's first answer token, and row r's cache written into row slots[r] of the slots' cache (donated, updated in
+    place). A filler row repeats a real row and its slot (the same values written twice).
 
-    Returns (cache, kv_valid, first token (), selected (n, k), next position ())."""
+    Returns (cache, kv_valid, first tokens (G,), selected (n, G, k), next positions (G,))."""
     attention = mesh_attention(bb, params, "auto", mesh)
-    total = batch.kv_valid.shape[1]  # the prompt with its latent chunks (left-padded to its bucket)
+    g, total = batch.kv_valid.shape  # the prompts with their latent chunks (left-padded to one bucket)
     hidden, own, selected = latent_prefill(bb, params, lcfg, batch, cache_len=total, attention=attention)
-    first = choose_token(bb.lm_head(params, hidden[:, -1:])[:, 0], jax.random.fold_in(key, 0), temperature, top_p)
-    at = (0, slot, 0, 0, 0)
-    cache = ly.KVCache(jax.lax.dynamic_update_slice(cache.k, own.k.astype(cache.k.dtype), at),
-                       jax.lax.dynamic_update_slice(cache.v, own.v.astype(cache.v.dtype), at))
-    cache = sh.constrain_cache(cache, mesh)
-    row = jnp.pad(batch.kv_valid[0], (0, kv_valid.shape[1] - total), constant_values=True)  # decode slots: valid
-    kv_valid = jax.lax.dynamic_update_slice(kv_valid, row[None], (slot, 0))
-    next_pos = batch.positions[0].max() + 1
-    return cache, kv_valid, first[0], selected[:, 0], next_pos
+    logits = bb.lm_head(params, hidden[:, -1:])  # (G, 1, V)
+    first = jax.vmap(lambda lg, key, t, p: choose_token(lg, jax.random.fold_in(key, 0), t, p)[0])(
+        logits, keys, temperature, top_p)
+    rows = jnp.pad(batch.kv_valid, ((0, 0), (0, kv_valid.shape[1] - total)), constant_values=True)  # decode: valid
+    k, v = cache.k, cache.v
+    for r in range(g):
+        at = (0, slots[r], 0, 0, 0)
+        k = jax.lax.dynamic_update_slice(k, own.k[:, r:r + 1].astype(k.dtype), at)
+        v = jax.lax.dynamic_update_slice(v, own.v[:, r:r + 1].astype(v.dtype), at)
+        kv_valid = jax.lax.dynamic_update_slice(kv_valid, rows[r:r + 1], (slots[r], 0))
+    cache = sh.constrain_cache(ly.KVCache(k, v), mesh)
+    next_pos = batch.positions.max(axis=(1, 2)) + 1
+    return cache, kv_valid, first, selected, next_pos
 
 
 @functools.partial(jax.jit, static_argnames=("bb", "mesh", "sample"), donate_argnames=("cache",))
