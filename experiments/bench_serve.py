@@ -77,7 +77,8 @@ def requests_of(data: str, count: int, model: str, n_latent: int, k: int, max_to
 def start_server(ckpt: str, port: int, batch: int, args) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "experiments.serve", "--ckpt", ckpt, "--port", str(port), "--max-batch", str(batch),
            "--max-len", str(args.max_len), "--n-latent", str(args.n_latent), "--k", str(args.k),
-           "--prefill-batch", str(args.prefill_batch), "--served-model-name", "bench", "--log-level", "warning"]
+           "--prefill-batch", str(args.prefill_batch), "--decode-steps", str(args.decode_steps),
+           "--served-model-name", "bench", "--log-level", "warning"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     import httpx
@@ -199,6 +200,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--max-len", type=int, default=320)
     ap.add_argument("--prefill-batch", type=int, default=4, help="the server's --prefill-batch (at most C)")
+    ap.add_argument("--decode-steps", type=int, default=4, help="the server's --decode-steps")
     ap.add_argument("--time-limit", type=float, default=600.0, help="seconds of load per concurrency level at most")
     ap.add_argument("--start-timeout", type=float, default=900.0, help="seconds for the server to start and warm up")
     ap.add_argument("--no-offline", action="store_true", help="skip the offline experiments.evaluate runs")

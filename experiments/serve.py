@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests prefilled together (G; at most --max-batch): queued requests of one prompt length "
                         "bucket and method share a prefill, filled up to G rows so its shape never depends on the "
                         "group")
+    p.add_argument("--decode-steps", type=int, default=4,
+                   help="tokens each slot advances per decode call (fewer host round trips; a finished request's "
+                        "surplus tokens are dropped, and answers stream in groups of this many)")
     p.add_argument("--method", default="ivtlr", choices=list(METHODS),
                    help="default method of a request (a request's `method` overrides it)")
     p.add_argument("--n-latent", type=int, default=3, help="default latent steps of a request")
@@ -106,7 +109,7 @@ def load(args):
             raise SystemExit(f"error: --ckpt {ckpt!r} is not a folder; convert a checkpoint with "
                              "tools/convert_weights.py or train one with experiments.train")
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-len", args.max_len, 32),
-                             ("--prefill-batch", args.prefill_batch, 1),
+                             ("--prefill-batch", args.prefill_batch, 1), ("--decode-steps", args.decode_steps, 1),
                              ("--n-latent", args.n_latent, 0), ("--max-latent", args.max_latent, 0)):
         if value < low:
             raise SystemExit(f"error: {flag} must be >= {low}, got {value}")
@@ -114,7 +117,8 @@ def load(args):
         raise SystemExit(f"error: --allow-dir {args.allow_dir!r} is not a folder")
     model = IVTLRModel.from_pretrained(ckpt, dtype=args.dtype, mesh=None if args.mesh == "none" else args.mesh)
     tok = AutoTokenizer.from_pretrained(args.tokenizer or ckpt)
-    engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len, prefill_batch=args.prefill_batch)
+    engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len, prefill_batch=args.prefill_batch,
+                    decode_steps=args.decode_steps)
     name = args.served_model_name or os.path.basename(os.path.normpath(ckpt))
     opts = ServeOptions(model_name=name, allow_dir=args.allow_dir, method=args.method, n_latent=args.n_latent,
                         k=k, max_latent=args.max_latent, max_tokens=args.max_tokens, resize_mode=args.resize_mode)

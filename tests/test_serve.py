@@ -71,7 +71,7 @@ def server(tmp_path_factory):
     random_image(8).save(root / "outside.png")
     model = IVTLRModel.from_pretrained(ckpt, dtype="float32", mesh="auto")
     tok = AutoTokenizer.from_pretrained(ckpt)
-    engine = Engine(model, tok, max_batch=4, max_len=MAX_LEN)
+    engine = Engine(model, tok, max_batch=4, max_len=MAX_LEN, decode_steps=3)  # requests end inside a call too
     opts = ServeOptions(model_name="tiny", allow_dir=str(root / "allowed"), n_latent=N, k=K, max_latent=4)
     app = create_app(engine, opts)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")

@@ -70,9 +70,11 @@ class Engine:
     """The slots, the queue and the engine thread over one model (`IVTLRModel`) and its tokenizer."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_len: int = 2048, prefill_batch: int = 4,
-                 eos_ids=None, pad_id=None, metrics: Metrics | None = None):
-        if max_batch < 1 or prefill_batch < 1:
-            raise ValueError(f"max_batch={max_batch} and prefill_batch={prefill_batch} must be >= 1")
+                 decode_steps: int = 1, eos_ids=None, pad_id=None, metrics: Metrics | None = None):
+        if max_batch < 1 or prefill_batch < 1 or decode_steps < 1:
+            raise ValueError(f"max_batch={max_batch}, prefill_batch={prefill_batch} and decode_steps={decode_steps} "
+                             "must be >= 1")
+        self.decode_steps = int(decode_steps)  # tokens per slot per decode call
         self.prefill_batch = min(int(prefill_batch), int(max_batch))  # G: requests prefilled together
         self.model, self.tok, self.bb = model, tokenizer, model.backbone
         self.mesh = model.mesh
@@ -298,11 +300,12 @@ class Engine:
 
     def _step(self) -> None:
         sample = bool(any(j is not None and j.temperature > 0 for j in self.slot_job))
+        d = self.decode_steps
         try:
             self.cache, tokens = programs.decode_step(
                 self.bb, self.model.params, self.cache, self.kv_valid, self.last, self.index, self.pos, self.keys,
-                self.steps, self.temperature, self.top_p, mesh=self.mesh, sample=sample)
-            tokens = np.asarray(tokens)
+                self.steps, self.temperature, self.top_p, mesh=self.mesh, sample=sample, steps_per_call=d)
+            tokens = np.asarray(tokens)  # (d, S)
         except Exception as e:  # noqa: BLE001  (a failed step fails the requests it held)
             log.exception("decode step failed")
             for s, job in enumerate(self.slot_job):
@@ -314,14 +317,18 @@ class Engine:
             self.cache, self.kv_valid = programs.init_slots(self.bb, self.max_batch, self.max_len, self.model.dtype,
                                                             self.mesh)
             return
-        live = np.array([j is not None for j in self.slot_job])
-        self.index += live
-        self.pos += live
-        self.steps += live
-        self.last = np.where(live, tokens, self.last).astype(np.int32)
-        for s, job in enumerate(self.slot_job):
-            if job is not None:
-                self._token(s, job, int(tokens[s]))
+        live = [s for s, j in enumerate(self.slot_job) if j is not None]
+        for i in range(d):
+            for s in live:
+                job = self.slot_job[s]
+                if job is not None:  # else it finished earlier in this call: its surplus tokens are dropped
+                    self._token(s, job, int(tokens[i, s]))
+        for s in live:
+            if self.slot_job[s] is not None:
+                self.index[s] += d
+                self.pos[s] += d
+                self.steps[s] += d
+                self.last[s] = tokens[d - 1, s]
         if self.step_hook is not None:
             self.step_hook()
 
@@ -390,7 +397,8 @@ class Engine:
         for flag in (False, True) if sample else (False,):
             self.cache, tokens = programs.decode_step(
                 self.bb, self.model.params, self.cache, self.kv_valid, self.last, self.index, self.pos, self.keys,
-                self.steps, self.temperature, self.top_p, mesh=self.mesh, sample=flag)
+                self.steps, self.temperature, self.top_p, mesh=self.mesh, sample=flag,
+                steps_per_call=self.decode_steps)
             np.asarray(tokens)
         return programs.compiled_programs()
 

@@ -69,14 +69,15 @@ def prefill_insert(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch,
     return cache, kv_valid, first, selected, next_pos
 
 
-@functools.partial(jax.jit, static_argnames=("bb", "mesh", "sample"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("bb", "mesh", "sample", "steps_per_call"), donate_argnames=("cache",))
 def decode_step(bb: Backbone, params, cache, kv_valid, last, index, pos, keys, steps, temperature, top_p, *,
-                mesh=None, sample: bool = False):
-    """One token for every slot: slot s feeds last[s] at cache slot index[s] with position pos[s] and picks its
-    next token with key fold_in(keys[s], steps[s]). Free slots compute too (their row is overwritten when a
-    request takes the slot). sample=False: every slot is greedy (no sampling is compiled in).
+                mesh=None, sample: bool = False, steps_per_call: int = 1):
+    """`steps_per_call` tokens for every slot: at step i slot s feeds its last token at cache slot index[s] + i with
+    position pos[s] + i and picks its next token with key fold_in(keys[s], steps[s] + i). Free slots compute too
+    (their row is overwritten when a request takes the slot), and so do slots past their last token within the
+    call (their surplus tokens are dropped). sample=False: every slot is greedy (no sampling is compiled in).
 
-    Returns (cache, tokens (S,))."""
+    Returns (cache, tokens (steps_per_call, S))."""
     attention = mesh_attention(bb, params, "auto", mesh)
     rows, max_len = bb.position_rows, cache.max_len
 
@@ -92,9 +93,16 @@ def decode_step(bb: Backbone, params, cache, kv_valid, last, index, pos, keys, s
             nxt = jnp.argmax(logits, -1).astype(jnp.int32)
         return own.k[:, 0], own.v[:, 0], nxt[0]
 
-    k, v, tokens = jax.vmap(one, in_axes=(1, 1, 0, 0, 0, 0, 0, 0, 0, 0), out_axes=(1, 1, 0))(
-        cache.k, cache.v, kv_valid, last, index, pos, keys, steps, temperature, top_p)
-    return sh.constrain_cache(ly.KVCache(k, v), mesh), tokens
+    step_all = jax.vmap(one, in_axes=(1, 1, 0, 0, 0, 0, 0, 0, 0, 0), out_axes=(1, 1, 0))
+
+    def body(i, carry):
+        k, v, tok, out = carry
+        k, v, tok = step_all(k, v, kv_valid, tok, index + i, pos + i, keys, steps + i, temperature, top_p)
+        return k, v, tok, out.at[i].set(tok)
+
+    out = jnp.zeros((steps_per_call,) + last.shape, jnp.int32)
+    k, v, _, out = jax.lax.fori_loop(0, steps_per_call, body, (cache.k, cache.v, last, out))
+    return sh.constrain_cache(ly.KVCache(k, v), mesh), out
 
 
 def compiled_programs() -> int:
