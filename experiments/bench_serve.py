@@ -7,7 +7,8 @@ clients, beside `experiments.evaluate` on the same split at batch size C.
 For each C the server is started (`python -m experiments.serve --max-batch C`, warmed up) on 127.0.0.1, and C
 client threads send N streamed chat requests over loopback (the split's rows: image and question as evaluation
 prompts them, greedy, the same latent steps, K and max tokens), bounded by --requests and --time-limit. Reported:
-requests/s and answer tokens/s, p50/p99 time to first token and per-token latency (client side), the programs
+requests/s and answer tokens/s, p50/p99 over requests of the time to first token and of the per-token latency
+(time per output token after the first: (last - first token arrival) / (tokens - 1), client side), the programs
 the server compiled; then `experiments.evaluate` on the same rows at --batch-size C (its steady-state
 samples/s, compilation excluded) and the server's throughput as a fraction of it.
 """
@@ -113,8 +114,8 @@ def one_request(client, url: str, body: dict) -> dict:
                 if ids:
                     times += [time.perf_counter()] * len(ids)
                     tokens += len(ids)
-    gaps = np.diff(times).tolist() if len(times) > 1 else []
-    return {"ttft": times[0] - t0 if times else None, "gaps": gaps, "tokens": tokens}
+    tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None  # time per output token
+    return {"ttft": times[0] - t0 if times else None, "tpot": tpot, "tokens": tokens}
 
 
 def load(url: str, bodies: list[dict], concurrency: int, time_limit: float) -> dict:
@@ -144,7 +145,7 @@ def load(url: str, bodies: list[dict], concurrency: int, time_limit: float) -> d
         t.join()
     wall = time.perf_counter() - t0
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
-    gaps = [g for r in results for g in r["gaps"]]
+    gaps = [r["tpot"] for r in results if r["tpot"] is not None]
     tokens = sum(r["tokens"] for r in results)
     pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None  # noqa: E731
     return {"requests": len(results), "seconds": wall, "requests_per_s": len(results) / wall,
