@@ -225,6 +225,7 @@ def test_continuous_batching_equals_solo(server):
 
 
 def test_seeded_sampling_repeats(server):
+    """A sampled request with a seed repeats exactly, and draws what `generate` draws with that seed."""
     body = {"model": "tiny", "messages": user(data_url(random_image(3)), "Which colour?"), "max_tokens": NEW,
             "temperature": 1.5, "top_p": 0.9, "seed": 11}
     a, b = post(server, body).json(), post(server, body).json()
@@ -233,6 +234,18 @@ def test_seeded_sampling_repeats(server):
     assert a["choices"][0]["token_ids"] == b["choices"][0]["token_ids"]
     assert a["choices"][0]["token_ids"] != other["choices"][0]["token_ids"] or \
         a["choices"][0]["token_ids"] != greedy["choices"][0]["token_ids"]
+    # the same draw as `generate` with that seed on the request alone
+    from ivtlr_jax.generate import latent_prompt
+    from ivtlr_jax.serve.api import Message
+    from ivtlr_jax.serve.prompt import build_prompt
+
+    model, engine = server["model"], server["engine"]
+    bb = model.backbone
+    ids, pv, grid, _ = build_prompt([Message(**m) for m in body["messages"]], server["tok"], bb, bb.image_options())
+    full = latent_prompt(model.config, ids, N)
+    ref = model.generate(np.array([full]), np.ones((1, len(full))), pv, grid, max_new_tokens=NEW, k=K,
+                         temperature=1.5, top_p=0.9, seed=11, eos_token_ids=engine.eos_ids, pad_token_id=engine.pad_id)
+    assert a["choices"][0]["token_ids"] == ref.tokens[0, : ref.lengths[0]].tolist()
 
 
 BAD = [
