@@ -138,14 +138,15 @@ class Qwen25VL(Qwen2VL):
             raise ValueError(f"input_ids hold video tokens (id {self.config.video_token_id}): videos are out of scope "
                              "for this Qwen2.5-VL port (images only); pass images with image_grid_thw")
 
-    def prepare_images(self, input_ids, attention_mask, pixel_values, image_grid_thw=None) -> Images | None:
-        """Qwen2-VL's per-row layout plus the attention window of every patch."""
+    def prepare_images(self, input_ids, attention_mask, images, image_grid_thw=None) -> Images | None:
         self.check_no_video(input_ids, attention_mask)
-        base = super().prepare_images(input_ids, attention_mask, pixel_values, image_grid_thw)
-        if base is None:
-            return None
+        return super().prepare_images(input_ids, attention_mask, images, image_grid_thw)
+
+    def layout_images(self, input_ids, attention_mask, images: dict) -> Images:
+        """Qwen2-VL's per-row layout plus the attention window of every patch."""
+        base = super().layout_images(input_ids, attention_mask, images)
         v = self.config.vision
-        grid = check_image_inputs(v, pixel_values, image_grid_thw)
+        grid = check_image_inputs(v, images["pixel_values"], images["image_grid_thw"])
         tokens = (grid.prod(-1) // v.spatial_merge_size**2).tolist()
         rows = rows_of_images(input_ids, attention_mask, self.config.image_token_id, tokens)
         window = np.full(base.patch_valid.shape, -1, np.int32)
@@ -155,9 +156,9 @@ class Qwen25VL(Qwen2VL):
                 window[r, slot, : len(ids)] = ids
         return Images(base.pixel_values, base.patch_valid, base.patch_rc, window, base.feat_index)
 
-    def positions(self, input_ids, attention_mask, image_grid_thw, mode: str) -> np.ndarray:
+    def positions(self, input_ids, attention_mask, images, mode: str) -> np.ndarray:
         self.check_no_video(input_ids, attention_mask)
-        return super().positions(input_ids, attention_mask, image_grid_thw, mode)
+        return super().positions(input_ids, attention_mask, images, mode)
 
     # ------------------------------------------------------------------ device side
     def vision_tower(self, vparams: VisionTower, images: Images, layer_wrapper=ly.identity):

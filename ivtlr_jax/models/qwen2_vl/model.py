@@ -221,14 +221,14 @@ class Qwen2VL(Backbone):
         grid = np.array([[1, height // v.patch_size, width // v.patch_size]], np.int64)
         return np.zeros((int(grid.prod()), v.patch_dim), np.float32), grid, int(grid.prod()) // v.spatial_merge_size**2
 
-    def image_token_counts(self, pixel_values, image_grid_thw=None) -> list[int]:
-        grid = check_image_inputs(self.config.vision, pixel_values, image_grid_thw)
+    def tokens_per_image(self, images: dict) -> list[int]:
+        grid = check_image_inputs(self.config.vision, images.get("pixel_values"), images.get("image_grid_thw"))
         return (grid.prod(-1) // self.config.vision.spatial_merge_size**2).tolist()
 
-    def prepare_images(self, input_ids, attention_mask, pixel_values, image_grid_thw=None) -> Images | None:
-        """HF-layout pixel_values (sum t*h*w, C*T*P*P) + image_grid_thw (n, 3) -> per-row Images."""
-        if pixel_values is None and image_grid_thw is None:
-            return None
+    def layout_images(self, input_ids, attention_mask, images: dict) -> Images:
+        """The processor's dict: HF-layout pixel_values (sum t*h*w, C*T*P*P) + image_grid_thw (n, 3) -> per-row
+        Images."""
+        pixel_values, image_grid_thw = images.get("pixel_values"), images.get("image_grid_thw")
         if pixel_values is None or image_grid_thw is None:
             raise ValueError("pixel_values and image_grid_thw go together: pass both or neither")
         v = self.config.vision
@@ -253,10 +253,10 @@ class Qwen2VL(Backbone):
         fidx = feature_index(rows, (sizes // merge).tolist(), p // merge)
         return Images(out, valid, rc, fidx)
 
-    def positions(self, input_ids, attention_mask, image_grid_thw, mode: str) -> np.ndarray:
-        if self.check_position_mode(mode) == "sequential":
+    def mode_positions(self, input_ids, attention_mask, images: dict | None, mode: str) -> np.ndarray:
+        if mode == "sequential":
             return sequential_positions(attention_mask, 3)
-        return mrope_positions(self.config, input_ids, attention_mask, image_grid_thw)
+        return mrope_positions(self.config, input_ids, attention_mask, (images or {}).get("image_grid_thw"))
 
     # ------------------------------------------------------------------ device side
     def vision_tower(self, vparams: VisionTower, images: Images, layer_wrapper=ly.identity):
