@@ -24,6 +24,7 @@ BACKBONES = {
                        "ivtlr_jax.models.chameleon.config:ChameleonConfig"),
     "qwen2_5_vl": Entry("ivtlr_jax.models.qwen2_5_vl.model:Qwen25VL",
                         "ivtlr_jax.models.qwen2_5_vl.config:Qwen25VLConfig"),
+    "qwen3_vl": Entry("ivtlr_jax.models.qwen3_vl.model:Qwen3VL", "ivtlr_jax.models.qwen3_vl.config:Qwen3VLConfig"),
 }
 DEFAULT_MODEL_TYPE = "qwen2_vl"  # configs written before model_type was recorded
 
