@@ -278,3 +278,39 @@ def test_to_hf_round_trip_is_byte_identical(pair, tmp_path):
     for name, value in src.items():
         assert torch.equal(sd[name], value), name
     assert back.config.get_text_config().vocab_size - 1 == m.config.latent_token_id
+
+
+# ----------------------------------------------------------------------------- processor and evaluation CLI
+def test_processor_matches_transformers_at_patch_16(pair):
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessorPil
+
+    _, m, _, _ = pair
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))
+    ref = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                                   image_std=[0.5] * 3, min_pixels=65536, max_pixels=16777216)(images=[image])
+    pv, grid = m.backbone.image_options("smart").process(image)
+    np.testing.assert_array_equal(grid, np.asarray(ref["image_grid_thw"])[0])
+    assert np.abs(pv - np.asarray(ref["pixel_values"])).max() <= 1e-5
+    pv, grid = m.backbone.image_options().process(image)  # the reference size: 320 x 320, 100 image tokens
+    assert grid.tolist() == [1, 20, 20] and pv.shape == (400, 3 * 2 * 16 * 16)
+
+
+def test_evaluation_cli_compares_the_deepstack_modes(pair):
+    from experiments import evaluate as ev
+
+    _, m, _, root = pair
+    data = root / "data"
+    subprocess.run([sys.executable, "-m", "ivtlr_jax.data.synthetic", "--out", str(data), "--n", "2", "--n-eval", "4"],
+                   check=True, cwd=ROOT, capture_output=True)
+    out = root / "eval"
+    res = ev.main(["--ckpt", m.path, "--data", "synthetic", "--data-source", str(data), "--split", "test",
+                   "--n-latent", "2", "--k", "8", "--batch-size", "4", "--max-new-tokens", "4", "--out", str(out),
+                   "--no-progress", "--ablate", "deepstack-bare"])
+    rows = [json.loads(line) for line in open(out / "predictions.jsonl")]
+    assert res["examples"] == len(rows) == 4 and res["deepstack_latent"] == "on"
+    assert "<|vision_start|><|image_pad|>x100<|vision_end|>" in rows[0]["prompt"]  # 320 px at patch 16: 100 tokens
+    assert "deepstack-bare" in res["ablations"]
+    with pytest.raises(SystemExit):
+        ev.main(["--ckpt", m.path, "--deepstack-latent", "maybe"])

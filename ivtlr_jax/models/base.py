@@ -112,6 +112,7 @@ class Backbone:
     native_position_mode: ClassVar[str] = "sequential"  # what `IVTLRModel.logits` uses by default
     position_rows: ClassVar[int] = 1  # rows of the positions array (3: M-RoPE sections)
     default_k: ClassVar[int] = 32  # image embeddings per latent step when none is given (the release's K)
+    latent_extras: ClassVar[bool] = False  # re-fed image tokens carry per-layer extras (refeed_extras; DeepStack)
     config: Any
 
     # ------------------------------------------------------------------ static facts

@@ -131,6 +131,7 @@ class Qwen3VL(Qwen2VL):
 
     config: Qwen3VLConfig
     model_type = "qwen3_vl"
+    latent_extras = True  # a re-fed image token carries its DeepStack features (LatentConfig.deepstack_latent)
 
     @property
     def dims(self) -> ly.DecoderDims:
