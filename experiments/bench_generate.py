@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--backbone", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl", "chameleon"],
-                   help="qwen2_vl or qwen2_5_vl (windowed vision tower; one 280x280 image, 100 tokens) or chameleon "
+    p.add_argument("--backbone", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl", "chameleon", "qwen3_vl"],
+                   help="qwen2_vl or qwen2_5_vl (windowed vision tower; one 280x280 image, 100 tokens), qwen3_vl "
+                        "(DeepStack; one 320x320 image at patch 16, 100 tokens) or chameleon "
                         "(one 64x64 image through a small VQ tokenizer, 1024 tokens; k defaults to 64)")
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default: 1,8,32)")
     p.add_argument("--new-tokens", type=int, default=12, help="answer tokens generated per row (default: 12)")
@@ -134,14 +135,26 @@ def reference_generate(hf_eager, hf_sdpa, ids, pv, grid, latent_id: int, k: int,
         if chameleon:  # the VQ codes' token embeddings
             feats = hf_eager.model.get_image_features(torch.as_tensor(pv, device=dev)).pooler_output[0]
         else:
-            feats = hf_eager.model.get_image_features(torch.as_tensor(pv, device=dev).to(emb.dtype),
-                                                      torch.as_tensor(grid, device=dev))
-            feats = torch.cat(getattr(feats, "pooler_output", feats))
+            out = hf_eager.model.get_image_features(torch.as_tensor(pv, device=dev).to(emb.dtype),
+                                                    torch.as_tensor(grid, device=dev))
+            feats = torch.cat(getattr(out, "pooler_output", out))
+            deep = getattr(out, "deepstack_features", None)  # Qwen3-VL: per-layer features of every image token
+            deep = [torch.cat(f) for f in deep] if deep else None
         img = ids_t[:, :p] == hf_eager.config.image_token_id
         emb = emb.masked_scatter(img.unsqueeze(-1).expand_as(emb), feats.to(emb.dtype))
         image_pos = torch.nonzero(img[0])[:, 0]
         used = torch.zeros(len(image_pos), dtype=torch.bool, device=dev)
         seq = emb
+        places = [(int(at), j) for j, at in enumerate(image_pos.tolist())]  # (sequence index, image token)
+
+        def deepstack(length):
+            """Qwen3-VL: DeepStack features at the prompt's image tokens and at every re-fed one."""
+            if chameleon or deep is None:
+                return {}
+            order = sorted(places)
+            mask = torch.zeros(1, length, dtype=torch.bool, device=dev)
+            mask[0, [at for at, _ in order]] = True
+            return {"visual_pos_masks": mask, "deepstack_visual_embeds": [f[[j for _, j in order]] for f in deep]}
 
         def positions(length, start=0):
             pos = (torch.arange(length, device=dev) + start).view(1, 1, -1)
@@ -154,13 +167,16 @@ def reference_generate(hf_eager, hf_sdpa, ids, pv, grid, latent_id: int, k: int,
             return logits
 
         for _ in range(n):
-            out = lm_e(inputs_embeds=seq, position_ids=positions(seq.shape[1]), output_attentions=True)
+            out = lm_e(inputs_embeds=seq, position_ids=positions(seq.shape[1]), output_attentions=True,
+                       **deepstack(seq.shape[1]))
             attn = torch.stack(out.attentions).float().mean((0, 2))[0, -1]  # (L,) layers and heads averaged
             scores = attn[image_pos].masked_fill(used, -float("inf"))
             pick = torch.sort(torch.topk(scores, k).indices).values
             used[pick] = True
+            places += [(seq.shape[1] + i, int(j)) for i, j in enumerate(pick.tolist())]
             seq = torch.cat([seq, emb[:, image_pos[pick]], out.last_hidden_state[:, -1:]], 1)
-        out = lm_s(inputs_embeds=seq, position_ids=positions(seq.shape[1]), use_cache=True)
+        out = lm_s(inputs_embeds=seq, position_ids=positions(seq.shape[1]), use_cache=True,
+                   **deepstack(seq.shape[1]))
         cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
         tok = head(out.last_hidden_state[:, -1]).argmax(-1)
         generated = [tok]

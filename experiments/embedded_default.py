@@ -19,7 +19,8 @@ import time
 
 DEFAULT_OUT = os.environ.get("IVTLR_DEFAULT_OUT")  # default: runs/tiny_default (runs/tiny_chameleon_default)
 # the embedded default per backbone
-CONFIGS = {"qwen2_vl": "tiny.yaml", "chameleon": "tiny_chameleon.yaml", "qwen2_5_vl": "tiny_qwen25vl.yaml"}
+CONFIGS = {"qwen2_vl": "tiny.yaml", "chameleon": "tiny_chameleon.yaml", "qwen2_5_vl": "tiny_qwen25vl.yaml",
+           "qwen3_vl": "tiny_qwen3vl.yaml"}
 
 
 def _table(rows: list[dict]) -> str:

@@ -8,6 +8,7 @@ so the JAX and PyTorch sides hold the same weights.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -58,6 +59,20 @@ def small_qwen25_config(vocab: int = 8192, hidden: int = 512, layers: int = 8):
     return Qwen2_5_VLConfig(vision_config=vision, **_llm_and_ids(vocab, hidden, layers))
 
 
+def small_qwen3_config(vocab: int = 8192, hidden: int = 512, layers: int = 8):
+    """transformers' Qwen3VLConfig: the benchmark LLM as Qwen3 (q/k norms, head_dim 64, interleaved M-RoPE (12, 10,
+    10)) and a vision tower shaped like the 8B's in miniature (patch 16, a 16 x 16 position table, DeepStack after
+    blocks 0, 1, 2 of 4)."""
+    from transformers import Qwen3VLConfig
+
+    base = _llm_and_ids(vocab, hidden, layers)
+    base["text_config"].update(head_dim=64, rope_parameters={"rope_type": "default", "mrope_section": [12, 10, 10],
+                                                             "mrope_interleaved": True, "rope_theta": 5000000.0})
+    vision = dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, out_hidden_size=hidden, patch_size=16,
+                  num_position_embeddings=256, deepstack_visual_indexes=[0, 1, 2])
+    return Qwen3VLConfig(vision_config=vision, **base)
+
+
 def _paired_models(model_class, cfg, latent_id: int, workdir: str, attn: str, seed: int, dtype: str):
     """(torch model, IVTLRModel) with the same random weights (built, saved, converted); JAX knows <|latent|>."""
     import dataclasses
@@ -96,14 +111,24 @@ def small_qwen25_models(workdir: str, attn: str = "eager", seed: int = 0, vocab:
                           special_ids(vocab)["latent"], workdir, attn, seed, dtype)
 
 
+def small_qwen3_models(workdir: str, attn: str = "eager", seed: int = 0, vocab: int = 8192, hidden: int = 512,
+                       layers: int = 8, dtype: str = "float32"):
+    """(torch Qwen3-VL in float32, IVTLRModel) with the same random weights; the JAX side knows <|latent|>."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    return _paired_models(Qwen3VLForConditionalGeneration, small_qwen3_config(vocab, hidden, layers),
+                          special_ids(vocab)["latent"], workdir, attn, seed, dtype)
+
+
 def prompt_batch(batch: int, n_latent: int = 0, text_len: int = 128, tail: int = 0, seed: int = 0,
-                 vocab: int = 8192):
-    """Rows of [text, one 280x280 image (100 tokens), text] + n latent tokens + tail; HF layout pixels."""
+                 vocab: int = 8192, patch_dim: int = PATCH_DIM):
+    """Rows of [text, one 280x280 image (100 tokens), text] + n latent tokens + tail; HF layout pixels (patch_dim
+    values a row: 3 * 2 * 16 * 16 for Qwen3-VL's 320x320 image, the same 20 x 20 grid)."""
     ids_ = special_ids(vocab)
     rng = np.random.default_rng(seed)
     grid = np.tile(np.array([IMAGE_GRID]), (batch, 1))
     n_patch = int(np.prod(IMAGE_GRID))
-    pixel_values = rng.normal(size=(n_patch * batch, PATCH_DIM)).astype(np.float32)
+    pixel_values = rng.normal(size=(n_patch * batch, patch_dim)).astype(np.float32)
     half = text_len // 2
     rows = []
     for _ in range(batch):
@@ -209,4 +234,5 @@ BENCH_BACKBONES = {
     "qwen2_vl": (small_models, prompt_batch, 32),
     "qwen2_5_vl": (small_qwen25_models, prompt_batch, 32),
     "chameleon": (small_chameleon_models, chameleon_prompt_batch, 64),
+    "qwen3_vl": (small_qwen3_models, functools.partial(prompt_batch, patch_dim=3 * 2 * 16 * 16), 32),
 }

@@ -27,6 +27,10 @@ TINY_VISION = dict(depth=2, embed_dim=64, num_heads=2, mlp_ratio=2)
 # Qwen2.5-VL: the same widths, 56 px windows (2 x 2 merged units) in block 0, full attention in block 1
 TINY_VISION_25 = dict(depth=2, embed_dim=64, intermediate_size=128, num_heads=2, window_size=56,
                       fullatt_block_indexes=(1,))
+# Qwen3-VL: the same widths, patch 16 (320 px images: 100 tokens), an 8 x 8 learned position table, DeepStack
+# after both blocks (into decoder layers 0 and 1); its LLM has head_dim 32 and interleaved M-RoPE (6, 5, 5)
+TINY_VISION_3 = dict(depth=2, embed_dim=64, intermediate_size=128, num_heads=2, num_position_embeddings=64,
+                     deepstack_visual_indexes=(0, 1))
 # Chameleon: a 64x64 VQ tokenizer with 4 levels (8x8 = 64 codes per image, about the 100 image tokens of the
 # tiny Qwen2-VL) and a 256-entry codebook, fitted to the training pictures by `tiny_vq_tokenizer`.
 TINY_CHAMELEON = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -60,6 +64,19 @@ def _tiny_qwen25vl(corpus, vocab_size, model, vision):
     v = {**TINY_VISION_25, **(vision or {})}
     fields = {f: getattr(base, f) for f in base.__dataclass_fields__ if f != "vision"}
     return tok, Qwen25VLConfig(**fields, vision=Qwen25VisionConfig(**v, out_hidden_size=base.hidden_size))
+
+
+def _tiny_qwen3vl(corpus, vocab_size, model, vision):
+    """The tiny Qwen2-VL's tokenizer and LLM widths as a Qwen3-VL (Qwen3 decoder, DeepStack vision tower)."""
+    from ivtlr_jax.models.qwen3_vl import Qwen3VisionConfig, Qwen3VLConfig
+
+    model = {"mrope_section": (6, 5, 5), **(model or {})}
+    tok, base = _tiny_qwen2vl(corpus, vocab_size, model, None)
+    v = {**TINY_VISION_3, **(vision or {})}
+    v["deepstack_visual_indexes"] = tuple(v["deepstack_visual_indexes"])
+    fields = {f: getattr(base, f) for f in base.__dataclass_fields__ if f != "vision"}
+    return tok, Qwen3VLConfig(**fields, head_dim=base.hidden_size // base.num_attention_heads,
+                              vision=Qwen3VisionConfig(**v, out_hidden_size=base.hidden_size))
 
 
 def _tiny_chameleon(corpus, vocab_size, model, vq):
@@ -135,7 +152,8 @@ def tiny_vq_tokenizer(params, cfg, images=(), seed: int = 0, iters: int = 15):
 
 
 # backbone -> its tiny (tokenizer, config) builder: (corpus, vocab_size, model overrides, vision overrides)
-TINY_BUILDERS = {"qwen2_vl": _tiny_qwen2vl, "qwen2_5_vl": _tiny_qwen25vl, "chameleon": _tiny_chameleon}
+TINY_BUILDERS = {"qwen2_vl": _tiny_qwen2vl, "qwen2_5_vl": _tiny_qwen25vl, "chameleon": _tiny_chameleon,
+                 "qwen3_vl": _tiny_qwen3vl}
 
 
 def tiny_builder(backbone: str):
