@@ -21,12 +21,13 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ivtlr_jax.config import PromptFormat
 from ivtlr_jax.models import layers as ly
+from ivtlr_jax.models import qwen_vision as qv
 from ivtlr_jax.models.base import Embedded, rows_of_images
-from ivtlr_jax.models.qwen2_5_vl.model import vision_activation
-from ivtlr_jax.models.qwen2_vl import Qwen2VL, check_image_inputs, patch_rows_cols
+from ivtlr_jax.models.qwen2_vl import Qwen2VL
 from ivtlr_jax.models.qwen2_vl.images import ImageOptions
 from ivtlr_jax.models.qwen3_vl.config import Qwen3VisionConfig, Qwen3VLConfig
 from ivtlr_jax.models.qwen3_vl.prompt import PROMPT
+from ivtlr_jax.models.qwen_vision import check_image_inputs, patch_rows_cols
 from ivtlr_jax.models.spec import HFKey, ParamInfo
 
 LN_EPS = 1e-6  # the vision blocks' and mergers' LayerNorm epsilon (fixed in transformers)
@@ -246,66 +247,43 @@ class Qwen3VL(Qwen2VL):
         hidden) DeepStack features or None); `layer_wrapper` wraps the scanned blocks (the caller's remat)."""
         v = self.config.vision
         b, m, p, _ = images.pixel_values.shape
-        n, dtype = b * m, vparams.patch_embed.kernel.dtype
-        x = vparams.patch_embed(images.pixel_values.astype(dtype)).reshape(n, p, -1)  # (N, P, E)
-        table = vparams.pos_embed[images.pos_index.reshape(n, p, 4)]  # (N, P, 4, E)
-        x = x + (table * images.pos_weight.reshape(n, p, 4, 1).astype(table.dtype)).sum(2).astype(x.dtype)
-        cos, sin = self.vision_rotary(images.patch_rc.reshape(n, p, 2))
-        block = self.vision_block(images.patch_valid.reshape(n, 1, 1, p), cos, sin)
-        merged = lambda z: z.reshape(b, m * p // v.spatial_merge_size**2, -1)  # noqa: E731  groups of merge^2
+        x = qv.patch_embed(vparams.patch_embed, images.pixel_values)  # (N, P, E)
+        table = vparams.pos_embed[images.pos_index.reshape(b * m, p, 4)]  # (N, P, 4, E): bilinear taps
+        x = x + (table * images.pos_weight.reshape(b * m, p, 4, 1).astype(table.dtype)).sum(2).astype(x.dtype)
+        block = self.vision_block(images.patch_valid.reshape(b * m, 1, 1, p), *qv.rotary(v, images.patch_rc))
         deep, start = [], 0
         for j, stop in enumerate(v.deepstack_visual_indexes):  # scan up to each DeepStack block, merge its output
             segment = jax.tree.map(lambda a, s=start, z=stop: a[s : z + 1], vparams.blocks)
             x, _ = ly.loop_scan(layer_wrapper(block), x, segment, unroll=layer_wrapper.unroll)
             mp = jax.tree.map(lambda a, j=j: a[j], vparams.deepstack)
-            h = merged(x)
-            deep.append(mp.fc2(jax.nn.gelu(mp.fc1(ly.layer_norm(h, mp.norm.scale, mp.norm.bias, LN_EPS)),
-                                           approximate=False)))
+            h = ly.layer_norm(qv.merge(v, x, b), mp.norm.scale, mp.norm.bias, LN_EPS)  # norm after the merge
+            deep.append(qv.merger_mlp(mp.fc1, mp.fc2, h))
             start = stop + 1
         if start < v.depth:
             rest = jax.tree.map(lambda a: a[start:], vparams.blocks)
             x, _ = ly.loop_scan(layer_wrapper(block), x, rest, unroll=layer_wrapper.unroll)
         mp = vparams.merger
-        h = merged(ly.layer_norm(x, mp.norm.scale, mp.norm.bias, LN_EPS))
-        return mp.fc2(jax.nn.gelu(mp.fc1(h), approximate=False)), (jnp.stack(deep) if deep else None)
-
-    def vision_rotary(self, rc):
-        """cos/sin (N, P, 1, head_dim) of the 2-D rotary from (row, col) (N, P, 2)."""
-        v = self.config.vision
-        dim = v.head_dim // 2
-        inv_freq = 1.0 / (v.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-        rc = rc.astype(jnp.float32)
-        ang = jnp.concatenate([rc[..., :1] * inv_freq, rc[..., 1:] * inv_freq], -1)  # (N, P, head_dim/2)
-        ang = jnp.concatenate([ang, ang], -1)[:, :, None, :]
-        return jnp.cos(ang), jnp.sin(ang)
+        merged = qv.merger_mlp(mp.fc1, mp.fc2, qv.merge(v, ly.layer_norm(x, mp.norm.scale, mp.norm.bias, LN_EPS), b))
+        return merged, (jnp.stack(deep) if deep else None)
 
     def vision_block(self, key_ok, cos, sin):
         """The scanned ViT block: LayerNorm, attention within each image (2-D rotary), LayerNorm, GELU MLP."""
         v = self.config.vision
-        nh, hd, e = v.num_heads, v.head_dim, v.embed_dim
-        act = vision_activation(v.hidden_act)
+        act = qv.activation(v.hidden_act)
 
         def block(x, blk: VisionBlock):
-            n, p, _ = x.shape
             h = ly.layer_norm(x, blk.norm1.scale, blk.norm1.bias, LN_EPS)
-            qkv = blk.qkv(h).reshape(n, p, 3, nh, hd)
-            q, k, val = ly.apply_rotary(qkv[:, :, 0], cos, sin), ly.apply_rotary(qkv[:, :, 1], cos, sin), qkv[:, :, 2]
-            s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * hd**-0.5
-            a = jax.nn.softmax(jnp.where(key_ok, s, ly.MASK_VALUE), axis=-1).astype(x.dtype)
-            x = x + blk.proj(jnp.einsum("bhqk,bkhd->bqhd", a, val).reshape(n, p, e))
+            x = x + qv.attention(blk.qkv, blk.proj, h, cos, sin, key_ok, v.num_heads)
             h = ly.layer_norm(x, blk.norm2.scale, blk.norm2.bias, LN_EPS)
             return x + blk.fc2(act(blk.fc1(h))), None
 
         return block
 
     def image_flops(self, images: Images) -> float:
-        """Forward FLOPs of the vision tower and its mergers over a batch's image slots (padding included)."""
+        """Forward FLOPs of the vision tower, its merger and DeepStack mergers over a batch's image slots."""
         v = self.config.vision
-        b, m, p, _ = images.pixel_values.shape
-        e, mm = v.embed_dim, v.spatial_merge_size**2
-        blocks = v.depth * (2 * p * (4 * e * e + 2 * e * v.mlp_dim) + 4 * p * p * e)  # matmuls + attention
-        merger = 2 * (p // mm) * ((e * mm) ** 2 + e * mm * self.config.hidden_size)
-        return float(b * m * (2 * p * v.patch_dim * e + blocks + merger * (1 + len(v.deepstack_visual_indexes))))
+        return qv.tower_flops(v, images, self.config.hidden_size, mlp_matmuls=2,
+                              mergers=1 + len(v.deepstack_visual_indexes))
 
     def image_outputs(self, params: Params, images: Images, layer_wrapper=ly.identity):
         """((B, I, H) embeddings of each row's image tokens, (D, B, I, H) their DeepStack features or None)."""
