@@ -314,3 +314,21 @@ def test_evaluation_cli_compares_the_deepstack_modes(pair):
     assert "deepstack-bare" in res["ablations"]
     with pytest.raises(SystemExit):
         ev.main(["--ckpt", m.path, "--deepstack-latent", "maybe"])
+
+
+def test_spec_table_init_sharding_and_lora_targets(pair):
+    """The spec table's random init has the converted checkpoint's shapes, every leaf shards on a mesh, the vision
+    tower is frozen and the LoRA targets are the LLM's seven projections."""
+    from ivtlr_jax import sharding as sh
+    from ivtlr_jax.models import spec as sp
+
+    _, m, _, _ = pair
+    bb = m.backbone
+    spec = sp.flatten(bb.param_spec())
+    shapes = lambda tree: {name: np.shape(x) for name, x in sp.flatten(tree).items()}  # noqa: E731
+    assert shapes(bb.random_params(0)) == shapes(m.params) == {name: info.shape for name, info in spec.items()}
+    assert all(not info.trainable for name, info in spec.items() if name.startswith("vision"))
+    lora = sorted(name for name, info in spec.items() if info.lora)
+    assert len(lora) == 7 and all(name.startswith("llm") for name in lora), lora
+    shardings = sh.param_shardings(sh.make_mesh("auto"), bb.param_spec())
+    assert len(jax.tree.leaves(shardings)) == len(spec)
