@@ -111,24 +111,39 @@ def reference_generate(hf_eager, hf_sdpa, ids, pv, grid, latent_id: int, k: int,
         n = int((ids_t[0] == latent_id).sum())
         p = ids.shape[1] - n
         emb = hf_eager.model.get_input_embeddings()(ids_t[:, :p])
-        feats = image_features(pv, grid, emb.dtype, dev)
+        got = image_features(pv, grid, emb.dtype, dev)
+        # (features, DeepStack features per layer) from a backbone with DeepStack (Qwen3-VL)
+        feats, deep = got if isinstance(got, tuple) else (got, None)
         img = ids_t[:, :p] == hf_eager.config.image_token_id
         emb = emb.masked_scatter(img.unsqueeze(-1).expand_as(emb), feats.to(emb.dtype))
         image_pos = torch.nonzero(img[0])[:, 0]
         used = torch.zeros(len(image_pos), dtype=torch.bool, device=dev)
         seq = emb
+        places = [(int(at), j) for j, at in enumerate(image_pos.tolist())]  # (sequence index, image token)
+
+        def deepstack(length):
+            """Qwen3-VL: DeepStack features at the prompt's image tokens and at every re-fed one."""
+            if deep is None:
+                return {}
+            order = sorted(places)
+            mask = torch.zeros(1, length, dtype=torch.bool, device=dev)
+            mask[0, [at for at, _ in order]] = True
+            return {"visual_pos_masks": mask, "deepstack_visual_embeds": [f[[j for _, j in order]] for f in deep]}
 
         def positions(length, start=0):
             return model_positions((torch.arange(length, device=dev) + start).view(1, 1, -1))
 
         for _ in range(n):
-            out = lm_e(inputs_embeds=seq, position_ids=positions(seq.shape[1]), output_attentions=True)
+            out = lm_e(inputs_embeds=seq, position_ids=positions(seq.shape[1]), output_attentions=True,
+                       **deepstack(seq.shape[1]))
             attn = torch.stack(out.attentions).float().mean((0, 2))[0, -1]  # (L,) layers and heads averaged
             scores = attn[image_pos].masked_fill(used, -float("inf"))
             pick = torch.sort(torch.topk(scores, k).indices).values
             used[pick] = True
+            places += [(seq.shape[1] + i, int(j)) for i, j in enumerate(pick.tolist())]
             seq = torch.cat([seq, emb[:, image_pos[pick]], out.last_hidden_state[:, -1:]], 1)
-        out = lm_s(inputs_embeds=seq, position_ids=positions(seq.shape[1]), use_cache=True)
+        out = lm_s(inputs_embeds=seq, position_ids=positions(seq.shape[1]), use_cache=True,
+                   **deepstack(seq.shape[1]))
         cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
         tok = head(out.last_hidden_state[:, -1]).argmax(-1)
         generated = [tok]

@@ -1,6 +1,8 @@
-"""Latent forward in JAX against the release-style recompute in PyTorch, for Qwen2-VL, Qwen2.5-VL or Chameleon.
+"""Latent forward in JAX against the release-style recompute in PyTorch, for Qwen2-VL, Qwen2.5-VL, Qwen3-VL or
+Chameleon.
 
 Qwen2-VL and Qwen2.5-VL (`--backbone qwen2_5_vl`, a windowed vision tower): n=3, k=32, one 280x280 image
+(100 tokens); Qwen3-VL (`--backbone qwen3_vl`, DeepStack): the same with one 320x320 image at patch 16
 (100 tokens). Chameleon (`--backbone chameleon`): n=3, k=64, one
 64x64 image through a small VQ tokenizer (1024 tokens, as the 7B model's 512x512 images give).
 The recompute is tests/oracle.py on transformers' model with eager attention under torch.no_grad():
@@ -10,7 +12,8 @@ single-token decode step: the floor is that pass plus n decode steps (each laten
 weights once). CPU, float32, medians of repeated runs after compilation; the JAX calls are timed in interleaved
 rounds (one call of each per round), so load from elsewhere on the machine moves them alike. Writes JSON and
 prints a table.
-Usage: python -m experiments.bench_latent [--backbone qwen2_vl|qwen2_5_vl|chameleon] [--out FILE] [--batches 1 4]
+Usage: python -m experiments.bench_latent [--backbone qwen2_vl|qwen2_5_vl|qwen3_vl|chameleon] [--out FILE]
+       [--batches 1 4]
 """
 
 from __future__ import annotations

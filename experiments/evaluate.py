@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "the release's)")
     p.add_argument("--selection-order", default="position", choices=["position", "score"],
                    help="order of the selected image embeddings inside a latent chunk (default: position)")
+    p.add_argument("--deepstack-latent", default="on", choices=["on", "off"],
+                   help="Qwen3-VL: a selected image token re-fed by a latent step carries its DeepStack features, "
+                        "added in the same decoder layers as in the prompt (on, default), or is fed as the bare "
+                        "merged embedding (off); --ablate deepstack-bare runs off beside an intact run. Other "
+                        "backbones have no DeepStack and ignore it")
     p.add_argument("--answer-format", default="auto", choices=list(ANSWER_FORMATS),
                    help="auto: letters, digits read as 0-based indices; letter or index: only that kind")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -119,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--ablate", default=None, metavar="LIST",
                    help="causal audit: a comma list of latent-zero, latent-noise, latent-shuffle, select-random, "
-                        "select-bottom, image-blank, image-shuffle; each runs on the same batches as the intact run "
-                        "and summary.json gains `ablations` and `mediation`, plus ablations.png")
+                        "select-bottom, image-blank, image-shuffle, deepstack-bare (Qwen3-VL: the latent steps "
+                        "re-feed image tokens without their DeepStack features); each runs on the same batches as "
+                        "the intact run and summary.json gains `ablations` and `mediation`, plus ablations.png")
     return p
 
 

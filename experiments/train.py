@@ -1,15 +1,16 @@
-"""Train IVT-LR: the multi-stage latent curriculum on Qwen2-VL, Qwen2.5-VL or Chameleon, sharded over a mesh.
+"""Train IVT-LR: the multi-stage latent curriculum on Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Chameleon, sharded over a mesh.
 
 With no arguments at all it runs the embedded default: a tiny random Qwen2-VL-architecture model
 (converted through the same converter as a real checkpoint), the synthetic visual-reasoning set,
 stages 0..3, evaluation after each stage on a held-out split, and a table of the results. It takes
-a few minutes on 2 CPU cores. `--backbone chameleon` (or `qwen2_5_vl`) alone does the same with a tiny
-Chameleon (or Qwen2.5-VL).
+a few minutes on 2 CPU cores. `--backbone chameleon` (or `qwen2_5_vl`, `qwen3_vl`) alone does the same with a
+tiny Chameleon (or Qwen2.5-VL, Qwen3-VL).
 
 Examples:
   python -m experiments.train
   python -m experiments.train --backbone chameleon
   python -m experiments.train --backbone qwen2_5_vl
+  python -m experiments.train --backbone qwen3_vl
   python -m experiments.train --config chameleon_7b_scienceqa --init ckpt/chameleon-7b --mesh tpu_v4_8
   python -m experiments.train --config experiments/configs/qwen2vl_7b_m3cot.yaml --init ckpt/qwen2vl-7b \\
       --out runs/m3cot --mesh tpu_v4_8
@@ -57,11 +58,13 @@ HELP = {
     "max_latent_stage": "stages past this keep this many latent steps and drop all text steps (reference: 3)",
     "pad_latent_to_max": "past max_latent_stage drop every step and keep max_latent_stage latents",
     "latent_markers": "put <|start-latent|>/<|end-latent|> around the latents (Coconut style; off in reference)",
-    "k": "image embeddings selected per latent step (default: the backbone's, as in the release: Qwen2-VL and "
-         "Qwen2.5-VL 32, Chameleon 64; 0 = Coconut)",
+    "k": "image embeddings selected per latent step (default: the backbone's, as in the release: Qwen2-VL, "
+         "Qwen2.5-VL and Qwen3-VL 32, Chameleon 64; 0 = Coconut)",
     "latent_text": "feed the hidden state back with the image embeddings (off = 'without latent text')",
     "position_mode": "sequential (reference) or mrope (the Qwen models' native 3-D positions for the prompt)",
     "selection_order": "order of the selected image embeddings in a step: position or score",
+    "deepstack_latent": "Qwen3-VL: a re-fed image token carries its DeepStack features, added in the same decoder "
+                        "layers as in the prompt (default); --no-deepstack-latent feeds the bare merged embedding",
     "latent_grad": "stop (reference: no gradient through latent steps) or full",
     "finetune": "lora (adapters on q,k,v,o,gate,up,down) or full (the whole LLM); the vision tower is frozen",
     "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (scale = alpha / r)", "lora_dropout": "LoRA dropout",

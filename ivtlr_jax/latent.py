@@ -21,7 +21,7 @@ import numpy as np
 from flax import struct
 
 from ivtlr_jax.config import coerce_fields
-from ivtlr_jax.models.base import Backbone, Embedded, param_dtype
+from ivtlr_jax.models.base import Backbone, Embedded, image_inputs, param_dtype
 from ivtlr_jax.models.layers import (
     AttentionSpec,
     LayerWrapper,
@@ -49,13 +49,18 @@ class LatentConfig:
     latent_grad: str = "stop"  # or "full": back-propagate through every latent step
     ablate: str = "none"  # causal-audit intervention inside the loop (LATENT_ABLATIONS); "none" = intact
     ablate_seed: int = 0  # seed of the random interventions (latent-noise, latent-shuffle, select-random)
+    # a re-fed image token carries its per-layer extras (Qwen3-VL: its DeepStack features, added in the same layers
+    # as in the prompt); False feeds the bare merged embedding. Backbones without extras ignore it.
+    deepstack_latent: bool = True
 
     def __post_init__(self):
         coerce_fields(self)
         if self.k < 0:
             raise ValueError(f"k={self.k!r} must be an integer >= 0 (image embeddings per latent step)")
+        if not isinstance(self.position_mode, str) or not self.position_mode:
+            raise ValueError(f"position_mode={self.position_mode!r} must be a name of the backbone's position rule "
+                             "(its position_modes, e.g. 'sequential')")
         choices = {
-            "position_mode": ("sequential", "mrope"),
             "selection_order": ("position", "score"),
             "latent_grad": ("stop", "full"),
             "ablate": ("none",) + LATENT_ABLATIONS,
@@ -169,7 +174,8 @@ def make_latent_batch(bb: Backbone, lcfg: LatentConfig, input_ids, attention_mas
             "would be read as the placeholder token, not the image: put every image in the prompt, before the "
             "latent tokens"
         )
-    images = bb.prepare_images(ids, mask, pixel_values, image_grid_thw)
+    image_dict = image_inputs(pixel_values, image_grid_thw)  # the processor's dict (or the older two arrays)
+    images = bb.prepare_images(ids, mask, image_dict)
     c = lcfg.chunk_len if n else 0
     prefix_ids, suffix_ids = ids[:, :p], ids[:, p + n :]
     valid = np.concatenate([mask[:, :p], np.ones((b, n * c), bool), mask[:, p + n :]], 1)
@@ -181,7 +187,7 @@ def make_latent_batch(bb: Backbone, lcfg: LatentConfig, input_ids, attention_mas
         pos = np.clip(np.cumsum(valid, 1) - 1, 0, None)
         pos = np.broadcast_to(pos[:, None], (b, rows, pos.shape[1]))
     else:
-        pre = bb.positions(prefix_ids, mask[:, :p], image_grid_thw, lcfg.position_mode)  # (B, R, P)
+        pre = bb.positions(prefix_ids, mask[:, :p], image_dict, lcfg.position_mode)  # (B, R, P)
         start = pre.max((1, 2)) + 1  # (B,) text after the prompt continues from max + 1
         rest = np.clip(np.cumsum(valid[:, p:], 1) - 1, 0, None) + start[:, None]
         pos = np.concatenate([pre, np.broadcast_to(rest[:, None], (b, rows, rest.shape[1]))], 2)
@@ -279,7 +285,8 @@ def latent_start(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, c
     emb = bb.embed(params, batch.prefix_ids, batch.images, vision_wrapper)
     cache = bb.init_cache(b, cache_len, emb.embeds.dtype)
     hidden, cache, attn = bb.decode(for_call(params, 0), emb.embeds, batch.positions[:, :, :p], cache, 0, kv_valid,
-                                    attn_row=batch.n > 0, layer_wrapper=layer_wrapper, attention=attention)
+                                    attn_row=batch.n > 0, layer_wrapper=layer_wrapper, attention=attention,
+                                    extras=emb.extras)
     carry = LatentCarry(cache, hidden[:, -1], attn, jnp.zeros(emb.image_valid.shape, bool))
     return hidden, emb, carry, kv_valid
 
@@ -292,7 +299,7 @@ def latent_step(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, em
     if lcfg.latent_grad == "stop":
         h = jax.lax.stop_gradient(h)
     h = ablate_h(lcfg, h, t)
-    parts = []
+    parts, extras = [], None
     idx = jnp.zeros((b, 0), jnp.int32)
     if k:
         scores = selection_scores(lcfg, carry.attn, t)  # (B, max_len): the attention row unless select-*
@@ -300,6 +307,8 @@ def latent_step(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, em
         if lcfg.selection_order == "position":
             idx = jnp.sort(idx, axis=1)
         parts.append(jnp.take_along_axis(emb.image_embeds, idx[..., None], axis=1))  # (B, k, H)
+        if lcfg.deepstack_latent:  # the re-fed tokens' per-layer extras, as in the prompt
+            extras = bb.refeed_extras(emb, idx, c)
     if lcfg.latent_text:
         parts.append(h[:, None].astype(emb.embeds.dtype))
     chunk = jnp.concatenate(parts, 1)  # (B, C, H)
@@ -307,7 +316,7 @@ def latent_step(bb: Backbone, params, lcfg: LatentConfig, batch: LatentBatch, em
     cpos = jax.lax.dynamic_slice_in_dim(batch.positions, start, c, axis=2)
     out, cache, attn = bb.decode(for_call(params, 1 + t), chunk, cpos, carry.cache, start, kv_valid, attn_row=True,
                                  layer_wrapper=layer_wrapper, attention=attention,
-                                 kv_len=p + batch.n * c)  # slots before the suffix
+                                 kv_len=p + batch.n * c, extras=extras)  # slots before the suffix
     return LatentCarry(cache, out[:, -1], attn, used), (out, idx.astype(jnp.int32))
 
 

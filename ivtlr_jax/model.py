@@ -15,6 +15,7 @@ from ivtlr_jax.convert.load import abstract_params  # noqa: F401  (the params of
 from ivtlr_jax.latent import LatentConfig
 from ivtlr_jax.models import Backbone, backbone_for
 from ivtlr_jax.models import layers as ly
+from ivtlr_jax.models.base import image_inputs
 
 
 def resolve_dtype(dtype: str, platform: str | None = None) -> str:
@@ -47,7 +48,7 @@ def forward_logits(bb: Backbone, params, input_ids, attention_mask, positions, i
     cache = sh.constrain_cache(bb.init_cache(b, s, emb.embeds.dtype), mesh)
     attention = ly.attention_spec("auto", emb.embeds.dtype, bb.dims.head_dim, mesh)
     hidden, _, _ = bb.decode(params, emb.embeds, positions, cache, 0, attention_mask.astype(bool),
-                             attention=attention)
+                             attention=attention, extras=emb.extras)
     return bb.lm_head(params, hidden)
 
 
@@ -125,13 +126,13 @@ class IVTLRModel:
 
     def latent_config(self, k: int | None = None, latent_text: bool = True, position_mode: str | None = None,
                       selection_order: str = "position", latent_grad: str = "stop", ablate: str = "none",
-                      ablate_seed: int = 0) -> LatentConfig:
+                      ablate_seed: int = 0, deepstack_latent: bool = True) -> LatentConfig:
         """The latent options with this model's defaults: K the backbone's (the release's), positions the
         checkpoint's recorded rule (see resolve_position_mode)."""
         return LatentConfig(k=self.backbone.default_k if k is None else k, latent_text=latent_text,
                             position_mode=self.resolve_position_mode(position_mode),
                             selection_order=selection_order, latent_grad=latent_grad, ablate=ablate,
-                            ablate_seed=ablate_seed)
+                            ablate_seed=ablate_seed, deepstack_latent=deepstack_latent)
 
     def _put(self, batch):
         """Host arrays onto this model's devices: one device, or the mesh with the batch over the data axes."""
@@ -139,18 +140,20 @@ class IVTLRModel:
             return None
         return jax.tree.map(jnp.asarray, batch) if self.mesh is None else sh.put_batch(self.mesh, batch)
 
-    def _images(self, input_ids, attention_mask, pixel_values, image_grid_thw):
-        return self._put(self.backbone.prepare_images(input_ids, attention_mask, pixel_values, image_grid_thw))
+    def _images(self, input_ids, attention_mask, images, image_grid_thw=None):
+        """The processor's image dict (or the older pixel_values, image_grid_thw) laid out and put on the devices."""
+        return self._put(self.backbone.prepare_images(input_ids, attention_mask, images, image_grid_thw))
 
     def image_features(self, pixel_values, image_grid_thw=None):
         """(num_image_tokens, hidden) image embeddings of the images in order (each encoded on its own)."""
         bb = self.backbone
-        counts = bb.image_token_counts(pixel_values, image_grid_thw)
+        images = image_inputs(pixel_values, image_grid_thw)
+        counts = bb.image_token_counts(images)
         ids = np.zeros((len(counts), max(counts)), np.int32)
         mask = np.zeros_like(ids)
         for r, c in enumerate(counts):
             ids[r, :c], mask[r, :c] = self.config.image_token_id, 1
-        feats = np.asarray(_image_features(bb, self.params, self._images(ids, mask, pixel_values, image_grid_thw)))
+        feats = np.asarray(_image_features(bb, self.params, self._images(ids, mask, images)))
         return np.concatenate([feats[r, :c] for r, c in enumerate(counts)])
 
     def image_tokens(self, pixel_values):
@@ -167,19 +170,22 @@ class IVTLRModel:
         """
         bb = self.backbone
         bb.count_check(input_ids, attention_mask)
-        images = self._images(input_ids, attention_mask, pixel_values, image_grid_thw)
+        image_dict = image_inputs(pixel_values, image_grid_thw)  # the processor's dict (or the older two arrays)
+        images = self._images(input_ids, attention_mask, image_dict)
         ids, mask = np.asarray(input_ids).astype(np.int32), np.asarray(attention_mask).astype(np.int32)
-        pos = bb.positions(ids, mask, image_grid_thw, self.resolve_position_mode(position_mode, native=True))
+        pos = bb.positions(ids, mask, image_dict, self.resolve_position_mode(position_mode, native=True))
         ids, mask, pos = self._put((ids, mask, np.asarray(pos)))
         return np.asarray(forward_logits(bb, self.params, ids, mask, pos, images, mesh=self.mesh))
 
     def latent_forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None,
                        k: int | None = None, latent_text: bool = True, position_mode: str | None = None,
-                       selection_order: str = "position", latent_grad: str = "stop"):
-        """IVT-LR forward with the latent steps the `<|latent|>` tokens ask for; loss, logits, selections."""
+                       selection_order: str = "position", latent_grad: str = "stop", deepstack_latent: bool = True):
+        """IVT-LR forward with the latent steps the `<|latent|>` tokens ask for; loss, logits, selections.
+        deepstack_latent: a re-fed image token carries its DeepStack features (Qwen3-VL; LatentConfig)."""
         from ivtlr_jax.latent import LatentOutput, latent_forward_jit, make_latent_batch
 
-        lcfg = self.latent_config(k, latent_text, position_mode, selection_order, latent_grad)
+        lcfg = self.latent_config(k, latent_text, position_mode, selection_order, latent_grad,
+                                  deepstack_latent=deepstack_latent)
         batch = make_latent_batch(self.backbone, lcfg, input_ids, attention_mask, labels, pixel_values,
                                   image_grid_thw)
         loss, logits, selected = latent_forward_jit(self.backbone, self.params, lcfg, self._put(batch), mesh=self.mesh)
@@ -189,17 +195,18 @@ class IVTLRModel:
                  k: int | None = None, latent_text: bool = True, position_mode: str | None = None,
                  selection_order: str = "position", temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  eos_token_ids=None, pad_token_id: int | None = None, max_cache_len: int | None = None,
-                 ablate: str = "none", ablate_seed: int = 0, with_states: bool = False):
+                 ablate: str = "none", ablate_seed: int = 0, with_states: bool = False, deepstack_latent: bool = True):
         """KV-cached decoding after the latent steps of the prompt's trailing `<|latent|>` tokens (greedy default).
 
         Returns GenerateOutput: tokens (B, max_new_tokens) padded after EOS, lengths (B,) with EOS,
         selected (n, B, k), steps (decoding steps run); with_states: latent_h (n, B, H), the h fed into each chunk.
         ablate / ablate_seed: a causal-audit intervention of the latent loop (LatentConfig.ablate).
+        deepstack_latent: a re-fed image token carries its DeepStack features (Qwen3-VL; LatentConfig).
         """
         from ivtlr_jax.generate import SamplingConfig, generate
 
         lcfg = self.latent_config(k, latent_text, position_mode, selection_order, ablate=ablate,
-                                  ablate_seed=ablate_seed)
+                                  ablate_seed=ablate_seed, deepstack_latent=deepstack_latent)
         sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
         return generate(self.backbone, self.params, lcfg, input_ids, attention_mask, pixel_values, image_grid_thw,
                         max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos_token_ids,

@@ -1,4 +1,5 @@
-"""A slow, obviously correct IVT-LR reference on the transformers PyTorch models (Qwen2-VL and Chameleon).
+"""A slow, obviously correct IVT-LR reference on the transformers PyTorch models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+Chameleon).
 
 For every latent step it re-runs the whole growing sequence from position 0 with eager attention,
 averages the attention maps over layers and heads, takes the top-k image tokens not used yet, and
@@ -48,6 +49,27 @@ def _embed(hf, ids, pv, grid):
     return emb.masked_scatter(img_mask, feats.to(emb.dtype))
 
 
+def _deepstack(hf, pv, grid):
+    """Qwen3-VL: the DeepStack features of every image token in order (one (N, H) tensor per layer); else None."""
+    if hf.config.model_type != "qwen3_vl" or pv is None:
+        return None
+    with torch.no_grad():
+        return [torch.cat(f) for f in hf.model.get_image_features(torch.tensor(pv), torch.tensor(grid))
+                .deepstack_features]
+
+
+def _deepstack_kwargs(deep, places, bsz, length):
+    """transformers' DeepStack inputs for a sequence: places[b] lists (sequence index, feature row) pairs."""
+    if deep is None:
+        return {}
+    mask, rows = np.zeros((bsz, length), bool), []
+    for b in range(bsz):
+        for at, row in sorted(places[b]):
+            mask[b, at] = True
+            rows.append(row)
+    return {"visual_pos_masks": torch.tensor(mask), "deepstack_visual_embeds": [f[rows] for f in deep]}
+
+
 def _decoder(hf):
     return hf.model if _is_chameleon(hf) else hf.model.language_model
 
@@ -60,8 +82,11 @@ def _logits(hf, hidden):
 
 
 def oracle_latent_forward(hf, latent_id, ids, mask, labels, pv, grid, k, latent_text=True,
-                          position_mode="sequential", selection_order="position"):
-    """Returns (loss, logits (B, L_final, V), selected (n, B, k), valid (B, L_final))."""
+                          position_mode="sequential", selection_order="position", deepstack_latent=True):
+    """Returns (loss, logits (B, L_final, V), selected (n, B, k), valid (B, L_final)).
+
+    Qwen3-VL: the prompt's image tokens get their DeepStack features in the first decoder layers, and with
+    deepstack_latent so does every re-fed image token at its place in the chunk."""
     lm = _decoder(hf)
     with torch.no_grad():
         emb = _embed(hf, ids, pv, grid)
@@ -71,13 +96,16 @@ def oracle_latent_forward(hf, latent_id, ids, mask, labels, pv, grid, k, latent_
     bsz = ids.shape[0]
     image_lists = [np.nonzero((ids[b, :p] == hf.config.image_token_id) & (mask[b, :p] > 0))[0] for b in range(bsz)]
     used = [set() for _ in range(bsz)]
+    deep = _deepstack(hf, pv, grid)
+    first = np.cumsum([0] + [len(x) for x in image_lists])  # row b's image tokens are feature rows first[b] + j
+    places = [[(int(at), int(first[b] + j)) for j, at in enumerate(image_lists[b])] for b in range(bsz)]
     seq, valid = emb[:, :p], mask[:, :p].copy()
     selected = []
     for _ in range(n):
         pos = _positions(hf, ids[:, :p], mask[:, :p], grid, valid, position_mode)
         with torch.no_grad():
             out = lm(inputs_embeds=seq, attention_mask=torch.tensor(valid), position_ids=pos,
-                     output_attentions=True)
+                     output_attentions=True, **_deepstack_kwargs(deep, places, bsz, seq.shape[1]))
         h = out.last_hidden_state[:, -1:]
         attn = torch.stack(out.attentions).mean((0, 2))[:, -1, :].numpy()  # (B, len)
         chunks, step_sel = [], []
@@ -89,6 +117,8 @@ def oracle_latent_forward(hf, latent_id, ids, mask, labels, pv, grid, k, latent_
             if selection_order == "position":
                 pick = sorted(pick)
             step_sel.append(pick)
+            if deepstack_latent:
+                places[b] += [(seq.shape[1] + i, int(first[b] + j)) for i, j in enumerate(pick)]
             parts = [emb[b : b + 1, image_lists[b][pick]]] if k else []
             if latent_text:
                 parts.append(h[b : b + 1])
@@ -100,7 +130,8 @@ def oracle_latent_forward(hf, latent_id, ids, mask, labels, pv, grid, k, latent_
     valid = np.concatenate([valid, mask[:, p + n :]], 1)
     pos = _positions(hf, ids[:, :p], mask[:, :p], grid, valid, position_mode)
     with torch.no_grad():
-        out = lm(inputs_embeds=seq, attention_mask=torch.tensor(valid), position_ids=pos)
+        out = lm(inputs_embeds=seq, attention_mask=torch.tensor(valid), position_ids=pos,
+                 **_deepstack_kwargs(deep, places, bsz, seq.shape[1]))
         logits = _logits(hf, out.last_hidden_state)
     c = seq.shape[1] - ids.shape[1] + n
     lab = np.concatenate([labels[:, :p], np.full((bsz, c), -100), labels[:, p + n :]], 1)

@@ -1,4 +1,5 @@
-"""Convert weights between a Hugging Face folder (Qwen2-VL, Qwen2.5-VL, Chameleon) and an ivtlr_jax checkpoint folder,
+"""Convert weights between a Hugging Face folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Chameleon) and an ivtlr_jax checkpoint
+folder,
 or import the authors' released IVT-LR checkpoint.
 
   python tools/convert_weights.py --src HF_DIR --dst CKPT_DIR [--dtype float32|bfloat16] [--add-latent-tokens]
@@ -22,7 +23,7 @@ except ImportError:  # run as a script from a checkout without installing
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=(
-            "Hugging Face Qwen2-VL, Qwen2.5-VL or Chameleon (safetensors, single or sharded, old hub or "
+            "Hugging Face Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Chameleon (safetensors, single or sharded, old hub or "
             "transformers-5 key layout) -> self-contained ivtlr_jax checkpoint folder (orbax params/, "
             "ivtlr_config.json, hf_config.json, tokenizer and processor files); with --to-hf the reverse; with "
             "--from-release the authors' trained IVT-LR state dict (.pth or safetensors, PEFT LoRA merged or kept)."
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--to-hf", action="store_true",
                         help="export an ivtlr_jax checkpoint (--src) to a Hugging Face folder (--dst) that "
                              "transformers loads (Qwen2VLForConditionalGeneration, "
-                             "Qwen2_5_VLForConditionalGeneration or ChameleonForConditionalGeneration)")
+                             "Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration or "
+                             "ChameleonForConditionalGeneration)")
     parser.add_argument("--max-shard-gb", type=float, default=5.0,
                         help="with --to-hf: largest safetensors file in GiB before sharding with an index (default 5)")
     parser.add_argument("--merge-lora", metavar="RUN_DIR/CKPT",

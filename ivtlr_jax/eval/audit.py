@@ -16,15 +16,19 @@ from ivtlr_jax.latent import LATENT_ABLATIONS
 
 IMAGE_ABLATIONS = ("image-blank", "image-shuffle")
 ABLATIONS = LATENT_ABLATIONS + IMAGE_ABLATIONS
+# comparisons that exist for some backbones only: deepstack-bare re-feeds selected image tokens without their
+# DeepStack features (LatentConfig.deepstack_latent=False; Qwen3-VL)
+BACKBONE_ABLATIONS = ("deepstack-bare",)
 BOOTSTRAP_SAMPLES = 2000
 
 
 def parse_ablations(text: str | None) -> list[str]:
     """A comma list of ablation names -> the list (empty for None or ""); unknown names are refused."""
     names = [s.strip() for s in (text or "").split(",") if s.strip()]
-    bad = [s for s in names if s not in ABLATIONS]
+    bad = [s for s in names if s not in ABLATIONS + BACKBONE_ABLATIONS]
     if bad:
-        raise ValueError(f"--ablate {text!r}: unknown {bad}; use a comma list of {list(ABLATIONS)}")
+        known = list(ABLATIONS + BACKBONE_ABLATIONS)
+        raise ValueError(f"--ablate {text!r}: unknown {bad}; use a comma list of {known}")
     return list(dict.fromkeys(names))
 
 

@@ -40,6 +40,7 @@ class EvalConfig:
     max_cache_len: int = 8192
     position_mode: str | None = None
     selection_order: str = "position"
+    deepstack_latent: str = "on"  # on: a re-fed image token carries its DeepStack features (Qwen3-VL); off: bare
     answer_format: str = "auto"
     temperature: float = 0.0
     top_p: float = 1.0
@@ -62,7 +63,8 @@ class EvalConfig:
     def check(self) -> None:
         """Errors that need no model: each names the flag, the value seen and what would be valid."""
         for name, value, valid in (("--method", self.method, METHODS), ("--answer-format", self.answer_format,
-                                                                          ANSWER_FORMATS)):
+                                                                          ANSWER_FORMATS),
+                                   ("--deepstack-latent", self.deepstack_latent, ("on", "off"))):
             if value not in valid:
                 raise ValueError(f"{name} {value!r} is not valid; use one of {list(valid)}")
         if self.batch_size < 1:

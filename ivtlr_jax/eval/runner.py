@@ -157,6 +157,7 @@ class Evaluation:
         x = batch.inputs
         kwargs = dict(max_new_tokens=self.max_new, k=self.k, latent_text=self.latent_text,
                       position_mode=self.position_mode, selection_order=self.cfg.selection_order,
+                      deepstack_latent=self.cfg.deepstack_latent == "on",
                       temperature=self.cfg.temperature, top_p=self.cfg.top_p, seed=self.cfg.seed,
                       eos_token_ids=self.eos_ids, pad_token_id=self.pad_id)
         kwargs.update(options)
@@ -269,7 +270,12 @@ def run_ablations(ev: Evaluation, batch: EvalBatch, batch_index: int, names: lis
 
     out = {}
     for name in names:
-        if name in IMAGE_ABLATIONS:
+        if name == "deepstack-bare":
+            if not ev.bb.latent_extras:
+                raise ValueError(f"--ablate deepstack-bare compares the DeepStack modes of the latent loop; this "
+                                 f"checkpoint is {ev.bb.model_type}, which has no DeepStack (use it with qwen3_vl)")
+            res = ev.generate(batch, deepstack_latent=False, with_states=True)
+        elif name in IMAGE_ABLATIONS:
             ablated = ev.make_batch(batch.rows, image_ablation=name, seed=ev.cfg.seed + batch_index)
             if ablated.rows != batch.rows:
                 lost = sorted(set(batch.rows) - set(ablated.rows))
@@ -344,6 +350,7 @@ def summarize(ev: Evaluation, records: list[dict], timing: Timing) -> dict:
         "ckpt": os.path.abspath(cfg.ckpt), "data": cfg.data, "data_source": cfg.data_source, "split": cfg.split,
         "method": cfg.method, "n_latent": ev.n, "k": ev.k, "latent_text": ev.latent_text,
         "position_mode": ev.position_mode, "selection_order": cfg.selection_order,
+        "deepstack_latent": cfg.deepstack_latent if ev.bb.latent_extras else None,
         "max_new_tokens": ev.max_new, "batch_size": cfg.batch_size, "temperature": cfg.temperature,
         "answer_format": cfg.answer_format, "device": f"{device.platform}:{device.device_kind}",
         "mesh": cfg.mesh, "mesh_axes": dict(model.mesh.shape), "mesh_devices": int(model.mesh.devices.size),

@@ -27,6 +27,8 @@ BACKBONES = {
                        "ivtlr_jax.models.chameleon.config:ChameleonConfig", "ivtlr_jax.models.chameleon.small"),
     "qwen2_5_vl": Entry("ivtlr_jax.models.qwen2_5_vl.model:Qwen25VL",
                         "ivtlr_jax.models.qwen2_5_vl.config:Qwen25VLConfig", "ivtlr_jax.models.qwen2_5_vl.small"),
+    "qwen3_vl": Entry("ivtlr_jax.models.qwen3_vl.model:Qwen3VL", "ivtlr_jax.models.qwen3_vl.config:Qwen3VLConfig",
+                      "ivtlr_jax.models.qwen3_vl.small"),
 }
 DEFAULT_MODEL_TYPE = "qwen2_vl"  # configs written before model_type was recorded
 

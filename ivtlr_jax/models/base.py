@@ -29,6 +29,28 @@ class Embedded:
     image_pos: Any  # (B, I) int32: sequence index of the row's j-th image token (0 where invalid)
     image_valid: Any  # (B, I) bool
     image_embeds: Any  # (B, I, H): rows of `embeds` at image_pos
+    # the backbone's per-layer decoder inputs for this sequence (leading axis: layers), scanned with the layer
+    # params (Qwen3-VL: the DeepStack features to add at the image positions); None when it has none
+    extras: Any = None
+
+
+def image_inputs(images, image_grid_thw=None) -> dict | None:
+    """A processor's image dict (`pixel_values`, `image_grid_thw`, ...) or None; the older positional form
+    (pixel_values, image_grid_thw) is turned into that dict."""
+    if images is None and image_grid_thw is None:
+        return None
+    if isinstance(images, dict):
+        if image_grid_thw is not None:
+            raise ValueError("pass image_grid_thw inside the images dict, not beside it")
+        return images if any(v is not None for v in images.values()) else None
+    return {"pixel_values": images, "image_grid_thw": image_grid_thw}
+
+
+def grid_inputs(images) -> dict | None:
+    """positions()' image argument: the processor's dict, None, or (the older form) image_grid_thw alone."""
+    if images is None or isinstance(images, dict):
+        return images
+    return {"image_grid_thw": images}
 
 
 def rows_of_images(input_ids, attention_mask, image_token_id: int, tokens_per_image: list[int]) -> list[list[int]]:
@@ -89,6 +111,7 @@ class Backbone:
     native_position_mode: ClassVar[str] = "sequential"  # what `IVTLRModel.logits` uses by default
     position_rows: ClassVar[int] = 1  # rows of the positions array (3: M-RoPE sections)
     default_k: ClassVar[int] = 32  # image embeddings per latent step when none is given (the release's K)
+    latent_extras: ClassVar[bool] = False  # re-fed image tokens carry per-layer extras (refeed_extras; DeepStack)
     config: Any
 
     # ------------------------------------------------------------------ static facts
@@ -134,12 +157,25 @@ class Backbone:
         """(pixel_values, image_grid_thw or None, image tokens) of one blank reference-size image (dry runs)."""
         raise NotImplementedError
 
-    def prepare_images(self, input_ids, attention_mask, pixel_values, image_grid_thw=None):
-        """HF-processor image inputs -> this backbone's batch-leading image pytree (numpy) or None."""
+    def prepare_images(self, input_ids, attention_mask, images, image_grid_thw=None):
+        """The image processor's dict (pixel_values, image_grid_thw, ...; the older positional pixel_values,
+        image_grid_thw also work) -> this backbone's batch-leading image pytree (numpy) or None."""
+        images = image_inputs(images, image_grid_thw)
+        if images is None:
+            return None
+        return self.layout_images(input_ids, attention_mask, images)
+
+    def layout_images(self, input_ids, attention_mask, images: dict):
+        """The processor's image dict -> this backbone's batch-leading image pytree (numpy); see prepare_images."""
         raise NotImplementedError
 
-    def image_token_counts(self, pixel_values, image_grid_thw=None) -> list[int]:
-        """LLM image tokens of each image given (validating the image inputs)."""
+    def image_token_counts(self, images, image_grid_thw=None) -> list[int]:
+        """LLM image tokens of each image given (validating the image inputs): the processor's dict, or the older
+        positional pixel_values, image_grid_thw."""
+        return self.tokens_per_image(image_inputs(images, image_grid_thw) or {})
+
+    def tokens_per_image(self, images: dict) -> list[int]:
+        """LLM image tokens of each image of a processor's dict (validating it)."""
         raise NotImplementedError
 
     def image_token_layout(self, image_grid_thw=None) -> tuple[tuple[int, int, int], int, int]:
@@ -158,9 +194,14 @@ class Backbone:
         if (ids < 0).any() or (ids >= vocab).any():
             raise ValueError(f"input_ids hold ids outside [0, vocab_size={vocab})")
 
-    def positions(self, input_ids, attention_mask, image_grid_thw, mode: str) -> np.ndarray:
-        """(B, R, S) int32 positions by the backbone's position rule."""
+    def positions(self, input_ids, attention_mask, images, mode: str) -> np.ndarray:
+        """(B, R, S) int32 positions by the backbone's position rule `mode` (one of its `position_modes`); `images`
+        the processor's dict (or, the older form, image_grid_thw), or None."""
         self.check_position_mode(mode)
+        return self.mode_positions(input_ids, attention_mask, grid_inputs(images), mode)
+
+    def mode_positions(self, input_ids, attention_mask, images: dict | None, mode: str) -> np.ndarray:
+        """positions() for a checked mode and the processor's dict; sequential unless a backbone has others."""
         return sequential_positions(attention_mask, self.position_rows)
 
     def check_position_mode(self, mode: str) -> str:
@@ -186,12 +227,17 @@ class Backbone:
     def embed(self, params, input_ids, images, vision_wrapper=ly.identity) -> Embedded:
         """Token embeddings with each row's image tokens replaced, in order, by its image embeddings
         (`vision_wrapper`: the image encoder's layer wrapper, see `image_features`)."""
+        feats = None if images is None else self.image_features(params, images, vision_wrapper)
+        return self.embed_features(params, input_ids, feats)
+
+    def embed_features(self, params, input_ids, feats) -> Embedded:
+        """Token embeddings with each row's image tokens replaced, in order, by feats (B, I, H) (None: no images)."""
         tok = params.llm.embed[input_ids]  # (B, S, H)
         b = input_ids.shape[0]
-        if images is None:
+        if feats is None:
             zero = jnp.zeros((b, 1), jnp.int32)
             return Embedded(tok, zero, zero.astype(bool), jnp.zeros((b, 1, tok.shape[-1]), tok.dtype))
-        feats = self.image_features(params, images, vision_wrapper).astype(tok.dtype)  # (B, I, H)
+        feats = feats.astype(tok.dtype)  # (B, I, H)
         n_img = feats.shape[1]
         is_img = input_ids == self.config.image_token_id  # (B, S)
         j = jnp.clip(jnp.cumsum(is_img, 1) - 1, 0, n_img - 1)
@@ -204,12 +250,23 @@ class Backbone:
     def init_cache(self, batch: int, max_len: int, dtype) -> ly.KVCache:
         return ly.init_cache(self.dims, batch, max_len, dtype)
 
+    def decoder_block(self, d: ly.DecoderDims, p, x, extra, attend):
+        """This backbone's decoder layer (see layers.pre_norm_block for the contract); the Llama/Qwen2 one here."""
+        return ly.pre_norm_block(d, p, x, extra, attend)
+
     def decode(self, params, embeds, positions, cache, cache_index, kv_valid, *, attn_row: bool = False,
-               layer_wrapper=ly.identity, attention: str = "auto", kv_len: int | None = None):
-        """The one decoder entry point (see layers.decoder); positions (B, R, T); `layer_wrapper` wraps each
-        layer (the caller's remat)."""
+               layer_wrapper=ly.identity, attention: str = "auto", kv_len: int | None = None, extras=None):
+        """The one decoder entry point (see layers.decoder) with this backbone's block; positions (B, R, T);
+        `extras` its per-layer inputs (Embedded.extras, refeed_extras) or None; `layer_wrapper` wraps each layer
+        (the caller's remat)."""
         return ly.decoder(params.llm, self.dims, embeds, positions, cache, cache_index, kv_valid,
-                          attn_row=attn_row, layer_wrapper=layer_wrapper, attention=attention, kv_len=kv_len)
+                          attn_row=attn_row, layer_wrapper=layer_wrapper, attention=attention, kv_len=kv_len,
+                          block=self.decoder_block, extras=extras)
+
+    def refeed_extras(self, emb: Embedded, idx, chunk_len: int):
+        """The per-layer extras of a latent chunk of `chunk_len` vectors whose first k re-feed the row's image
+        tokens idx (B, k) (indices into emb.image_embeds): None for a backbone without extras."""
+        return None
 
     def lm_head(self, params, hidden):
         """Logits in float32 (B, T, V)."""

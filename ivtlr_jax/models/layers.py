@@ -10,6 +10,7 @@ fused kernel where the platform has one, see `decoder`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -146,7 +147,7 @@ class LayerNorm:
 
 @struct.dataclass
 class DecoderLayer:
-    """One pre-norm (or, with post_norm, swin-norm) decoder layer; every leaf stacked over layers."""
+    """One decoder layer's weights; every leaf stacked over layers (the backbone's block function uses them)."""
 
     input_norm: Any  # (L, H) RMSNorm weight
     post_attn_norm: Any  # (L, H)
@@ -157,8 +158,8 @@ class DecoderLayer:
     gate: Linear
     up: Linear
     down: Linear
-    q_norm: LayerNorm | None = None  # (L, heads, head_dim): per-head LayerNorm on q (Chameleon)
-    k_norm: LayerNorm | None = None  # (L, kv_heads, head_dim)
+    q_norm: Any = None  # the backbone's q/k norm weights (Chameleon: per-head LayerNorm; Qwen3: RMSNorm), or None
+    k_norm: Any = None
 
 
 @struct.dataclass
@@ -198,13 +199,11 @@ class DecoderDims:
     rope_sections: tuple[int, ...]  # per rotary frequency: which position row drives it
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
-    qk_norm: bool = False
-    post_norm: bool = False  # swin_norm: norms after attention and MLP
-    qk_norm_eps: float = 1e-5
+    explicit_head_dim: int | None = None  # a config's own head_dim (Qwen3); None: hidden_size / num_heads
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_heads
 
     @property
     def num_params(self) -> int:
@@ -245,8 +244,9 @@ def layer_norm_spec(shape, hf_prefix, *, layers=None, axes=None, trainable=True,
                                dtype=dtype, init="zeros"))
 
 
-def decoder_spec(d: DecoderDims, prefix: str = "model") -> Decoder:
-    """The spec of the shared decoder with Llama/Qwen2 Hugging Face names under `prefix`."""
+def decoder_spec(d: DecoderDims, prefix: str = "model", head_norm: Callable | None = None) -> Decoder:
+    """The spec of the shared decoder with Llama/Qwen2 Hugging Face names under `prefix`; `head_norm(heads, name)`
+    gives a backbone's q/k norm spec (None: no q/k norms) for `heads` heads under the HF module `name`."""
     L, h, i = d.num_layers, d.hidden_size, d.intermediate_size
     q, kv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
     lay = f"{prefix}.layers.{{i}}"
@@ -262,8 +262,8 @@ def decoder_spec(d: DecoderDims, prefix: str = "model") -> Decoder:
         gate=linear_spec(h, i, ("embed", "mlp"), f"{mlp}.gate_proj", **lin),
         up=linear_spec(h, i, ("embed", "mlp"), f"{mlp}.up_proj", **lin),
         down=linear_spec(i, h, ("mlp", "embed"), f"{mlp}.down_proj", **lin),
-        q_norm=layer_norm_spec((d.num_heads, d.head_dim), f"{attn}.q_norm", layers=L) if d.qk_norm else None,
-        k_norm=layer_norm_spec((d.num_kv_heads, d.head_dim), f"{attn}.k_norm", layers=L) if d.qk_norm else None,
+        q_norm=head_norm(d.num_heads, f"{attn}.q_norm") if head_norm else None,
+        k_norm=head_norm(d.num_kv_heads, f"{attn}.k_norm") if head_norm else None,
     )
     head = None
     if not d.tie_word_embeddings:
@@ -324,14 +324,6 @@ def rope_cos_sin(d: DecoderDims, positions):
 def init_cache(d: DecoderDims, batch: int, max_len: int, dtype) -> KVCache:
     shape = (d.num_layers, batch, max_len, d.num_kv_heads, d.head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-
-
-def _head_norm(x, p: LayerNorm | None, eps: float):
-    """Per-head LayerNorm over head_dim with (heads, head_dim) weight and bias (Chameleon's q/k norm)."""
-    if p is None:
-        return x
-    y = layer_norm(x, None, None, eps)
-    return (y * p.scale.astype(x.dtype) + p.bias.astype(x.dtype)).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -430,9 +422,34 @@ def cached_attention(q, k, v, ck, cv, past_valid, valid, attn_row: bool):
     return o.astype(dtype).reshape(b, t, n, hd), row
 
 
+# ----------------------------------------------------------------------------- decoder blocks
+# A block is a backbone's own layer function: block(d, p, x, extra, attend) -> (x, kv) with p the layer's
+# DecoderLayer, extra its slice of the per-layer `extras` (None when the backbone has none) and attend(q, k, v)
+# the shared attention (rotary, cache, kernel): q (B, T, N, hd), k/v (B, T, KV, hd) -> (o (B, T, N * hd), kv),
+# kv being what the block returns beside x. The scan over layers and the cache stay in `decoder`.
+def project_qkv(d: DecoderDims, p: DecoderLayer, h):
+    """q (B, T, N, hd), k and v (B, T, KV, hd) of the normed input h."""
+    b, t, _ = h.shape
+    q = checkpoint_name(p.q(h), "q_proj").reshape(b, t, d.num_heads, d.head_dim)
+    k = checkpoint_name(p.k(h), "k_proj").reshape(b, t, d.num_kv_heads, d.head_dim)
+    return q, k, checkpoint_name(p.v(h), "v_proj").reshape(b, t, d.num_kv_heads, d.head_dim)
+
+
+def swiglu(p: DecoderLayer, z):
+    return p.down(jax.nn.silu(p.gate(z)) * p.up(z))
+
+
+def pre_norm_block(d: DecoderDims, p: DecoderLayer, x, extra, attend):
+    """The Llama/Qwen2 layer: x + attn(norm(x)), then x + mlp(norm(x)) (extras unused)."""
+    del extra
+    o, kv = attend(*project_qkv(d, p, rms_norm(x, p.input_norm, d.rms_norm_eps)))
+    x = x + checkpoint_name(p.o(o), "o_proj")
+    return x + swiglu(p, rms_norm(x, p.post_attn_norm, d.rms_norm_eps)), kv
+
+
 def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cache_index, kv_valid, *,
             attn_row: bool = False, layer_wrapper: Callable = identity, attention: str | AttentionSpec = "auto",
-            kv_len: int | None = None):
+            kv_len: int | None = None, block: Callable = pre_norm_block, extras=None):
     """The one decoder entry point: prefill, latent chunks, suffix and one-token decoding.
 
     embeds (B, T, H) go to cache slots [cache_index, cache_index + T); positions (B, R, T); kv_valid
@@ -444,6 +461,8 @@ def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cac
     tokens: left/right padding or holes). After cached slots, the TPU kernel (pallas) runs every chunk of
     more than one token (latent chunks, the suffix) over [readable cache slots; the chunk]; one-token chunks
     (decoding) and the other implementations run dense attention there.
+    `block` is the backbone's layer function (see pre_norm_block) and `extras` a pytree of per-layer inputs
+    (leading axis: layers), scanned with the layer params and handed to the block (None: none).
     `layer_wrapper` wraps the scanned layer function (the trainer's remat, see train.remat; hashable when a
     jitted call takes it as a static argument).
     Returns (hidden after the final norm (B, T, H), new cache, attention row or None), where the
@@ -451,10 +470,47 @@ def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cac
     averaged over layers and heads (computed without gradient).
     """
     b, t, _ = embeds.shape
-    nkv, hd = d.num_kv_heads, d.head_dim
-    dtype = embeds.dtype
-    spec = attention_spec(attention, dtype, hd)
-    cache_index, past = _chunk_reads(cache_index, kv_len, t, cache.max_len)
+    past = _readable_slots(cache, cache_index, t, kv_len)
+    attend = _attention_fn(d, embeds.dtype, positions, cache, cache_index, kv_valid, past, attn_row, attention)
+
+    def layer(x, xs):
+        p, extra, ck, cv = xs
+        return block(d, p, x, extra, functools.partial(attend, ck=ck, cv=cv))
+
+    past_kv = (None, None) if past == 0 else (cache.k, cache.v)
+    x, (ks, vs, rows) = loop_scan(layer_wrapper(layer), embeds, (llm.layers, extras, *past_kv),
+                                  unroll=layer_wrapper.unroll)
+    x = rms_norm(x, llm.norm, d.rms_norm_eps)
+    at = (0, 0, cache_index, 0, 0)
+    new_cache = KVCache(jax.lax.dynamic_update_slice(cache.k, ks.astype(cache.k.dtype), at),
+                        jax.lax.dynamic_update_slice(cache.v, vs.astype(cache.v.dtype), at))
+    if not attn_row:
+        return x, new_cache, None
+    r = rows.mean(0)  # (B, past + T) layers averaged
+    max_len = cache.max_len
+    full = jnp.zeros((b, max_len), r.dtype).at[:, :past].set(r[:, :past])
+    return x, new_cache, jax.lax.dynamic_update_slice(full, r[:, past:], (0, cache_index))
+
+
+def _readable_slots(cache: KVCache, cache_index, t: int, kv_len: int | None) -> int:
+    """The static number of cache slots a chunk of t tokens at cache_index reads (see decoder)."""
+    max_len = cache.max_len
+    if isinstance(cache_index, (int, np.integer)):
+        if not 0 <= int(cache_index) <= max_len - t:
+            raise ValueError(f"cache_index={cache_index} with {t} new tokens does not fit a cache of {max_len} slots")
+        return int(cache_index)
+    past = max_len if kv_len is None else int(kv_len)
+    if not 0 < past <= max_len:
+        raise ValueError(f"kv_len={kv_len} must be in [1, {max_len}] (the cache slots a chunk may read)")
+    return past
+
+
+def _attention_fn(d: DecoderDims, dtype, positions, cache: KVCache, cache_index, kv_valid, past: int,
+                  attn_row: bool, attention):
+    """The shared attention a block calls: attend(q, k, v, ck=, cv=) -> (o (B, T, N * hd), (k, v, row))."""
+    b, t = positions.shape[0], positions.shape[2]
+    spec = attention_spec(attention, dtype, d.head_dim)
+    cache_index = int(cache_index) if isinstance(cache_index, (int, np.integer)) else cache_index
     # a one-query kernel call is not worth it (T padded to a 128-row block): one-token decoding stays dense
     splash = spec.impl == "pallas" and (past == 0 or t > 1)
     fused = splash or (spec.impl in ("xla", "cudnn") and past == 0)
@@ -465,12 +521,8 @@ def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cac
     seen = jnp.concatenate([past_valid, valid], 1)  # (B, past + T): the keys a real query of the chunk may see
     order = compact_order(valid) if fused and not splash else None  # once for every layer
     last = last_real_index(valid) if fused else None  # (B,) the query whose attention row is returned
-    eps = d.rms_norm_eps
 
-    def attention_block(h, p: DecoderLayer, ck, cv):
-        q = _head_norm(checkpoint_name(p.q(h), "q_proj").reshape(b, t, d.num_heads, hd), p.q_norm, d.qk_norm_eps)
-        k = _head_norm(checkpoint_name(p.k(h), "k_proj").reshape(b, t, nkv, hd), p.k_norm, d.qk_norm_eps)
-        v = checkpoint_name(p.v(h), "v_proj").reshape(b, t, nkv, hd)
+    def attend(q, k, v, ck=None, cv=None):
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin).astype(cache.k.dtype).astype(dtype)  # as stored in the cache
         v = v.astype(cache.v.dtype).astype(dtype)
@@ -489,52 +541,9 @@ def decoder(llm: Decoder, d: DecoderDims, embeds, positions, cache: KVCache, cac
             if past:  # only the slots before the chunk are read
                 ck, cv = ck[:, :past], cv[:, :past]
             o, row = cached_attention(q, k, v, ck, cv, past_valid, valid, attn_row)  # row (B, past + T)
-        o = checkpoint_name(o.reshape(b, t, -1), "context")
-        return checkpoint_name(p.o(o), "o_proj"), k, v, row
+        return checkpoint_name(o.reshape(b, t, -1), "context"), (k, v, row)
 
-    def layer(x, xs):
-        p, ck, cv = xs
-        mlp = lambda z: p.down(jax.nn.silu(p.gate(z)) * p.up(z))
-        if d.post_norm:  # swin_norm: x + norm(attn(x)), then x + norm(mlp(x))
-            a, k, v, row = attention_block(x, p, ck, cv)
-            x = x + rms_norm(a, p.input_norm, eps)
-            x = x + rms_norm(mlp(x), p.post_attn_norm, eps)
-        else:
-            a, k, v, row = attention_block(rms_norm(x, p.input_norm, eps), p, ck, cv)
-            x = x + a
-            x = x + mlp(rms_norm(x, p.post_attn_norm, eps))
-        return x, (k, v, row)
-
-    past_kv = (None, None) if past == 0 else (cache.k, cache.v)
-    x, (ks, vs, rows) = loop_scan(layer_wrapper(layer), embeds, (llm.layers, *past_kv), unroll=layer_wrapper.unroll)
-    return (rms_norm(x, llm.norm, eps), *_write_chunk(cache, ks, vs, rows if attn_row else None, cache_index, past))
-
-
-def _chunk_reads(cache_index, kv_len: int | None, t: int, max_len: int):
-    """(cache_index, past) of a chunk of t tokens written at cache_index: past is the static number of cache slots
-    it reads ([0, cache_index) when cache_index is a Python int, which it then is; else [0, kv_len))."""
-    if isinstance(cache_index, (int, np.integer)):
-        cache_index = int(cache_index)
-        if not 0 <= cache_index <= max_len - t:
-            raise ValueError(f"cache_index={cache_index} with {t} new tokens does not fit a cache of {max_len} slots")
-        return cache_index, cache_index
-    past = max_len if kv_len is None else int(kv_len)
-    if not 0 < past <= max_len:
-        raise ValueError(f"kv_len={kv_len} must be in [1, {max_len}] (the cache slots a chunk may read)")
-    return cache_index, past
-
-
-def _write_chunk(cache: KVCache, ks, vs, rows, cache_index, past: int):
-    """(the cache with the chunk's keys/values (layers, B, T, KV, hd) at cache_index, the attention row (B, max_len)
-    from the per-layer rows (layers, B, past + T) averaged over layers; None without rows)."""
-    at = (0, 0, cache_index, 0, 0)
-    new_cache = KVCache(jax.lax.dynamic_update_slice(cache.k, ks.astype(cache.k.dtype), at),
-                        jax.lax.dynamic_update_slice(cache.v, vs.astype(cache.v.dtype), at))
-    if rows is None:
-        return new_cache, None
-    r = rows.mean(0)  # (B, past + T) layers averaged
-    full = jnp.zeros((r.shape[0], cache.max_len), r.dtype).at[:, :past].set(r[:, :past])
-    return new_cache, jax.lax.dynamic_update_slice(full, r[:, past:], (0, cache_index))
+    return attend
 
 
 def lm_logits(llm: Decoder, d: DecoderDims, hidden):

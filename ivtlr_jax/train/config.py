@@ -79,6 +79,7 @@ class TrainConfig:
     position_mode: str = LatentConfig.position_mode
     selection_order: str = LatentConfig.selection_order
     latent_grad: str = LatentConfig.latent_grad
+    deepstack_latent: bool = LatentConfig.deepstack_latent
     # what is trained: LoRA adapters (section `lora`: LoRAOptions, whose defaults these are) or the whole LLM
     finetune: str = "lora"  # lora | full
     lora_r: int = LoRAOptions.r
@@ -149,7 +150,7 @@ class TrainConfig:
         """The latent options; `default_k` (the backbone's) when k is not set."""
         return LatentConfig(k=default_k if self.k is None else self.k, latent_text=self.latent_text,
                             position_mode=self.position_mode, selection_order=self.selection_order,
-                            latent_grad=self.latent_grad)
+                            latent_grad=self.latent_grad, deepstack_latent=self.deepstack_latent)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

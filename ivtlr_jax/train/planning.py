@@ -16,6 +16,7 @@ from ivtlr_jax.train.config import TrainConfig
 # Config fields that decide the training trajectory: a resumed run must have the values of the run it continues.
 TRAJECTORY_FIELDS = ("data", "train_split", "limit", "epochs_per_stage", "max_latent_stage", "pad_latent_to_max",
                      "latent_markers", "k", "latent_text", "position_mode", "selection_order", "latent_grad",
+                     "deepstack_latent",
                      "finetune", "lora_r", "lora_alpha", "lora_dropout", "lr", "weight_decay", "beta1", "beta2",
                      "clip", "warmup_steps", "schedule", "batch_size", "grad_accum", "compute_dtype", "max_length",
                      "seed")

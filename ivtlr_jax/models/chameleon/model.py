@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.ad_checkpoint import checkpoint_name
 
 from ivtlr_jax.config import PromptFormat
 from ivtlr_jax.models import layers as ly
@@ -254,6 +255,15 @@ def vq_flops(v: VQConfig) -> float:
 
 
 # ----------------------------------------------------------------------------- the backbone
+QK_NORM_EPS = 1e-5  # the q/k LayerNorm epsilon (fixed in transformers)
+
+
+def head_norm(x, p: ly.LayerNorm):
+    """Per-head LayerNorm over head_dim with (heads, head_dim) weight and bias (Chameleon's q/k norm)."""
+    y = ly.layer_norm(x, None, None, QK_NORM_EPS)
+    return (y * p.scale.astype(x.dtype) + p.bias.astype(x.dtype)).astype(x.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class Chameleon(Backbone):
     """Chameleon (VQ image tokenizer + decoder with per-head q/k LayerNorm over one mixed vocabulary)."""
@@ -264,14 +274,30 @@ class Chameleon(Backbone):
 
     @property
     def dims(self) -> ly.DecoderDims:
-        return self.decoder_dims((0,) * (self.config.head_dim // 2), qk_norm=True, post_norm=self.config.swin_norm)
+        return self.decoder_dims((0,) * (self.config.head_dim // 2))
 
     @property
     def prompt(self) -> PromptFormat:
         return PROMPT
 
     def param_spec(self) -> Params:
-        return Params(vq=vq_spec(self.config.vq), llm=ly.decoder_spec(self.dims))
+        d = self.dims
+        head_norm = lambda heads, name: ly.layer_norm_spec((heads, d.head_dim), name, layers=d.num_layers)  # noqa: E731
+        return Params(vq=vq_spec(self.config.vq), llm=ly.decoder_spec(d, head_norm=head_norm))
+
+    def decoder_block(self, d: ly.DecoderDims, p: ly.DecoderLayer, x, extra, attend):
+        """The Chameleon layer: per-head LayerNorm on q and k; pre-norm, or with swin_norm the norms after
+        attention and MLP (x + norm(attn(x)), then x + norm(mlp(x)))."""
+        eps = d.rms_norm_eps
+        h = x if self.config.swin_norm else ly.rms_norm(x, p.input_norm, eps)
+        q, k, v = ly.project_qkv(d, p, h)
+        o, kv = attend(head_norm(q, p.q_norm), head_norm(k, p.k_norm), v)
+        a = checkpoint_name(p.o(o), "o_proj")
+        if self.config.swin_norm:
+            x = x + ly.rms_norm(a, p.input_norm, eps)
+            return x + ly.rms_norm(ly.swiglu(p, x), p.post_attn_norm, eps), kv
+        x = x + a
+        return x + ly.swiglu(p, ly.rms_norm(x, p.post_attn_norm, eps)), kv
 
     def image_options(self, resize_mode: str = "reference") -> ImageOptions:
         """This model's image processor for the data layer: one square of the VQ resolution (the VQ tokenizer takes
@@ -309,13 +335,12 @@ class Chameleon(Backbone):
             return self.replace_config(image_vocab=tuple(range(4, 4 + self.config.vq.num_embeddings)))
         return self
 
-    def image_token_counts(self, pixel_values, image_grid_thw=None) -> list[int]:
-        return [self.config.vq.tokens_per_image] * len(self.check_pixels(pixel_values))
+    def tokens_per_image(self, images: dict) -> list[int]:
+        return [self.config.vq.tokens_per_image] * len(self.check_pixels(images.get("pixel_values")))
 
-    def prepare_images(self, input_ids, attention_mask, pixel_values, image_grid_thw=None) -> Images | None:
-        if pixel_values is None:
-            return None
-        pv = self.check_pixels(pixel_values)
+    def layout_images(self, input_ids, attention_mask, images: dict) -> Images:
+        """The processor's dict: pixel_values (n, 3, R, R) -> per-row Images."""
+        pv = self.check_pixels(images.get("pixel_values"))
         t = self.config.vq.tokens_per_image
         rows = rows_of_images(input_ids, attention_mask, self.config.image_token_id, [t] * len(pv))
         m = max(1, max(len(r) for r in rows))

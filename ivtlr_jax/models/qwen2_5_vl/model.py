@@ -13,15 +13,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
 from ivtlr_jax.models import layers as ly
+from ivtlr_jax.models import qwen_vision as qv
 from ivtlr_jax.models.base import rows_of_images
 from ivtlr_jax.models.qwen2_5_vl.config import Qwen25VisionConfig, Qwen25VLConfig
-from ivtlr_jax.models.qwen2_vl import Qwen2VL, check_image_inputs, patch_rows_cols
+from ivtlr_jax.models.qwen2_vl import Qwen2VL
+from ivtlr_jax.models.qwen_vision import check_image_inputs, patch_rows_cols
 from ivtlr_jax.models.spec import HFKey, ParamInfo
 
 RMS_EPS = 1e-6  # the vision blocks' and the merger's RMSNorm epsilon (fixed in transformers)
@@ -86,10 +87,6 @@ def patch_windows(vcfg: Qwen25VisionConfig, grid_row) -> np.ndarray:
     return (frame * per_frame + (rc[:, 0] // side) * across + rc[:, 1] // side).astype(np.int32)
 
 
-def vision_activation(name: str):
-    return {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-            "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-            "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x)}[name]
 
 
 # ----------------------------------------------------------------------------- the backbone
@@ -138,14 +135,15 @@ class Qwen25VL(Qwen2VL):
             raise ValueError(f"input_ids hold video tokens (id {self.config.video_token_id}): videos are out of scope "
                              "for this Qwen2.5-VL port (images only); pass images with image_grid_thw")
 
-    def prepare_images(self, input_ids, attention_mask, pixel_values, image_grid_thw=None) -> Images | None:
-        """Qwen2-VL's per-row layout plus the attention window of every patch."""
+    def prepare_images(self, input_ids, attention_mask, images, image_grid_thw=None) -> Images | None:
         self.check_no_video(input_ids, attention_mask)
-        base = super().prepare_images(input_ids, attention_mask, pixel_values, image_grid_thw)
-        if base is None:
-            return None
+        return super().prepare_images(input_ids, attention_mask, images, image_grid_thw)
+
+    def layout_images(self, input_ids, attention_mask, images: dict) -> Images:
+        """Qwen2-VL's per-row layout plus the attention window of every patch."""
+        base = super().layout_images(input_ids, attention_mask, images)
         v = self.config.vision
-        grid = check_image_inputs(v, pixel_values, image_grid_thw)
+        grid = check_image_inputs(v, images["pixel_values"], images["image_grid_thw"])
         tokens = (grid.prod(-1) // v.spatial_merge_size**2).tolist()
         rows = rows_of_images(input_ids, attention_mask, self.config.image_token_id, tokens)
         window = np.full(base.patch_valid.shape, -1, np.int32)
@@ -155,9 +153,9 @@ class Qwen25VL(Qwen2VL):
                 window[r, slot, : len(ids)] = ids
         return Images(base.pixel_values, base.patch_valid, base.patch_rc, window, base.feat_index)
 
-    def positions(self, input_ids, attention_mask, image_grid_thw, mode: str) -> np.ndarray:
+    def positions(self, input_ids, attention_mask, images, mode: str) -> np.ndarray:
         self.check_no_video(input_ids, attention_mask)
-        return super().positions(input_ids, attention_mask, image_grid_thw, mode)
+        return super().positions(input_ids, attention_mask, images, mode)
 
     # ------------------------------------------------------------------ device side
     def vision_tower(self, vparams: VisionTower, images: Images, layer_wrapper=ly.identity):
@@ -169,47 +167,26 @@ class Qwen25VL(Qwen2VL):
         v = self.config.vision
         b, m, p, _ = images.pixel_values.shape
         n = b * m
-        dtype = vparams.patch_embed.kernel.dtype
-        x = vparams.patch_embed(images.pixel_values.astype(dtype)).reshape(n, p, -1)  # (N, P, E)
-        valid = images.patch_valid.reshape(n, p)
+        x = qv.patch_embed(vparams.patch_embed, images.pixel_values)  # (N, P, E)
         window = images.patch_window.reshape(n, p)
-        image_ok = valid[:, None, None, :]  # (N, 1, 1, P): keys of the same image
+        image_ok = images.patch_valid.reshape(n, p)[:, None, None, :]  # (N, 1, 1, P): keys of the same image
         window_ok = (window[:, None, :, None] == window[:, None, None, :]) & image_ok  # (N, 1, P, P)
-        dim = v.head_dim // 2
-        inv_freq = 1.0 / (v.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-        rc = images.patch_rc.reshape(n, p, 2).astype(jnp.float32)
-        ang = jnp.concatenate([rc[..., :1] * inv_freq, rc[..., 1:] * inv_freq], -1)  # (N, P, head_dim/2)
-        ang = jnp.concatenate([ang, ang], -1)[:, :, None, :]
-        cos, sin = jnp.cos(ang), jnp.sin(ang)
-        nh, hd, e = v.num_heads, v.head_dim, v.embed_dim
-        act = vision_activation(v.hidden_act)
+        cos, sin = qv.rotary(v, images.patch_rc)
+        act = qv.activation(v.hidden_act)
         full = jnp.asarray(np.isin(np.arange(v.depth), v.fullatt_block_indexes))  # (depth,) bool
 
         def block(x, xs):
             blk, is_full = xs
             h = ly.rms_norm(x, blk.norm1, RMS_EPS)
-            qkv = blk.qkv(h).reshape(n, p, 3, nh, hd)
-            q, k, val = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-            q, k = ly.apply_rotary(q, cos, sin), ly.apply_rotary(k, cos, sin)
-            s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * hd**-0.5
-            allowed = jnp.where(is_full, image_ok, window_ok)
-            a = jax.nn.softmax(jnp.where(allowed, s, ly.MASK_VALUE), axis=-1).astype(x.dtype)
-            x = x + blk.proj(jnp.einsum("bhqk,bkhd->bqhd", a, val).reshape(n, p, e))
+            x = x + qv.attention(blk.qkv, blk.proj, h, cos, sin, jnp.where(is_full, image_ok, window_ok), v.num_heads)
             h = ly.rms_norm(x, blk.norm2, RMS_EPS)
             return x + blk.down(act(blk.gate(h)) * blk.up(h)), None
 
         x, _ = ly.loop_scan(layer_wrapper(block), x, (vparams.blocks, full), unroll=layer_wrapper.unroll)
         mp = vparams.merger
-        x = ly.rms_norm(x, mp.ln_q, RMS_EPS)
-        x = x.reshape(b, m * p // v.spatial_merge_size**2, -1)  # groups of merge^2 consecutive patches
-        return mp.fc2(jax.nn.gelu(mp.fc1(x), approximate=False))
+        return qv.merger_mlp(mp.fc1, mp.fc2, qv.merge(v, ly.rms_norm(x, mp.ln_q, RMS_EPS), b))
 
     def image_flops(self, images: Images) -> float:
         """Forward FLOPs of the vision tower over a batch's image slots (padding and masked window scores
         included: they are computed)."""
-        v = self.config.vision
-        b, m, p, _ = images.pixel_values.shape
-        e, mm = v.embed_dim, v.spatial_merge_size**2
-        blocks = v.depth * (2 * p * (4 * e * e + 3 * e * v.mlp_dim) + 4 * p * p * e)  # matmuls + attention
-        merger = 2 * (p // mm) * ((e * mm) ** 2 + e * mm * self.config.hidden_size)
-        return float(b * m * (2 * p * v.patch_dim * e + blocks + merger))
+        return qv.tower_flops(self.config.vision, images, self.config.hidden_size, mlp_matmuls=3)

@@ -6,6 +6,7 @@ patchify into HF-layout ``pixel_values`` rows of temporal_patch * 3 * patch * pa
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -15,10 +16,14 @@ from PIL import Image
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 RESIZE_MODES = ("reference", "smart")
-# uint8 value -> normalised float32 per channel, computed as HF does: float64 rescale by 1/255,
-# cast to float32, then (x - mean) / std in float32. Shape (3, 256).
-_NORMALISED = ((np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)[None, :]
-               - CLIP_MEAN[:, None]) / CLIP_STD[:, None]
+
+
+@functools.lru_cache(maxsize=8)
+def normalised_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """uint8 value -> normalised float32 per channel, computed as HF does: float64 rescale by 1/255, cast to
+    float32, then (x - mean) / std in float32. Shape (3, 256)."""
+    m, s = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    return ((np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)[None, :] - m[:, None]) / s[:, None]
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class ImageOptions:
     patch_size: int = 14
     merge_size: int = 2
     temporal_patch_size: int = 2
+    image_mean: tuple[float, float, float] = tuple(CLIP_MEAN.tolist())  # Qwen3-VL: (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = tuple(CLIP_STD.tolist())
 
     def __post_init__(self):
         if self.resize_mode not in RESIZE_MODES:
@@ -131,8 +138,9 @@ def patchify(pixels: np.ndarray, options: ImageOptions) -> tuple[np.ndarray, np.
     x = pixels.reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
     x = x.reshape(gh * gw, 3, p * p)  # (rows, C, p*p) uint8
     rows = np.empty((gh * gw, 3, tp, p * p), dtype=np.float32)  # (rows, C, T, p*p)
+    table = normalised_table(tuple(options.image_mean), tuple(options.image_std))
     for ch in range(3):
-        values = _NORMALISED[ch].take(x[:, ch])  # (rows, p*p) float32
+        values = table[ch].take(x[:, ch])  # (rows, p*p) float32
         rows[:, ch] = values[:, None, :]
     return rows.reshape(gh * gw, 3 * tp * p * p), np.array([1, gh, gw], dtype=np.int64)
 

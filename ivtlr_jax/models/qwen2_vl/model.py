@@ -17,10 +17,12 @@ from flax import struct
 
 from ivtlr_jax.config import PromptFormat
 from ivtlr_jax.models import layers as ly
+from ivtlr_jax.models import qwen_vision as qv
 from ivtlr_jax.models.base import Backbone, feature_index, rows_of_images, sequential_positions
-from ivtlr_jax.models.qwen2_vl.config import Qwen2VLConfig, VisionConfig
+from ivtlr_jax.models.qwen2_vl.config import Qwen2VLConfig
 from ivtlr_jax.models.qwen2_vl.images import ImageOptions
 from ivtlr_jax.models.qwen2_vl.prompt import PROMPT
+from ivtlr_jax.models.qwen_vision import check_image_inputs, patch_rows_cols  # noqa: F401  (re-exported)
 from ivtlr_jax.models.spec import HFKey, ParamInfo
 
 
@@ -66,42 +68,6 @@ class Images:
 
 
 # ----------------------------------------------------------------------------- host helpers
-def check_image_inputs(vcfg: VisionConfig, pixel_values, image_grid_thw) -> np.ndarray:
-    """Validate pixel_values against image_grid_thw; return the grid as an int64 (n, 3) array."""
-    grid = np.asarray(image_grid_thw)
-    if grid.ndim != 2 or grid.shape[1] != 3 or grid.shape[0] == 0:
-        raise ValueError(
-            f"image_grid_thw has shape {grid.shape}; expected (num_images, 3) rows of (t, h, w) "
-            "as the Qwen2-VL image processor returns"
-        )
-    grid = grid.astype(np.int64)
-    m = vcfg.spatial_merge_size
-    if (grid[:, 1] % m).any() or (grid[:, 2] % m).any() or (grid <= 0).any():
-        raise ValueError(
-            f"image_grid_thw={grid.tolist()}: h and w must be positive multiples of spatial_merge_size={m}"
-        )
-    shape = tuple(np.shape(pixel_values))
-    expected = (int(grid.prod(-1).sum()), vcfg.patch_dim)
-    if shape != expected:
-        raise ValueError(
-            f"pixel_values has shape {shape} but image_grid_thw={grid.tolist()} needs {expected} "
-            f"(sum of t*h*w rows of C*T*P*P = {vcfg.in_channels}*{vcfg.temporal_patch_size}*"
-            f"{vcfg.patch_size}*{vcfg.patch_size} values)"
-        )
-    return grid
-
-
-def patch_rows_cols(vcfg: VisionConfig, grid_row) -> np.ndarray:
-    """(t*h*w, 2) (row, col) of each patch of one image, in the processor's merge-block order."""
-    m = vcfg.spatial_merge_size
-    t, h, w = (int(v) for v in grid_row)
-    hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    shape = (h // m, m, w // m, m)
-    hh = hh.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
-    ww = ww.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
-    return np.tile(np.stack([hh, ww], -1), (t, 1)).astype(np.int32)
-
-
 def mrope_positions(cfg: Qwen2VLConfig, input_ids, attention_mask, image_grid_thw=None) -> np.ndarray:
     """Qwen2-VL native 3-D positions (B, 3, S), as `get_rope_index` computes them (pads get 0)."""
     ids = np.asarray(input_ids)
@@ -221,14 +187,14 @@ class Qwen2VL(Backbone):
         grid = np.array([[1, height // v.patch_size, width // v.patch_size]], np.int64)
         return np.zeros((int(grid.prod()), v.patch_dim), np.float32), grid, int(grid.prod()) // v.spatial_merge_size**2
 
-    def image_token_counts(self, pixel_values, image_grid_thw=None) -> list[int]:
-        grid = check_image_inputs(self.config.vision, pixel_values, image_grid_thw)
+    def tokens_per_image(self, images: dict) -> list[int]:
+        grid = check_image_inputs(self.config.vision, images.get("pixel_values"), images.get("image_grid_thw"))
         return (grid.prod(-1) // self.config.vision.spatial_merge_size**2).tolist()
 
-    def prepare_images(self, input_ids, attention_mask, pixel_values, image_grid_thw=None) -> Images | None:
-        """HF-layout pixel_values (sum t*h*w, C*T*P*P) + image_grid_thw (n, 3) -> per-row Images."""
-        if pixel_values is None and image_grid_thw is None:
-            return None
+    def layout_images(self, input_ids, attention_mask, images: dict) -> Images:
+        """The processor's dict: HF-layout pixel_values (sum t*h*w, C*T*P*P) + image_grid_thw (n, 3) -> per-row
+        Images."""
+        pixel_values, image_grid_thw = images.get("pixel_values"), images.get("image_grid_thw")
         if pixel_values is None or image_grid_thw is None:
             raise ValueError("pixel_values and image_grid_thw go together: pass both or neither")
         v = self.config.vision
@@ -253,10 +219,10 @@ class Qwen2VL(Backbone):
         fidx = feature_index(rows, (sizes // merge).tolist(), p // merge)
         return Images(out, valid, rc, fidx)
 
-    def positions(self, input_ids, attention_mask, image_grid_thw, mode: str) -> np.ndarray:
-        if self.check_position_mode(mode) == "sequential":
+    def mode_positions(self, input_ids, attention_mask, images: dict | None, mode: str) -> np.ndarray:
+        if mode == "sequential":
             return sequential_positions(attention_mask, 3)
-        return mrope_positions(self.config, input_ids, attention_mask, image_grid_thw)
+        return mrope_positions(self.config, input_ids, attention_mask, (images or {}).get("image_grid_thw"))
 
     # ------------------------------------------------------------------ device side
     def vision_tower(self, vparams: VisionTower, images: Images, layer_wrapper=ly.identity):
@@ -264,43 +230,23 @@ class Qwen2VL(Backbone):
         `layer_wrapper` wraps the scanned blocks (the caller's remat)."""
         v = self.config.vision
         b, m, p, _ = images.pixel_values.shape
-        dtype = vparams.patch_embed.kernel.dtype
-        x = vparams.patch_embed(images.pixel_values.astype(dtype)).reshape(b * m, p, -1)  # (N, P, E)
+        x = qv.patch_embed(vparams.patch_embed, images.pixel_values)  # (N, P, E)
         key_ok = images.patch_valid.reshape(b * m, 1, 1, p)
-        dim = v.head_dim // 2
-        inv_freq = 1.0 / (v.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-        rc = images.patch_rc.reshape(b * m, p, 2).astype(jnp.float32)
-        ang = jnp.concatenate([rc[..., :1] * inv_freq, rc[..., 1:] * inv_freq], -1)  # (N, P, head_dim/2)
-        ang = jnp.concatenate([ang, ang], -1)[:, :, None, :]
-        cos, sin = jnp.cos(ang), jnp.sin(ang)
-        nh, hd, e = v.num_heads, v.head_dim, v.embed_dim
+        cos, sin = qv.rotary(v, images.patch_rc)
 
         def block(x, blk: VisionBlock):
             h = ly.layer_norm(x, blk.norm1.scale, blk.norm1.bias)
-            qkv = blk.qkv(h).reshape(b * m, p, 3, nh, hd)
-            q, k, val = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-            q, k = ly.apply_rotary(q, cos, sin), ly.apply_rotary(k, cos, sin)
-            s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * hd**-0.5
-            a = jax.nn.softmax(jnp.where(key_ok, s, ly.MASK_VALUE), axis=-1).astype(x.dtype)
-            x = x + blk.proj(jnp.einsum("bhqk,bkhd->bqhd", a, val).reshape(b * m, p, e))
-            h = ly.layer_norm(x, blk.norm2.scale, blk.norm2.bias)
-            h = blk.fc1(h)
+            x = x + qv.attention(blk.qkv, blk.proj, h, cos, sin, key_ok, v.num_heads)
+            h = blk.fc1(ly.layer_norm(x, blk.norm2.scale, blk.norm2.bias))
             return x + blk.fc2(h * jax.nn.sigmoid(1.702 * h)), None  # quick_gelu
 
         x, _ = ly.loop_scan(layer_wrapper(block), x, vparams.blocks, unroll=layer_wrapper.unroll)
         mp = vparams.merger
-        x = ly.layer_norm(x, mp.ln_q.scale, mp.ln_q.bias)
-        x = x.reshape(b, m * p // v.spatial_merge_size**2, -1)  # groups of merge^2 consecutive patches
-        return mp.fc2(jax.nn.gelu(mp.fc1(x), approximate=False))
+        return qv.merger_mlp(mp.fc1, mp.fc2, qv.merge(v, ly.layer_norm(x, mp.ln_q.scale, mp.ln_q.bias), b))
 
     def image_flops(self, images: Images) -> float:
         """Forward FLOPs of the vision tower over a batch's image slots (padding included: it is computed)."""
-        v = self.config.vision
-        b, m, p, _ = images.pixel_values.shape
-        e, mm = v.embed_dim, v.spatial_merge_size**2
-        blocks = v.depth * (2 * p * (4 * e * e + 2 * e * v.mlp_dim) + 4 * p * p * e)  # matmuls + attention
-        merger = 2 * (p // mm) * ((e * mm) ** 2 + e * mm * self.config.hidden_size)
-        return float(b * m * (2 * p * v.patch_dim * e + blocks + merger))
+        return qv.tower_flops(self.config.vision, images, self.config.hidden_size, mlp_matmuls=2)
 
     def image_features(self, params: Params, images: Images, layer_wrapper=ly.identity):
         feats = self.vision_tower(params.vision, images, layer_wrapper)  # (B, M * T, H)

@@ -88,13 +88,14 @@ def bench_model(vocab: int = 8192, hidden: int = 512, layers: int = 8):
 
 
 def bench_batch(batch: int, n_latent: int = 0, text_len: int = 128, tail: int = 0, seed: int = 0,
-                vocab: int = 8192):
-    """Rows of [text, one 280x280 image (100 tokens), text] + n latent tokens + tail; HF layout pixels."""
+                vocab: int = 8192, patch_dim: int = PATCH_DIM):
+    """Rows of [text, one 280x280 image (100 tokens), text] + n latent tokens + tail; HF layout pixels (patch_dim
+    values a row: Qwen3-VL's 320x320 image at patch 16 has the same 20 x 20 grid)."""
     ids_ = special_ids(vocab)
     rng = np.random.default_rng(seed)
     grid = np.tile(np.array([IMAGE_GRID]), (batch, 1))
     n_patch = int(np.prod(IMAGE_GRID))
-    pixel_values = rng.normal(size=(n_patch * batch, PATCH_DIM)).astype(np.float32)
+    pixel_values = rng.normal(size=(n_patch * batch, patch_dim)).astype(np.float32)
     half = text_len // 2
     rows = []
     for _ in range(batch):

@@ -1,0 +1,189 @@
+"""Qwen3-VL's config: a Qwen3 LLM (q/k RMSNorm, explicit head_dim, interleaved M-RoPE) and a ViT with learned
+position embeddings and DeepStack mergers, read from and written to HF config.json.
+
+This module imports no model code (no JAX), so the config registry can load it early.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ivtlr_jax.config import coerce_fields
+from ivtlr_jax.models.config import BackboneConfig
+
+VISION_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "silu", "quick_gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3VisionConfig:
+    """The Qwen3-VL vision tower: LayerNorm/GELU blocks, learned position embeddings (a square table bilinearly
+    resampled to each image's grid) plus 2-D rotary, a 2x2 merger, and one more merger per DeepStack block."""
+
+    depth: int = 27
+    embed_dim: int = 1152  # the ViT width (vision_config.hidden_size in config.json)
+    intermediate_size: int = 4304
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    out_hidden_size: int = 4096  # the mergers' output width = the LLM's hidden size
+    num_position_embeddings: int = 2304  # a side x side table (48 x 48)
+    deepstack_visual_indexes: tuple[int, ...] = (8, 16, 24)  # blocks whose output also feeds decoder layers 0, 1, ..
+    hidden_act: str = "gelu_pytorch_tanh"
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        coerce_fields(self)
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"vision_config: hidden_size={self.embed_dim} must be divisible by num_heads="
+                             f"{self.num_heads}")
+        side = int(self.num_position_embeddings ** 0.5)
+        if side * side != self.num_position_embeddings:
+            raise ValueError(f"vision_config: num_position_embeddings={self.num_position_embeddings} must be a square "
+                             "(the learned position table is side x side)")
+        bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"vision_config: deepstack_visual_indexes {bad} are outside the {self.depth} blocks "
+                             f"(0..{self.depth - 1})")
+        if self.hidden_act not in VISION_ACTIVATIONS:
+            raise ValueError(f"vision_config: hidden_act={self.hidden_act!r} is not supported; use one of "
+                             f"{list(VISION_ACTIVATIONS)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.intermediate_size
+
+    @property
+    def position_side(self) -> int:
+        return int(round(self.num_position_embeddings ** 0.5))
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one `pixel_values` row: C * T * P * P."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3VLConfig(BackboneConfig):
+    """The whole Qwen3-VL (dense): Qwen3 decoder with interleaved M-RoPE plus the DeepStack vision tower.
+
+    The defaults are Qwen3-VL-8B-Instruct's.
+    """
+
+    model_type = "qwen3_vl"
+    position_modes = ("sequential", "mrope")
+    vocab_size: int = 151936
+    hidden_size: int = 4096
+    intermediate_size: int = 12288
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 5000000.0
+    mrope_section: tuple[int, int, int] = (24, 20, 20)
+    tie_word_embeddings: bool = False
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    eos_token_id: tuple[int, ...] = (151645,)
+    pad_token_id: int | None = None
+    latent_token_id: int | None = None
+    start_latent_token_id: int | None = None
+    end_latent_token_id: int | None = None
+    position_mode: str | None = None  # the checkpoint's default position rule (None: the native "mrope")
+    vision: Qwen3VisionConfig = dataclasses.field(default_factory=Qwen3VisionConfig)
+
+    def check(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.position_mode is not None and self.position_mode not in self.position_modes:
+            raise ValueError(f"position_mode={self.position_mode!r} is not valid for qwen3_vl; use one of "
+                             f"{list(self.position_modes)} or None (the native rule)")
+        if len(self.mrope_section) != 3 or sum(self.mrope_section) != self.head_dim // 2:
+            raise ValueError(f"mrope_section={list(self.mrope_section)} must have 3 entries summing to head_dim/2 = "
+                             f"{self.head_dim // 2}")
+        if self.mrope_section[1] > self.mrope_section[0] or self.mrope_section[2] > self.mrope_section[0]:
+            raise ValueError(f"mrope_section={list(self.mrope_section)}: the interleaved layout needs the h and w "
+                             "sections no longer than the t section")
+        if self.vision.out_hidden_size != self.hidden_size:
+            raise ValueError(f"vision_config.out_hidden_size={self.vision.out_hidden_size} must equal the LLM "
+                             f"hidden_size={self.hidden_size}")
+        if len(self.vision.deepstack_visual_indexes) > self.num_hidden_layers:
+            raise ValueError(f"{len(self.vision.deepstack_visual_indexes)} DeepStack blocks feed decoder layers 0.. "
+                             f"but the LLM has only {self.num_hidden_layers} layers")
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any]) -> Qwen3VLConfig:
+        """Read an HF Qwen3-VL config (text_config / vision_config sections; rope_theta or rope_parameters)."""
+        text = dict(hf.get("text_config") or {})
+        get = {**{k: v for k, v in hf.items() if k not in ("text_config", "vision_config")}, **text}.get
+        rope = get("rope_parameters") or get("rope_scaling") or {}
+        if rope.get("mrope_interleaved") is False:
+            raise ValueError("config.json: rope_parameters.mrope_interleaved is false; Qwen3-VL's M-RoPE is "
+                             "interleaved")
+        heads = get("num_attention_heads", 32)
+        vis = dict(hf.get("vision_config") or {})
+        vision = Qwen3VisionConfig(
+            depth=vis.get("depth", 27), embed_dim=vis.get("hidden_size", 1152),
+            intermediate_size=vis.get("intermediate_size", 4304), num_heads=vis.get("num_heads", 16),
+            in_channels=vis.get("in_channels", 3), patch_size=vis.get("patch_size", 16),
+            temporal_patch_size=vis.get("temporal_patch_size", 2), spatial_merge_size=vis.get("spatial_merge_size", 2),
+            out_hidden_size=vis.get("out_hidden_size", get("hidden_size", 4096)),
+            num_position_embeddings=vis.get("num_position_embeddings", 2304),
+            deepstack_visual_indexes=tuple(vis.get("deepstack_visual_indexes", (8, 16, 24))),
+            hidden_act=vis.get("hidden_act", "gelu_pytorch_tanh"),
+            rope_theta=(vis.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        eos = get("eos_token_id", 151645)
+        return cls(
+            vocab_size=get("vocab_size", 151936), hidden_size=get("hidden_size", 4096),
+            intermediate_size=get("intermediate_size", 12288), num_hidden_layers=get("num_hidden_layers", 36),
+            num_attention_heads=heads, num_key_value_heads=get("num_key_value_heads") or heads,
+            head_dim=get("head_dim") or get("hidden_size", 4096) // heads, rms_norm_eps=get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", get("rope_theta", 5000000.0))),
+            mrope_section=tuple(rope.get("mrope_section", (24, 20, 20))),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False)),
+            image_token_id=hf.get("image_token_id", 151655), video_token_id=hf.get("video_token_id", 151656),
+            vision_start_token_id=hf.get("vision_start_token_id", 151652),
+            vision_end_token_id=hf.get("vision_end_token_id", 151653),
+            eos_token_id=tuple(eos) if isinstance(eos, (list, tuple)) else (eos,), pad_token_id=get("pad_token_id"),
+            vision=vision)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A transformers-5 Qwen3-VL config.json (`Qwen3VLForConditionalGeneration` loads it)."""
+        c, v = self, self.vision
+        text = {
+            "model_type": "qwen3_vl_text", "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps, "hidden_act": "silu",
+            "max_position_embeddings": 262144, "attention_bias": False,
+            "rope_parameters": {"rope_type": "default", "mrope_section": list(c.mrope_section),
+                                "mrope_interleaved": True, "rope_theta": c.rope_theta},
+            "bos_token_id": None,
+            "eos_token_id": list(c.eos_token_id) if len(c.eos_token_id) > 1 else c.eos_token_id[0],
+            "pad_token_id": c.pad_token_id,
+        }
+        vision = {
+            "model_type": "qwen3_vl_vision", "depth": v.depth, "hidden_size": v.embed_dim,
+            "intermediate_size": v.intermediate_size, "num_heads": v.num_heads, "in_channels": v.in_channels,
+            "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
+            "spatial_merge_size": v.spatial_merge_size, "out_hidden_size": v.out_hidden_size,
+            "num_position_embeddings": v.num_position_embeddings,
+            "deepstack_visual_indexes": list(v.deepstack_visual_indexes), "hidden_act": v.hidden_act,
+            "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
+        }
+        return {
+            "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
+            "tie_word_embeddings": c.tie_word_embeddings, "image_token_id": c.image_token_id,
+            "video_token_id": c.video_token_id, "vision_start_token_id": c.vision_start_token_id,
+            "vision_end_token_id": c.vision_end_token_id, "text_config": text, "vision_config": vision,
+        }
