@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import types
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -21,20 +22,33 @@ import pytest
 from ivtlr_jax.latent import LatentConfig
 from ivtlr_jax.models import layers as ly
 from ivtlr_jax.models import spec as sp
+from ivtlr_jax.models.chameleon.model import Chameleon
 from ivtlr_jax.models.qwen2_vl import Qwen2VLConfig, VisionConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def dims(qk_norm=False, post_norm=False, kv_heads=2):
+def dims(kv_heads=2):
     return ly.DecoderDims(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-                          num_kv_heads=kv_heads, rms_norm_eps=1e-6, rope_theta=10000.0, rope_sections=(0,) * 8,
-                          qk_norm=qk_norm, post_norm=post_norm)
+                          num_kv_heads=kv_heads, rms_norm_eps=1e-6, rope_theta=10000.0, rope_sections=(0,) * 8)
 
 
-def decoder_params(d, seed=0, scale=10.0):
-    """Random decoder weights, projections scaled up so attention is far from uniform."""
-    p = sp.init_params_numpy(ly.decoder_spec(d), seed)
+class _SwinChameleon:
+    """Just what Chameleon's layer reads of its backbone: swin norms on."""
+
+    config = SimpleNamespace(swin_norm=True)
+
+
+# Chameleon's layer (its package's block: per-head q/k LayerNorm, norms after attention and MLP)
+CHAMELEON_BLOCK = functools.partial(Chameleon.decoder_block, _SwinChameleon())
+
+
+def decoder_params(d, seed=0, scale=10.0, qk_norm=False):
+    """Random decoder weights, projections scaled up so attention is far from uniform (qk_norm: with Chameleon's
+    per-head q/k LayerNorm weights)."""
+    head_norm = (lambda heads, name: ly.layer_norm_spec((heads, d.head_dim), name, layers=d.num_layers)) \
+        if qk_norm else None
+    p = sp.init_params_numpy(ly.decoder_spec(d, head_norm=head_norm), seed)
     layers = jax.tree.map(lambda x: x * scale if x.ndim == 3 else x, p.layers)
     return jax.tree.map(jnp.asarray, p.replace(layers=layers))
 
@@ -59,26 +73,28 @@ def inputs(mask, d, seed=1, extra=0):
 
 
 PALLAS = ly.AttentionSpec("pallas", interpret=True)  # the TPU kernel, run by the Pallas interpreter on CPU
-STATIC = ("attn_row", "layer_wrapper", "attention", "kv_len")
+STATIC = ("attn_row", "layer_wrapper", "attention", "kv_len", "block")
 decode_at = jax.jit(ly.decoder, static_argnums=(1, 5), static_argnames=STATIC)  # cache_index a Python int
 decode_traced = jax.jit(ly.decoder, static_argnums=(1,), static_argnames=STATIC)  # cache_index traced
 
 
-def run(d, params, embeds, pos, kv_valid, attention, cache_len=None, attn_row=True):
+def run(d, params, embeds, pos, kv_valid, attention, cache_len=None, attn_row=True, block=ly.pre_norm_block):
     b, s, _ = embeds.shape
     cache = ly.init_cache(d, b, cache_len or s, embeds.dtype)
-    return decode_at(params, d, embeds, pos, cache, 0, kv_valid, attn_row=attn_row, attention=attention)
+    return decode_at(params, d, embeds, pos, cache, 0, kv_valid, attn_row=attn_row, attention=attention,
+                     block=block)
 
 
 @pytest.mark.parametrize("mask", list(MASKS))
 @pytest.mark.parametrize("variant", ["qwen", "chameleon"])
 def test_fused_prefill_equals_dense(mask, variant):
     """The xla kernel path (rotated rows + sequence lengths) == the dense einsum: hidden, cache, attention row."""
-    d = dims(qk_norm=variant == "chameleon", post_norm=variant == "chameleon")
-    params = decoder_params(d)
+    d = dims()
+    params = decoder_params(d, qk_norm=variant == "chameleon")
+    block = CHAMELEON_BLOCK if variant == "chameleon" else ly.pre_norm_block
     embeds, pos, kv_valid = inputs(MASKS[mask], d, extra=3)
-    want = run(d, params, embeds, pos, kv_valid, "dense", cache_len=27)
-    got = run(d, params, embeds, pos, kv_valid, "xla", cache_len=27)
+    want = run(d, params, embeds, pos, kv_valid, "dense", cache_len=27, block=block)
+    got = run(d, params, embeds, pos, kv_valid, "xla", cache_len=27, block=block)
     valid = np.asarray(kv_valid[:, :24])
     for a, b in ((want[0], got[0]), (want[1].k, got[1].k), (want[1].v, got[1].v)):
         a, b = np.asarray(a)[:, :24] if a.ndim == 3 else np.asarray(a)[:, :, :24], np.asarray(b)
