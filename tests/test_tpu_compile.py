@@ -244,7 +244,9 @@ def test_compiler_choice_errors_name_the_fix(monkeypatch):
     with pytest.raises(ValueError) as err:
         sharding.PRESETS["tpu_v4_8"].topology.devices()
     assert str(err.value) == ("another process holds libtpu (/tmp/libtpu_lockfile): only one process at a time can "
-                              "compile for TPU; wait until it ends, or use --compiler cpu")
+                              "compile for TPU; wait until it ends, or use --compiler cpu (a JAX process on a machine "
+                              "without TPU, started with JAX_PLATFORMS unset and without importing ivtlr_jax, holds it "
+                              "too)")
 
 
 def test_mesh_list_prints_every_preset_with_its_chip(capsys):
