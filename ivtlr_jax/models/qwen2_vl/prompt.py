@@ -9,12 +9,15 @@ from ivtlr_jax.config import PromptFormat
 # "<|im_start|>{role}\n{content}<|im_end|>\n"; an image item renders as
 # "<|vision_start|><|image_pad|><|vision_end|>", a video item with <|video_pad|>; the
 # generation prompt is "<|im_start|>assistant\n". Used when a tokenizer has no template.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
+DEFAULT_SYSTEM_TURN = (  # the template's first lines: the default system turn
     "{%- if loop.first and message['role'] != 'system' -%}"
     "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
     "{%- endif -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+)
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    + DEFAULT_SYSTEM_TURN
+    + "{{ '<|im_start|>' + message['role'] + '\\n' }}"
     "{%- if message['content'] is string -%}"
     "{{ message['content'] }}"
     "{%- else -%}"
