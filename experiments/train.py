@@ -120,7 +120,8 @@ def build_parser(field_types: dict) -> argparse.ArgumentParser:
     dry = ap.add_argument_group("dry run: memory and time per chip before renting the --mesh")
     dry.add_argument("--dry-run", action="store_true", help="compile the trainer's own micro-step (batch_size/"
                      "grad_accum rows) for the --mesh with abstract arrays (no weights) and print per-chip memory, "
-                     "whether it fits the chip's HBM, and the model FLOPs and time per update, for LoRA and full "
+                     "whether it fits the chip's HBM, and the model FLOPs and time per update, for LoRA and full (only "
+                     "the one named by --finetune when it is given) "
                      "(JSON: RUN_DIR/dry_run.json); the model's shape comes from --init CKPT (its config), the "
                      "auto-tiny default, or the YAML's model: section")
     dry.add_argument("--compiler", choices=COMPILERS, default="auto",
@@ -205,9 +206,9 @@ def load_train_config(args, field_types) -> tuple:
 
 
 def run_dry(tcfg, yaml_values, backbone: str | None = None, compiler: str = "cpu", compare_remat: bool = False,
-            cost_model: bool = False) -> list[dict]:
-    """--dry-run: the train step compiled for the mesh (`compiler`: "tpu" or "cpu"), LoRA and full; the table and
-    RUN_DIR/dry_run.json."""
+            cost_model: bool = False, finetunes: tuple[str, ...] = ("lora", "full")) -> list[dict]:
+    """--dry-run: the train step compiled for the mesh (`compiler`: "tpu" or "cpu") for each of `finetunes`; the
+    table and RUN_DIR/dry_run.json."""
     from ivtlr_jax.models import backbone_for
     from ivtlr_jax.sharding import compile_target
     from ivtlr_jax.train.dry_run import dry_run, format_dry_run
@@ -219,7 +220,7 @@ def run_dry(tcfg, yaml_values, backbone: str | None = None, compiler: str = "cpu
         cfg = dataclasses.replace(cfg, image_vocab=tuple(range(4, 4 + cfg.vq.num_embeddings)))
     target = compile_target(tcfg.mesh, compiler)
     results = [dry_run(backbone_for(cfg), dataclasses.replace(tcfg, finetune=finetune), target,
-                       compare_remat=compare_remat, cost_model=cost_model) for finetune in ("lora", "full")]
+                       compare_remat=compare_remat, cost_model=cost_model) for finetune in finetunes]
     print(format_dry_run(results))
     out = os.path.join(tcfg.out, "dry_run.json")
     os.makedirs(tcfg.out, exist_ok=True)
@@ -277,7 +278,8 @@ def main(argv=None) -> dict | list:
             compiler = sh.resolve_compiler(args.compiler, tcfg.mesh)
             if compiler == "cpu":
                 sh.simulate_cpu_devices(tcfg.mesh)  # CPU-only host: the preset's device count (before JAX starts)
-            return run_dry(tcfg, yaml_values, args.backbone, compiler, args.compare_remat, args.cost_model)
+            finetunes = (args.finetune,) if args.finetune else ("lora", "full")  # a 7B compile is ~15 minutes each
+            return run_dry(tcfg, yaml_values, args.backbone, compiler, args.compare_remat, args.cost_model, finetunes)
         return run_training(args, tcfg, yaml_values)
     except (SystemExit, KeyboardInterrupt):
         raise

@@ -274,3 +274,22 @@ def test_dry_run_takes_the_model_from_init_auto_tiny_or_the_yaml(workdir):
         .num_hidden_layers == 3
     with pytest.raises(SystemExit, match="--init 'ckpt/not-there' is not a checkpoint folder"):
         dry_run_model_config(from_yaml, {})
+
+
+def test_dry_run_compiles_lora_and_full_or_only_the_finetune_given(monkeypatch):
+    """A 7B dry run compiles for ~15 minutes a mode: `--finetune lora` compiles LoRA alone, no flag compiles both."""
+    import logging
+    import threading
+
+    from experiments import train
+
+    for name in ("excepthook", "unraisablehook"):  # the CLI installs process-wide hooks and a log handler
+        monkeypatch.setattr(sys, name, getattr(sys, name))
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    monkeypatch.setattr(logging.getLogger(), "handlers", list(logging.getLogger().handlers))
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # the CPU dry run sets the device count
+    asked = []
+    monkeypatch.setattr(train, "run_dry", lambda *a: asked.append(a[-1]) or [])
+    for extra in ([], ["--finetune", "lora"], ["--finetune", "full"]):
+        train.main(["--config", "qwen2vl_7b_m3cot", "--dry-run", "--compiler", "cpu", "--mesh", "gpu_1", *extra])
+    assert asked == [("lora", "full"), ("lora",), ("full",)]
