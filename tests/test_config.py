@@ -1,5 +1,6 @@
 """Config values are coerced to their field types on load (PyYAML reads `1e-3` as a string); bad ones are one line."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -92,6 +93,30 @@ def test_model_sections_are_coerced_alike():
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['vq\.colour'\] for VQConfig"):
         model_config_from_dict({"model_type": "chameleon", "vq": {"colour": 1}})
     assert LatentConfig(k="4", latent_text="no") == LatentConfig(k=4, latent_text=False)
+
+
+def test_qwen_configs_read_both_hf_layouts_and_name_a_missing_key():
+    """The Qwen VL configs share one reader of config.json's LLM half: the 4.x flat layout (rope_theta at the top,
+    mrope_section under rope_scaling) and transformers-5's text_config give the same config; a key Qwen2-VL cannot
+    default is named, with where it goes."""
+    from ivtlr_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+    from ivtlr_jax.models.qwen3_vl.config import Qwen3VLConfig
+
+    for cls in (Qwen2VLConfig, Qwen25VLConfig, Qwen3VLConfig):
+        vision = dataclasses.replace(cls().vision, out_hidden_size=64)
+        cfg = cls(vocab_size=300, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, eos_token_id=(7, 8),
+                  vision=vision,
+                  **({"head_dim": 32, "mrope_section": (6, 5, 5)} if cls is Qwen3VLConfig else
+                     {"mrope_section": (2, 3, 3)}))
+        hf = cfg.to_hf_dict()
+        text = hf.pop("text_config")
+        rope = text.pop("rope_parameters")
+        flat = {**hf, **text, "rope_theta": rope["rope_theta"], "rope_scaling": {"type": "mrope", **rope}}
+        assert cls.from_hf_dict(flat) == cls.from_hf_dict(cfg.to_hf_dict()) == cfg
+    hf = Qwen2VLConfig().to_hf_dict()
+    del hf["text_config"]["rope_parameters"]["mrope_section"]
+    with pytest.raises(ValueError, match=r"Qwen2-VL config needs mrope_section \(under rope_parameters or rope_scal"):
+        Qwen2VLConfig.from_hf_dict(hf)
 
 
 def test_load_reads_what_its_class_names(tmp_path):

@@ -10,12 +10,13 @@ from typing import Any
 
 from ivtlr_jax.config import coerce_fields
 from ivtlr_jax.models.qwen2_vl.config import Qwen2VLConfig
+from ivtlr_jax.models.qwen_config import QwenVisionSizes, hf_config_dict, llm_hf_dict
 
 VISION_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "quick_gelu")
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen25VisionConfig:
+class Qwen25VisionConfig(QwenVisionSizes):
     """The Qwen2.5-VL vision tower: a ViT with RMSNorm, SwiGLU MLPs, 2-D rotary and window attention.
 
     Blocks in `fullatt_block_indexes` attend over the whole image; the others within windows of
@@ -55,17 +56,8 @@ class Qwen25VisionConfig:
                              f"{list(VISION_ACTIVATIONS)}")
 
     @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    @property
     def mlp_dim(self) -> int:
         return self.intermediate_size
-
-    @property
-    def patch_dim(self) -> int:
-        """Length of one `pixel_values` row: C * T * P * P."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
 
     @property
     def window_units(self) -> int:
@@ -118,18 +110,6 @@ class Qwen25VLConfig(Qwen2VLConfig):
 def to_hf_dict(cfg: Qwen25VLConfig) -> dict:
     """A transformers-5 style Qwen2.5-VL config.json (`Qwen2_5_VLForConditionalGeneration` loads it)."""
     v = cfg.vision
-    text = {
-        "model_type": "qwen2_5_vl_text", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-        "rms_norm_eps": cfg.rms_norm_eps, "hidden_act": "silu", "max_position_embeddings": 128000,
-        "rope_parameters": {"rope_type": "default", "mrope_section": list(cfg.mrope_section),
-                            "rope_theta": cfg.rope_theta},
-        "use_sliding_window": False,
-        "bos_token_id": None,  # no BOS is used; the class default (151643) can lie outside a small vocab
-        "eos_token_id": list(cfg.eos_token_id) if len(cfg.eos_token_id) > 1 else cfg.eos_token_id[0],
-        "pad_token_id": cfg.pad_token_id,
-    }
     vision = {
         "model_type": "qwen2_5_vl_vision", "depth": v.depth, "hidden_size": v.embed_dim,
         "intermediate_size": v.intermediate_size, "num_heads": v.num_heads, "in_channels": v.in_channels,
@@ -139,9 +119,5 @@ def to_hf_dict(cfg: Qwen25VLConfig) -> dict:
         "hidden_act": v.hidden_act, "tokens_per_second": v.tokens_per_second,
         "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
     }
-    return {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-        "tie_word_embeddings": cfg.tie_word_embeddings, "image_token_id": cfg.image_token_id,
-        "video_token_id": cfg.video_token_id, "vision_start_token_id": cfg.vision_start_token_id,
-        "vision_end_token_id": cfg.vision_end_token_id, "text_config": text, "vision_config": vision,
-    }
+    return hf_config_dict(cfg, "Qwen2_5_VLForConditionalGeneration",
+                          llm_hf_dict(cfg, "qwen2_5_vl_text", 128000), vision)

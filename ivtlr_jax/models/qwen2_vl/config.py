@@ -10,10 +10,16 @@ from typing import Any
 
 from ivtlr_jax.config import coerce_fields
 from ivtlr_jax.models.config import BackboneConfig
+from ivtlr_jax.models.qwen_config import REQUIRED, QwenVisionSizes, hf_config_dict, llm_hf_dict, read_llm_fields
+
+# config.json's LLM keys: a Qwen2-VL file must give the model's shape; these may be left out
+LLM_DEFAULTS = dict(vocab_size=REQUIRED, hidden_size=REQUIRED, intermediate_size=REQUIRED,
+                    num_hidden_layers=REQUIRED, num_attention_heads=REQUIRED, mrope_section=REQUIRED,
+                    rms_norm_eps=1e-6, rope_theta=1000000.0, eos_token_id=151645)
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(QwenVisionSizes):
     """The Qwen2-VL vision tower (a ViT with 2-D rotary and a 2x2 patch merger)."""
 
     depth: int = 32
@@ -31,17 +37,8 @@ class VisionConfig:
         coerce_fields(self)
 
     @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    @property
     def mlp_dim(self) -> int:
         return int(self.embed_dim * self.mlp_ratio)
-
-    @property
-    def patch_dim(self) -> int:
-        """Length of one `pixel_values` row: C * T * P * P."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,28 +87,8 @@ class Qwen2VLConfig(BackboneConfig):
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> Qwen2VLConfig:
         """Read an HF Qwen2-VL config: the flat old hub layout or the nested transformers-5 layout."""
-        text = dict(hf.get("text_config") or {})
-        flat = {k: v for k, v in hf.items() if k not in ("text_config", "vision_config")}
-        # Text keys may live at the top (old layout) or under text_config (new layout).
-        merged = {**flat, **text}
-
-        def get(key, default=None):
-            return merged.get(key, default)
-
-        rope = get("rope_parameters") or get("rope_scaling") or {}
-        mrope = rope.get("mrope_section")
-        if mrope is None:
-            raise ValueError(
-                "config.json: no mrope_section found in rope_parameters or rope_scaling; "
-                "a Qwen2-VL config needs e.g. rope_scaling={'type': 'mrope', 'mrope_section': [16, 24, 24]}"
-            )
-        rope_theta = rope.get("rope_theta", get("rope_theta", 1000000.0))
-        hidden = get("hidden_size")
-        heads = get("num_attention_heads")
-        if hidden is None or heads is None:
-            raise ValueError("config.json: hidden_size and num_attention_heads are required")
+        llm = read_llm_fields(hf, "Qwen2-VL", LLM_DEFAULTS)
         vis = dict(hf.get("vision_config") or {})
-        vrope = vis.get("rope_parameters") or {}
         vision = VisionConfig(
             depth=vis.get("depth", 32),
             embed_dim=vis.get("embed_dim", 1280),
@@ -121,47 +98,14 @@ class Qwen2VLConfig(BackboneConfig):
             patch_size=vis.get("patch_size", vis.get("spatial_patch_size", 14)),
             temporal_patch_size=vis.get("temporal_patch_size", 2),
             spatial_merge_size=vis.get("spatial_merge_size", 2),
-            out_hidden_size=vis.get("hidden_size", hidden),
-            rope_theta=vrope.get("rope_theta", 10000.0),
+            out_hidden_size=vis.get("hidden_size", llm["hidden_size"]),
+            rope_theta=(vis.get("rope_parameters") or {}).get("rope_theta", 10000.0),
         )
-        eos = get("eos_token_id", 151645)
-        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-        tie = bool(hf.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False))
-        return cls(
-            vocab_size=get("vocab_size"),
-            hidden_size=hidden,
-            intermediate_size=get("intermediate_size"),
-            num_hidden_layers=get("num_hidden_layers"),
-            num_attention_heads=heads,
-            num_key_value_heads=get("num_key_value_heads") or heads,
-            rms_norm_eps=get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            mrope_section=tuple(mrope),
-            tie_word_embeddings=tie,
-            image_token_id=hf.get("image_token_id", 151655),
-            video_token_id=hf.get("video_token_id", 151656),
-            vision_start_token_id=hf.get("vision_start_token_id", 151652),
-            vision_end_token_id=hf.get("vision_end_token_id", 151653),
-            eos_token_id=eos,
-            pad_token_id=get("pad_token_id"),
-            vision=vision,
-        )
+        return cls(**llm, vision=vision)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A transformers-5 style Qwen2-VL config.json, for checkpoints saved without one."""
-        cfg, v = self, self.vision
-        text = {
-            "model_type": "qwen2_vl_text", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-            "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
-            "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-            "rms_norm_eps": cfg.rms_norm_eps, "hidden_act": "silu", "max_position_embeddings": 32768,
-            "rope_parameters": {"rope_type": "default", "mrope_section": list(cfg.mrope_section),
-                                "rope_theta": cfg.rope_theta},
-            "use_sliding_window": False,
-            "bos_token_id": None,  # Qwen2-VL uses no BOS; the class default (151643) can lie outside a small vocab
-            "eos_token_id": list(cfg.eos_token_id) if len(cfg.eos_token_id) > 1 else cfg.eos_token_id[0],
-            "pad_token_id": cfg.pad_token_id,
-        }
+        v = self.vision
         vision = {
             "model_type": "qwen2_vl_vision", "depth": v.depth, "embed_dim": v.embed_dim,
             "hidden_size": v.out_hidden_size, "num_heads": v.num_heads,
@@ -169,11 +113,5 @@ class Qwen2VLConfig(BackboneConfig):
             "in_channels": v.in_channels, "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
             "spatial_merge_size": v.spatial_merge_size, "hidden_act": "quick_gelu",
         }
-        return {
-            "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
-            "tie_word_embeddings": cfg.tie_word_embeddings, "image_token_id": cfg.image_token_id,
-            "video_token_id": cfg.video_token_id, "vision_start_token_id": cfg.vision_start_token_id,
-            "vision_end_token_id": cfg.vision_end_token_id, "text_config": text, "vision_config": vision,
-        }
-
-
+        return hf_config_dict(self, "Qwen2VLForConditionalGeneration",
+                              llm_hf_dict(self, "qwen2_vl_text", 32768), vision)

@@ -11,12 +11,17 @@ from typing import Any
 
 from ivtlr_jax.config import coerce_fields
 from ivtlr_jax.models.config import BackboneConfig
+from ivtlr_jax.models.qwen_config import QwenVisionSizes, hf_config_dict, llm_hf_dict, read_llm_fields
 
 VISION_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "silu", "quick_gelu")
+# config.json's LLM keys a file leaves out: Qwen3-VL-8B-Instruct's values
+LLM_DEFAULTS = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                    num_attention_heads=32, head_dim=None, rms_norm_eps=1e-6, rope_theta=5000000.0,
+                    mrope_section=(24, 20, 20), eos_token_id=151645)
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen3VisionConfig:
+class Qwen3VisionConfig(QwenVisionSizes):
     """The Qwen3-VL vision tower: LayerNorm/GELU blocks, learned position embeddings (a square table bilinearly
     resampled to each image's grid) plus 2-D rotary, a 2x2 merger, and one more merger per DeepStack block."""
 
@@ -52,21 +57,12 @@ class Qwen3VisionConfig:
                              f"{list(VISION_ACTIVATIONS)}")
 
     @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    @property
     def mlp_dim(self) -> int:
         return self.intermediate_size
 
     @property
     def position_side(self) -> int:
         return int(round(self.num_position_embeddings ** 0.5))
-
-    @property
-    def patch_dim(self) -> int:
-        """Length of one `pixel_values` row: C * T * P * P."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,54 +120,27 @@ class Qwen3VLConfig(BackboneConfig):
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> Qwen3VLConfig:
         """Read an HF Qwen3-VL config (text_config / vision_config sections; rope_theta or rope_parameters)."""
-        text = dict(hf.get("text_config") or {})
-        get = {**{k: v for k, v in hf.items() if k not in ("text_config", "vision_config")}, **text}.get
-        rope = get("rope_parameters") or get("rope_scaling") or {}
-        if rope.get("mrope_interleaved") is False:
+        rope = {**hf, **(hf.get("text_config") or {})}
+        if (rope.get("rope_parameters") or rope.get("rope_scaling") or {}).get("mrope_interleaved") is False:
             raise ValueError("config.json: rope_parameters.mrope_interleaved is false; Qwen3-VL's M-RoPE is "
                              "interleaved")
-        heads = get("num_attention_heads", 32)
+        llm = read_llm_fields(hf, "Qwen3-VL", LLM_DEFAULTS)
         vis = dict(hf.get("vision_config") or {})
         vision = Qwen3VisionConfig(
             depth=vis.get("depth", 27), embed_dim=vis.get("hidden_size", 1152),
             intermediate_size=vis.get("intermediate_size", 4304), num_heads=vis.get("num_heads", 16),
             in_channels=vis.get("in_channels", 3), patch_size=vis.get("patch_size", 16),
             temporal_patch_size=vis.get("temporal_patch_size", 2), spatial_merge_size=vis.get("spatial_merge_size", 2),
-            out_hidden_size=vis.get("out_hidden_size", get("hidden_size", 4096)),
+            out_hidden_size=vis.get("out_hidden_size", llm["hidden_size"]),
             num_position_embeddings=vis.get("num_position_embeddings", 2304),
             deepstack_visual_indexes=tuple(vis.get("deepstack_visual_indexes", (8, 16, 24))),
             hidden_act=vis.get("hidden_act", "gelu_pytorch_tanh"),
             rope_theta=(vis.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-        eos = get("eos_token_id", 151645)
-        return cls(
-            vocab_size=get("vocab_size", 151936), hidden_size=get("hidden_size", 4096),
-            intermediate_size=get("intermediate_size", 12288), num_hidden_layers=get("num_hidden_layers", 36),
-            num_attention_heads=heads, num_key_value_heads=get("num_key_value_heads") or heads,
-            head_dim=get("head_dim") or get("hidden_size", 4096) // heads, rms_norm_eps=get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", get("rope_theta", 5000000.0))),
-            mrope_section=tuple(rope.get("mrope_section", (24, 20, 20))),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False)),
-            image_token_id=hf.get("image_token_id", 151655), video_token_id=hf.get("video_token_id", 151656),
-            vision_start_token_id=hf.get("vision_start_token_id", 151652),
-            vision_end_token_id=hf.get("vision_end_token_id", 151653),
-            eos_token_id=tuple(eos) if isinstance(eos, (list, tuple)) else (eos,), pad_token_id=get("pad_token_id"),
-            vision=vision)
+        return cls(**llm, vision=vision)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A transformers-5 Qwen3-VL config.json (`Qwen3VLForConditionalGeneration` loads it)."""
-        c, v = self, self.vision
-        text = {
-            "model_type": "qwen3_vl_text", "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
-            "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_hidden_layers,
-            "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
-            "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps, "hidden_act": "silu",
-            "max_position_embeddings": 262144, "attention_bias": False,
-            "rope_parameters": {"rope_type": "default", "mrope_section": list(c.mrope_section),
-                                "mrope_interleaved": True, "rope_theta": c.rope_theta},
-            "bos_token_id": None,
-            "eos_token_id": list(c.eos_token_id) if len(c.eos_token_id) > 1 else c.eos_token_id[0],
-            "pad_token_id": c.pad_token_id,
-        }
+        v = self.vision
         vision = {
             "model_type": "qwen3_vl_vision", "depth": v.depth, "hidden_size": v.embed_dim,
             "intermediate_size": v.intermediate_size, "num_heads": v.num_heads, "in_channels": v.in_channels,
@@ -181,9 +150,5 @@ class Qwen3VLConfig(BackboneConfig):
             "deepstack_visual_indexes": list(v.deepstack_visual_indexes), "hidden_act": v.hidden_act,
             "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
         }
-        return {
-            "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
-            "tie_word_embeddings": c.tie_word_embeddings, "image_token_id": c.image_token_id,
-            "video_token_id": c.video_token_id, "vision_start_token_id": c.vision_start_token_id,
-            "vision_end_token_id": c.vision_end_token_id, "text_config": text, "vision_config": vision,
-        }
+        return hf_config_dict(self, "Qwen3VLForConditionalGeneration",
+                              llm_hf_dict(self, "qwen3_vl_text", 262144, head_dim=True, interleaved=True), vision)
