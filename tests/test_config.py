@@ -117,6 +117,13 @@ def test_qwen_configs_read_both_hf_layouts_and_name_a_missing_key():
     del hf["text_config"]["rope_parameters"]["mrope_section"]
     with pytest.raises(ValueError, match=r"Qwen2-VL config needs mrope_section \(under rope_parameters or rope_scal"):
         Qwen2VLConfig.from_hf_dict(hf)
+    for tower, blocks in ((Qwen25VLConfig().vision, "fullatt_block_indexes"),
+                          (Qwen3VLConfig().vision, "deepstack_visual_indexes")):
+        for change, message in (({"depth": 4}, rf"{blocks} \[.*\] are outside the 4 blocks \(0..3\)"),
+                                ({"num_heads": 7}, r"hidden_size=\d+ must be divisible by num_heads=7"),
+                                ({"hidden_act": "relu"}, r"hidden_act='relu' is not supported; use one of \[")):
+            with pytest.raises(ValueError, match=rf"^vision_config: {message}"):
+                dataclasses.replace(tower, **change)
 
 
 def test_load_reads_what_its_class_names(tmp_path):

@@ -14,8 +14,10 @@ REQUIRED = object()  # a `read_llm_fields` default: the key must be in config.js
 class QwenVisionSizes:
     """Sizes derived from the fields every Qwen ViT config has (a base of the towers' dataclasses)."""
 
+    depth: int
     embed_dim: int
     num_heads: int
+    hidden_act: str
     in_channels: int
     temporal_patch_size: int
     patch_size: int
@@ -28,6 +30,21 @@ class QwenVisionSizes:
     def patch_dim(self) -> int:
         """Length of one `pixel_values` row: C * T * P * P."""
         return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+    def check_tower(self, activations: tuple[str, ...], **block_lists: tuple[int, ...]) -> None:
+        """The checks of a Qwen2.5-VL or Qwen3-VL tower: heads divide the width, each list of block indexes
+        (`fullatt_block_indexes`, `deepstack_visual_indexes`) lies within the depth, a supported activation."""
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"vision_config: hidden_size={self.embed_dim} must be divisible by num_heads="
+                             f"{self.num_heads}")
+        for name, blocks in block_lists.items():
+            bad = [i for i in blocks if not 0 <= i < self.depth]
+            if bad:
+                raise ValueError(f"vision_config: {name} {bad} are outside the {self.depth} blocks "
+                                 f"(0..{self.depth - 1})")
+        if self.hidden_act not in activations:
+            raise ValueError(f"vision_config: hidden_act={self.hidden_act!r} is not supported; use one of "
+                             f"{list(activations)}")
 
 
 def read_llm_fields(hf: dict[str, Any], family: str, defaults: dict[str, Any]) -> dict[str, Any]:

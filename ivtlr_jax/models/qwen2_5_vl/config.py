@@ -40,20 +40,11 @@ class Qwen25VisionConfig(QwenVisionSizes):
 
     def __post_init__(self):
         coerce_fields(self)
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"vision_config: hidden_size={self.embed_dim} must be divisible by num_heads="
-                             f"{self.num_heads}")
         unit = self.patch_size * self.spatial_merge_size
         if self.window_size < unit:
             raise ValueError(f"vision_config: window_size={self.window_size} must be at least patch_size * "
                              f"spatial_merge_size = {unit} pixels (one merged unit)")
-        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
-        if bad:
-            raise ValueError(f"vision_config: fullatt_block_indexes {bad} are outside the {self.depth} blocks "
-                             f"(0..{self.depth - 1})")
-        if self.hidden_act not in VISION_ACTIVATIONS:
-            raise ValueError(f"vision_config: hidden_act={self.hidden_act!r} is not supported; use one of "
-                             f"{list(VISION_ACTIVATIONS)}")
+        self.check_tower(VISION_ACTIVATIONS, fullatt_block_indexes=self.fullatt_block_indexes)
 
     @property
     def mlp_dim(self) -> int:

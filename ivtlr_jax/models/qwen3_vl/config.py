@@ -41,20 +41,11 @@ class Qwen3VisionConfig(QwenVisionSizes):
 
     def __post_init__(self):
         coerce_fields(self)
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"vision_config: hidden_size={self.embed_dim} must be divisible by num_heads="
-                             f"{self.num_heads}")
         side = int(self.num_position_embeddings ** 0.5)
         if side * side != self.num_position_embeddings:
             raise ValueError(f"vision_config: num_position_embeddings={self.num_position_embeddings} must be a square "
                              "(the learned position table is side x side)")
-        bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
-        if bad:
-            raise ValueError(f"vision_config: deepstack_visual_indexes {bad} are outside the {self.depth} blocks "
-                             f"(0..{self.depth - 1})")
-        if self.hidden_act not in VISION_ACTIVATIONS:
-            raise ValueError(f"vision_config: hidden_act={self.hidden_act!r} is not supported; use one of "
-                             f"{list(VISION_ACTIVATIONS)}")
+        self.check_tower(VISION_ACTIVATIONS, deepstack_visual_indexes=self.deepstack_visual_indexes)
 
     @property
     def mlp_dim(self) -> int:
