@@ -109,7 +109,8 @@ def main(argv=None) -> dict:
         runs[micro] = r
         print(f"micro-batch {micro} ({micro / chips:g} rows per chip): needs {_gib(r['bytes_needed_per_chip'])} GiB "
               f"per chip (args {_gib(r['compiler_argument_size_in_bytes'])}, temp "
-              f"{_gib(r['compiler_temp_size_in_bytes'])}) in {r['compile_s']:.0f} s", flush=True)
+              f"{_gib(r['compiler_temp_size_in_bytes'])}) in {r['compile_s']:.0f} s"
+              + (f" (at least: {r['compiler_refused']})" if "compiler_refused" in r else ""), flush=True)
         return r
 
     for p in points:
@@ -135,7 +136,8 @@ def main(argv=None) -> dict:
         "attention": chosen["attention"] if chosen else None,
         "compiled": {str(m): {k: r[k] for k in ("bytes_needed_per_chip", "compiler_argument_size_in_bytes",
                                                   "compiler_temp_size_in_bytes", "compiler_total_bytes_per_device",
-                                                  "compile_s", "custom_calls", "attention", "remat")
+                                                  "compile_s", "custom_calls", "attention", "remat",
+                                                  "compiler_refused")
                               if k in r} | {"peak_bytes": r.get("compiler_peak_memory_in_bytes")}
                      for m, r in sorted(runs.items())},
     }

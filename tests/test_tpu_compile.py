@@ -175,6 +175,38 @@ def test_train_dry_run_compiles_the_tiny_step_with_xla_tpu(sh, tiny_init, preset
     assert lines[-2].startswith("lora fits: ") and f" of {hbm} GiB per chip" in lines[-2], lines[-2]
 
 
+def test_a_step_over_the_chips_hbm_is_reported_as_not_fitting(sh, tiny_backbone, monkeypatch):
+    """XLA:TPU refuses at compile time a program whose temporaries exceed the chip's HBM (a 7B step at too many rows
+    per chip): the dry run reads the compiler's own message into a "does not fit" result, a lower bound, instead of
+    a traceback (fit_micro_batch goes on from it). The message is a real one, from a program of 48 GiB of
+    temporaries compiled for one v5e chip (16 GiB)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import SingleDeviceSharding
+
+    from ivtlr_jax.train import dry_run as dr
+    from ivtlr_jax.train.config import TrainConfig
+
+    target = sh.compile_target("tpu_v5e_8", "tpu")
+    x = jax.ShapeDtypeStruct((1 << 14,), jnp.float32, sharding=SingleDeviceSharding(target.mesh.devices.flat[0]))
+    grid = lambda a: jnp.sin(a[:, None] * a[None, :])  # noqa: E731 - 1 GiB
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED") as refused:
+        jax.jit(lambda a: jnp.sort(jnp.concatenate([grid(a) * i for i in range(24)]), axis=0)[0]).lower(x).compile()
+
+    def compile_refused(lower, what):
+        raise refused.value
+
+    monkeypatch.setattr(dr, "compile_with_progress", compile_refused)
+    r = dr.dry_run(tiny_backbone, TrainConfig(finetune="lora", mesh="tpu_v5e_8", batch_size=8, k=4), target)
+    assert r["compiler_temp_size_in_bytes"] == 48 * 2**30 and r["fits"] is False and r["custom_calls"] == []
+    assert r["bytes_needed_per_chip"] == r["compiler_temp_size_in_bytes"] + r["state_bytes_per_device"]
+    assert r["compiler_refused"] == ("XLA:TPU refused to compile it: its temporaries alone need 48.00 GiB per chip, "
+                                     "over the 15.75 GiB it can use")
+    verdict = dr.fit_verdict([r], lambda r: "lora ")
+    assert verdict.startswith("lora does not fit: at least 48.0") and "; XLA:TPU refused to compile it" in verdict
+    assert dr.refused_figures(ValueError("RESOURCE_EXHAUSTED: out of host memory"), 0) is None  # others re-raise
+
+
 def test_cost_model_slice_of_the_tiny_step(sh, tiny_backbone):
     """XLA:TPU's cost model on the loop-free 2-layer slice: an estimate labelled as such, or the reason there is
     none; either way the slice's figures are recorded."""

@@ -106,6 +106,29 @@ def custom_calls(compiled) -> list[str]:
     return sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())))
 
 
+# XLA:TPU refuses, at compile time, a program whose temporaries exceed the chip's HBM, and says by how much
+_OUT_OF_HBM = re.compile(r"RESOURCE_EXHAUSTED.*?memory.*?temporaries \(([0-9.]+)([KMGT])i?B?\).*?available HBM "
+                         r"\(([0-9.]+)([KMGT])i?B?\)", re.S)
+
+
+def refused_figures(error: BaseException, state_bytes_per_device: int) -> dict | None:
+    """Memory figures of a program XLA:TPU refused for HBM, from its message (None for any other error).
+
+    The temporaries are the compiler's own figure (XLA's sizes are binary: G = GiB); the arguments are taken as
+    the train state's share per device (the batch's few MB are left out), so the need is a lower bound."""
+    found = _OUT_OF_HBM.search(str(error))
+    if found is None:
+        return None
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    temp = int(float(found.group(1)) * scale[found.group(2)])
+    usable = int(float(found.group(3)) * scale[found.group(4)])
+    return {"compiler_argument_size_in_bytes": state_bytes_per_device, "compiler_output_size_in_bytes": 0,
+            "compiler_temp_size_in_bytes": temp, "compiler_alias_size_in_bytes": 0,
+            "compiler_total_bytes_per_device": state_bytes_per_device + temp,
+            "compiler_refused": f"XLA:TPU refused to compile it: its temporaries alone need {temp / GIB:.2f} GiB per "
+                                f"chip, over the {usable / GIB:.2f} GiB it can use"}
+
+
 def fit_figures(target: sh.CompileTarget, mem: dict) -> dict:
     """What the program needs per chip (the larger of the compiler's total and its peak), the target's HBM per chip
     and whether it fits (None where the HBM is unknown)."""
@@ -227,10 +250,18 @@ def dry_run(bb: Backbone, tcfg: TrainConfig, target: sh.CompileTarget | None = N
     remat = resolve_remat(tcfg.remat, bb.dims)
     program = StepProgram(bb, tcfg, target, dtype, text, tail, n)
     layout, (_, _, batch) = program.inputs()
-    compiled, seconds = compile_with_progress(lambda: program.lower(remat), f"the {tcfg.finetune} train step for "
-                                              f"{target.preset.name} with {target.compiler.upper()}")
-    mem = memory_figures(compiled)
     report = layout.report()
+    start = time.time()
+    try:
+        compiled, seconds = compile_with_progress(lambda: program.lower(remat), f"the {tcfg.finetune} train step "
+                                                  f"for {target.preset.name} with {target.compiler.upper()}")
+        mem = memory_figures(compiled)
+    except Exception as e:  # only XLA:TPU's out-of-HBM refusal is a result; the rest re-raised
+        mem = refused_figures(e, report["state_bytes_per_device"])
+        if mem is None:
+            raise
+        compiled, seconds = None, time.time() - start
+        print(mem["compiler_refused"], file=sys.stderr, flush=True)
     peak = tcfg.peak_tflops * 1e12 if tcfg.peak_tflops else target.peak_flops
     out = {
         "model_type": bb.model_type,
@@ -245,8 +276,11 @@ def dry_run(bb: Backbone, tcfg: TrainConfig, target: sh.CompileTarget | None = N
         "optimizer_state_bytes_per_device": report["optimizer_bytes_per_device"],
         "state_bytes_total": report["state_bytes_total"],
         "state_bytes_per_device": report["state_bytes_per_device"],
-        **mem, **fit_figures(target, mem), **time_figures(program, batch, peak), "custom_calls": custom_calls(compiled),
+        **mem, **fit_figures(target, mem), **time_figures(program, batch, peak),
+        "custom_calls": custom_calls(compiled) if compiled is not None else [],
     }
+    if compiled is None:  # refused for HBM: nothing more to compile or ask
+        return out
     if mem and compare_remat and remat != "full":
         full, _ = compile_with_progress(lambda: program.lower("full"), f"the {tcfg.finetune} train step with remat "
                                         "full (--compare-remat)")
@@ -278,7 +312,9 @@ def fit_verdict(results: list[dict], label: Callable[[dict], str]) -> str:
             hbm, room = r["hbm_bytes_per_chip"], r["headroom_bytes_per_chip"]
             verdict = "fits" if r["fits"] else "does not fit"
             spare = f"{_gib(room)} GiB free" if room >= 0 else f"{_gib(-room)} GiB over"
-            parts.append(f"{label(r)}{verdict}: {_gib(need)} of {hbm / GIB:.0f} GiB per chip ({spare})")
+            refused = f"; {r['compiler_refused']}" if "compiler_refused" in r else ""
+            parts.append(f"{label(r)}{verdict}: {'at least ' if refused else ''}{_gib(need)} of {hbm / GIB:.0f} GiB "
+                         f"per chip ({spare}{refused})")
     estimated = "" if results[0]["compiler"] == "xla:tpu" else " (XLA:CPU's estimate: compile with XLA:TPU to know)"
     return "; ".join(parts) + estimated
 
