@@ -16,7 +16,7 @@ Examples:
       --out runs/m3cot --mesh tpu_v4_8
   python -m experiments.train --config tiny --data synthetic --stage=2 --mesh=tpu_v4_8
   python -m experiments.train --config qwen2vl_7b_m3cot --dry-run      # memory per chip, no weights
-  python -m experiments.train --config qwen2vl_7b_m3cot --dry-run --mesh tpu_v5e_8 --grad-accum 4
+  python -m experiments.train --config qwen2vl_7b_m3cot --dry-run --mesh tpu_v5e_8 --finetune lora
   python -m experiments.train --mesh list                               # the mesh presets and their TPUs
   python -m experiments.launch_local --processes 2 --devices-per-process 2 -- --config tiny --data synthetic \
       --stage=2 --mesh tpu_v4_8 --out runs/two_hosts          # a 2-host pod layout, simulated on one machine
