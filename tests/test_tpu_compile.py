@@ -199,7 +199,8 @@ def test_a_step_over_the_chips_hbm_is_reported_as_not_fitting(sh, tiny_backbone,
     monkeypatch.setattr(dr, "compile_with_progress", compile_refused)
     r = dr.dry_run(tiny_backbone, TrainConfig(finetune="lora", mesh="tpu_v5e_8", batch_size=8, k=4), target)
     assert r["compiler_temp_size_in_bytes"] == 48 * 2**30 and r["fits"] is False and r["custom_calls"] == []
-    assert r["bytes_needed_per_chip"] == r["compiler_temp_size_in_bytes"] + r["state_bytes_per_device"]
+    assert r["bytes_needed_per_chip"] == r["compiler_temp_size_in_bytes"] + r["frozen_params_bytes_per_device"] \
+        + r["state_bytes_per_device"] and r["frozen_params_bytes_per_device"] > 0  # LoRA: the weights are frozen
     assert r["compiler_refused"] == ("XLA:TPU refused to compile it: its temporaries alone need 48.00 GiB per chip, "
                                      "over the 15.75 GiB it can use")
     verdict = dr.fit_verdict([r], lambda r: "lora ")

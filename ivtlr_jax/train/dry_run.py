@@ -111,20 +111,21 @@ _OUT_OF_HBM = re.compile(r"RESOURCE_EXHAUSTED.*?memory.*?temporaries \(([0-9.]+)
                          r"\(([0-9.]+)([KMGT])i?B?\)", re.S)
 
 
-def refused_figures(error: BaseException, state_bytes_per_device: int) -> dict | None:
+def refused_figures(error: BaseException, argument_bytes: int) -> dict | None:
     """Memory figures of a program XLA:TPU refused for HBM, from its message (None for any other error).
 
-    The temporaries are the compiler's own figure (XLA's sizes are binary: G = GiB); the arguments are taken as
-    the train state's share per device (the batch's few MB are left out), so the need is a lower bound."""
+    The temporaries are the compiler's own figure (XLA's sizes are binary: G = GiB); `argument_bytes` are the
+    arguments the caller knows of per device (a train step: the frozen weights and the train state; the batch's
+    few MB are left out), so the need is a lower bound."""
     found = _OUT_OF_HBM.search(str(error))
     if found is None:
         return None
     scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     temp = int(float(found.group(1)) * scale[found.group(2)])
     usable = int(float(found.group(3)) * scale[found.group(4)])
-    return {"compiler_argument_size_in_bytes": state_bytes_per_device, "compiler_output_size_in_bytes": 0,
+    return {"compiler_argument_size_in_bytes": argument_bytes, "compiler_output_size_in_bytes": 0,
             "compiler_temp_size_in_bytes": temp, "compiler_alias_size_in_bytes": 0,
-            "compiler_total_bytes_per_device": state_bytes_per_device + temp,
+            "compiler_total_bytes_per_device": argument_bytes + temp,
             "compiler_refused": f"XLA:TPU refused to compile it: its temporaries alone need {temp / GIB:.2f} GiB per "
                                 f"chip, over the {usable / GIB:.2f} GiB it can use"}
 
@@ -257,7 +258,7 @@ def dry_run(bb: Backbone, tcfg: TrainConfig, target: sh.CompileTarget | None = N
                                                   f"for {target.preset.name} with {target.compiler.upper()}")
         mem = memory_figures(compiled)
     except Exception as e:  # only XLA:TPU's out-of-HBM refusal is a result; the rest re-raised
-        mem = refused_figures(e, report["state_bytes_per_device"])
+        mem = refused_figures(e, report["frozen_bytes_per_device"] + report["state_bytes_per_device"])
         if mem is None:
             raise
         compiled, seconds = None, time.time() - start
