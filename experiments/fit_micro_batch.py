@@ -1,6 +1,6 @@
 """The largest micro-batch of a training config that the compiler fits in a share of the chip's HBM.
 
-A 7B train step takes about 15 minutes to compile on 2 cores, so the micro-batch is not searched blindly: the
+A 7B train step takes 3 to 15 minutes to compile on 2 cores, so the micro-batch is not searched blindly: the
 step (the trainer's own, through the dry run) is compiled at two micro-batches (`--points`), the memory it needs
 per chip (the larger of XLA's total and its peak; for a program XLA:TPU refuses for HBM, the temporaries its
 message names plus the train state, a lower bound) is fitted as a line in the rows per chip (temporaries grow

@@ -278,7 +278,7 @@ def main(argv=None) -> dict | list:
             compiler = sh.resolve_compiler(args.compiler, tcfg.mesh)
             if compiler == "cpu":
                 sh.simulate_cpu_devices(tcfg.mesh)  # CPU-only host: the preset's device count (before JAX starts)
-            finetunes = (args.finetune,) if args.finetune else ("lora", "full")  # a 7B compile is ~15 minutes each
+            finetunes = (args.finetune,) if args.finetune else ("lora", "full")  # a 7B compile: minutes each
             return run_dry(tcfg, yaml_values, args.backbone, compiler, args.compare_remat, args.cost_model, finetunes)
         return run_training(args, tcfg, yaml_values)
     except (SystemExit, KeyboardInterrupt):

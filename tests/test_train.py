@@ -277,7 +277,7 @@ def test_dry_run_takes_the_model_from_init_auto_tiny_or_the_yaml(workdir):
 
 
 def test_dry_run_compiles_lora_and_full_or_only_the_finetune_given(monkeypatch):
-    """A 7B dry run compiles for ~15 minutes a mode: `--finetune lora` compiles LoRA alone, no flag compiles both."""
+    """A 7B dry run compiles for minutes per mode: `--finetune lora` compiles LoRA alone, no flag compiles both."""
     import logging
     import threading
 
