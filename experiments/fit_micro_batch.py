@@ -3,10 +3,10 @@
 A 7B train step takes 3 to 15 minutes to compile on 2 cores, so the micro-batch is not searched blindly: the
 step (the trainer's own, through the dry run) is compiled at two micro-batches (`--points`), the memory it needs
 per chip (the larger of XLA's total and its peak; for a program XLA:TPU refuses for HBM, the temporaries its
-message names plus the frozen weights and train state, a lower bound) is fitted as a line in the rows per chip (temporaries grow
-about linearly with the rows), the largest micro-batch the line puts under `--budget` x HBM is chosen, and that
-choice is compiled to confirm it (stepping down while it does not fit). The optimiser update keeps the config's
-`batch_size` rows; `grad_accum` becomes batch_size / micro-batch. Writes JSON and prints a table.
+message names plus the frozen weights and train state, a lower bound) is fitted as a line in the rows per chip
+(temporaries grow about linearly with the rows), the largest micro-batch the line puts under `--budget` x HBM
+is chosen, and that choice is compiled to confirm it (stepping down while it does not fit). The optimiser update
+keeps the config's `batch_size` rows; `grad_accum` becomes batch_size / micro-batch. Writes JSON and prints a table.
 
   python -m experiments.fit_micro_batch --config qwen2vl_7b_m3cot --mesh tpu_v4_8 --points 8,32
   python -m experiments.fit_micro_batch --config chameleon_7b_scienceqa --mesh tpu_v5e_8 --points 8,16
