@@ -23,6 +23,7 @@ from ivtlr_jax.latent import LatentConfig
 from ivtlr_jax.models import layers as ly
 from ivtlr_jax.models import spec as sp
 from ivtlr_jax.models.chameleon.model import Chameleon
+from ivtlr_jax.models.chameleon.model import decoder_spec as chameleon_decoder_spec
 from ivtlr_jax.models.qwen2_vl import Qwen2VLConfig, VisionConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,9 +47,7 @@ CHAMELEON_BLOCK = functools.partial(Chameleon.decoder_block, _SwinChameleon())
 def decoder_params(d, seed=0, scale=10.0, qk_norm=False):
     """Random decoder weights, projections scaled up so attention is far from uniform (qk_norm: with Chameleon's
     per-head q/k LayerNorm weights)."""
-    head_norm = (lambda heads, name: ly.layer_norm_spec((heads, d.head_dim), name, layers=d.num_layers)) \
-        if qk_norm else None
-    p = sp.init_params_numpy(ly.decoder_spec(d, head_norm=head_norm), seed)
+    p = sp.init_params_numpy(chameleon_decoder_spec(d) if qk_norm else ly.decoder_spec(d), seed)
     layers = jax.tree.map(lambda x: x * scale if x.ndim == 3 else x, p.layers)
     return jax.tree.map(jnp.asarray, p.replace(layers=layers))
 

@@ -264,6 +264,12 @@ def head_norm(x, p: ly.LayerNorm):
     return (y * p.scale.astype(x.dtype) + p.bias.astype(x.dtype)).astype(x.dtype)
 
 
+def decoder_spec(d: ly.DecoderDims) -> ly.Decoder:
+    """The decoder's parameter spec with Chameleon's per-head q/k LayerNorm weights, (heads, head_dim) per layer."""
+    return ly.decoder_spec(d, head_norm=lambda heads, name: ly.layer_norm_spec((heads, d.head_dim), name,
+                                                                            layers=d.num_layers))
+
+
 @dataclasses.dataclass(frozen=True)
 class Chameleon(Backbone):
     """Chameleon (VQ image tokenizer + decoder with per-head q/k LayerNorm over one mixed vocabulary)."""
@@ -281,9 +287,7 @@ class Chameleon(Backbone):
         return PROMPT
 
     def param_spec(self) -> Params:
-        d = self.dims
-        head_norm = lambda heads, name: ly.layer_norm_spec((heads, d.head_dim), name, layers=d.num_layers)  # noqa: E731
-        return Params(vq=vq_spec(self.config.vq), llm=ly.decoder_spec(d, head_norm=head_norm))
+        return Params(vq=vq_spec(self.config.vq), llm=decoder_spec(self.dims))
 
     def decoder_block(self, d: ly.DecoderDims, p: ly.DecoderLayer, x, extra, attend):
         """The Chameleon layer: per-head LayerNorm on q and k; pre-norm, or with swin_norm the norms after
